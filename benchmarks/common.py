@@ -1,0 +1,88 @@
+"""What every benchmark shares: device-event timing, peak-memory measurement and the results.jsonl row.
+
+Convention: each benchmark appends one JSON object per measurement to benchmarks/results.jsonl:
+{"bench", "date", "device", "command", "git", "metrics"}, with fastft and its rivals measured in the same invocation
+and their ratios inside "metrics". RESULTS.md and plots are generated from that file (benchmarks/report.py).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results.jsonl"
+
+
+def git_rev() -> str:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+        return rev.stdout.strip() + ("-dirty" if dirty else "") if rev.returncode == 0 else "unknown"
+    except OSError:
+        return "unknown"
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return "cpu"
+
+
+def time_ms(fn, warmup: int = 5, iters: int = 20) -> float:
+    """Median wall time of fn() in ms, from CUDA events around each call (CPU: perf_counter)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        import time
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def extra_peak_gib(fn) -> float:
+    """Peak GPU memory allocated by fn() above what was allocated before it, in GiB (0 on CPU)."""
+    if not torch.cuda.is_available():
+        return 0.0
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def record(bench: str, metrics: dict, path: Path = RESULTS) -> dict:
+    row = {
+        "bench": bench,
+        "date": datetime.date.today().isoformat(),
+        "device": device_name(),
+        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name] + sys.argv),
+        "git": git_rev(),
+        "metrics": metrics,
+    }
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row))
+    return row

@@ -1,0 +1,3 @@
+"""fastft: lean, high-throughput LoRA fine-tuning for GPT-OSS."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,77 @@
+"""Kernel backends: the four places where fastft's model can run other code for the same math.
+
+A backend is a set of four functions with fixed contracts (below). ``torch`` holds the pure-torch references that
+live beside each Triton kernel in ``fastft.kernels.<op>``; ``triton`` holds the kernels. ``--kernels auto`` picks
+``triton`` on CUDA and ``torch`` elsewhere. An op whose Triton kernel is unavailable falls back to its reference,
+and ``Backend.sources`` says which one each op runs, so a run never silently claims a kernel it did not use.
+
+Contracts (all tensors on one device; T = tokens of the packed batch, flattened):
+  attention(q [T,Hq,D], k [T,Hkv,D], v [T,Hkv,D], cu_seqlens int32 [B+1], sinks [Hq] | None,
+            window: int | None, softmax_scale: float | None) -> [T,Hq,D]
+      causal within each document, nothing across; window W: query i sees keys j with i-W < j <= i;
+      exp(sinks[h]) joins the softmax denominator unscaled and contributes no value.
+  loss(hidden [T,H], weight [V,H], labels [T] int64, ignore_index=-100, reduction="mean") -> fp32 scalar
+      labels are already shifted (labels[i] is the target of position i); all ignored -> 0, never NaN.
+  lora_linear(x [...,in], weight [out,in] (tensor, or quantized object with .dequantize()), bias [out] | None,
+              lora_A [r,in] | None, lora_B [out,r] | None, scaling: float, dropout: float, training: bool)
+      -> x W^T + b + scaling * (dropout(x) A^T) B^T
+  moe(x [T,H], router_weight [E,H], router_bias [E], top_k, gate_up [E,H,2I], gate_up_bias [E,2I],
+      down [E,I,H], down_bias [E,H], gate_up_lora, down_lora, limit=7.0, alpha=1.702) -> [T,H]
+      experts may be quantized objects with .dequantize() returning the [E,in,out] layout; *_lora is None or
+      (A [r*E,in], B [out,r*E], scaling) in PEFT's target_parameters layout (see fastft.kernels.moe).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+OPS = ("attention", "loss", "lora_linear", "moe")
+
+# op -> (module, reference function, triton function)
+_IMPLS = {
+    "attention": ("fastft.kernels.attention", "varlen_attention_reference", "varlen_attention"),
+    "loss": ("fastft.kernels.cross_entropy", "linear_cross_entropy_reference", "fused_linear_cross_entropy"),
+    "lora_linear": ("fastft.kernels.lora_linear", "lora_linear_reference", "lora_linear"),
+    "moe": ("fastft.kernels.moe", "moe_reference", "moe"),
+}
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    attention: Callable
+    loss: Callable
+    lora_linear: Callable
+    moe: Callable
+    sources: dict = field(default_factory=dict)  # op -> "triton" | "torch"
+
+
+def _load(module: str, attr: str) -> Callable | None:
+    try:
+        return getattr(importlib.import_module(module), attr, None)
+    except ImportError:
+        return None
+
+
+def resolve_name(name: str, device: torch.device | str) -> str:
+    if name not in ("auto", "torch", "triton"):
+        raise ValueError(f"--kernels must be auto, torch or triton, not {name!r}")
+    if name == "auto":
+        return "triton" if torch.device(device).type == "cuda" else "torch"
+    return name
+
+
+def get_backend(name: str = "auto", device: torch.device | str = "cpu") -> Backend:
+    name = resolve_name(name, device)
+    fns, sources = {}, {}
+    for op, (module, ref, fast) in _IMPLS.items():
+        fn = _load(module, fast) if name == "triton" else None
+        sources[op] = "triton" if fn is not None else "torch"
+        fns[op] = fn if fn is not None else _load(module, ref)
+        if fns[op] is None:
+            raise ImportError(f"no implementation of {op} in {module}")
+    return Backend(name=name, sources=sources, **fns)
