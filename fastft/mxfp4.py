@@ -32,3 +32,42 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
 def dequantize_expert_param(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32):
     """Hub MXFP4 expert tensors -> the HF parameter layout ``[E, in, out]`` (what GptOssExperts holds)."""
     return dequantize_mxfp4(blocks, scales, dtype).transpose(1, 2).contiguous()
+
+
+class MXFP4Tensor:
+    """A weight kept in MXFP4 in its stored orientation ``[..., out, in]``; never densified except on request.
+
+    ``dequantize()`` returns the layout the model's math uses: ``[E, in, out]`` for 3-D expert stacks (HF's
+    GptOssExperts parameters) and ``[out, in]`` for 2-D linear weights (nn.Linear).
+    Kernels read ``blocks``/``scales`` directly.
+    """
+
+    def __init__(self, blocks: torch.Tensor, scales: torch.Tensor):
+        if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
+            raise TypeError("MXFP4 blocks and scales must be uint8")
+        if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != BLOCK // 2:
+            raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} do not match scales {tuple(scales.shape)}")
+        self.blocks, self.scales = blocks, scales
+
+    @property
+    def stored_shape(self) -> tuple:  # [..., out, in]
+        return (*self.scales.shape[:-1], self.scales.shape[-1] * BLOCK)
+
+    @property
+    def shape(self) -> tuple:
+        s = self.stored_shape
+        return (s[0], s[2], s[1]) if len(s) == 3 else s
+
+    @property
+    def device(self) -> torch.device:
+        return self.blocks.device
+
+    def to(self, device) -> "MXFP4Tensor":
+        return MXFP4Tensor(self.blocks.to(device), self.scales.to(device))
+
+    def nbytes(self) -> int:
+        return self.blocks.numel() + self.scales.numel()
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        w = dequantize_mxfp4(self.blocks, self.scales, dtype)
+        return w.transpose(-2, -1).contiguous() if w.dim() == 3 else w
