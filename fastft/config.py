@@ -1,0 +1,169 @@
+"""Command-line options -> TrainConfig. Bad values end in a one-line message and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_MODEL = "openai/gpt-oss-20b"
+
+
+@dataclass
+class TrainConfig:
+    data: list = field(default_factory=list)
+    model: str = DEFAULT_MODEL
+    output_dir: str = "fastft-out"
+    overwrite: bool = False
+    resume: bool = False
+    validate_only: bool = False
+    # data
+    max_seq_len: int = 4096
+    train_on_all: bool = False
+    skip_invalid: bool = False
+    overlong: str = "truncate"
+    drop_duplicates: bool = False
+    eval_fraction: float = 0.0
+    # optimisation
+    epochs: int = 3
+    max_steps: int | None = None
+    batch_size: int = 8
+    batch_tokens: int | None = None
+    micro_batch_size: int = 1
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    gradient_checkpointing: bool = True
+    # LoRA
+    lora_r: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.1
+    lora_targets: str = "qv"
+    # engine
+    kernels: str = "auto"
+    dtype: str = "auto"
+    zero_stage: int = 2
+    deepspeed: str | None = None
+    local_rank: int = -1
+    # outputs
+    save_every: int = 200
+    keep_checkpoints: int = 2
+    eval_every: int = 0
+    log_every: int = 1
+    progress: bool = True
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class CliError(Exception):
+    """A bad command line: printed as one line, exit code 2."""
+
+
+def _positive_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
+    return v
+
+
+def _nonneg_int(text):
+    v = _positive_int(text) if text != "0" else 0
+    return v
+
+
+def _float_in(lo, hi, lo_open=False, hi_open=True):
+    def parse(text):
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+        if v != v or (v <= lo if lo_open else v < lo) or (v >= hi if hi_open else v > hi):
+            raise argparse.ArgumentTypeError(
+                f"must be in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}, got {text}")
+        return v
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage + exits 2; keep the exit code, shorten the noise
+        self.print_usage()
+        raise SystemExit(f"fastft: error: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = _Parser(prog="fastft", description="LoRA fine-tuning of GPT-OSS from JSONL files.",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("data", nargs="+", help="JSONL file(s) (.jsonl or .jsonl.gz)")
+    p.add_argument("--model", default=d.model, help="hub id, local HF checkpoint folder, or 'tiny' (built-in)")
+    p.add_argument("--output-dir", default=d.output_dir)
+    p.add_argument("--overwrite", action="store_true", help="allow a non-empty output dir that is not a resume target")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    p.add_argument("--validate-only", action="store_true", help="check the data, print the report and exit")
+    g = p.add_argument_group("data")
+    g.add_argument("--max-seq-len", type=_positive_int, default=d.max_seq_len, help="packed row length in tokens")
+    g.add_argument("--train-on-all", action="store_true", help="train on every token, not only assistant replies")
+    g.add_argument("--skip-invalid", action="store_true", help="skip invalid rows (reported) instead of refusing")
+    g.add_argument("--overlong", choices=("truncate", "drop"), default=d.overlong,
+                   help="what to do with conversations longer than --max-seq-len")
+    g.add_argument("--drop-duplicates", action="store_true", help="drop exact duplicate conversations")
+    g.add_argument("--eval-fraction", type=_float_in(0.0, 1.0), default=d.eval_fraction,
+                   help="fraction of conversations held out for eval loss")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=_positive_int, default=d.epochs)
+    g.add_argument("--max-steps", type=_positive_int, default=None, help="stop after this many optimizer steps")
+    g.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="packed rows per optimizer step")
+    g.add_argument("--batch-tokens", type=_positive_int, default=None,
+                   help="global batch in tokens (overrides --batch-size: ceil(tokens / max-seq-len) rows)")
+    g.add_argument("--micro-batch-size", type=_positive_int, default=d.micro_batch_size,
+                   help="packed rows per forward pass per GPU (the rest is gradient accumulation)")
+    g.add_argument("--learning-rate", "--lr", type=_float_in(0.0, 1.0, lo_open=True), default=d.learning_rate)
+    g.add_argument("--weight-decay", type=_float_in(0.0, 1.0), default=d.weight_decay)
+    g.add_argument("--warmup-ratio", type=_float_in(0.0, 1.0), default=d.warmup_ratio)
+    g.add_argument("--max-grad-norm", type=_float_in(0.0, 1e6), default=d.max_grad_norm, help="0 disables clipping")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--lora-r", type=_positive_int, default=d.lora_r)
+    g.add_argument("--lora-alpha", type=_float_in(0.0, 1e6, lo_open=True), default=d.lora_alpha)
+    g.add_argument("--lora-dropout", type=_float_in(0.0, 1.0), default=d.lora_dropout)
+    g.add_argument("--lora-targets", default=d.lora_targets,
+                   help="qv | attn (q,k,v,o) | all (attention + experts) | comma list of module names")
+    g = p.add_argument_group("engine")
+    g.add_argument("--kernels", choices=("auto", "torch", "triton"), default=d.kernels,
+                   help="auto = triton on CUDA, torch reference elsewhere")
+    g.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default=d.dtype, help="auto = bf16 on GPU, fp32 on CPU")
+    g.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=d.zero_stage)
+    g.add_argument("--deepspeed", default=None, metavar="CFG.json", help="DeepSpeed config overriding the generated one")
+    g.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
+    g = p.add_argument_group("outputs")
+    g.add_argument("--save-every", type=_positive_int, default=d.save_every, help="checkpoint every N steps")
+    g.add_argument("--keep-checkpoints", type=_positive_int, default=d.keep_checkpoints)
+    g.add_argument("--eval-every", type=_nonneg_int, default=d.eval_every, help="eval every N steps (0: each epoch)")
+    g.add_argument("--log-every", type=_positive_int, default=d.log_every)
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return p
+
+
+def parse_args(argv=None) -> TrainConfig:
+    ns = build_parser().parse_args(argv)
+    cfg = TrainConfig(**vars(ns))
+    if cfg.deepspeed is not None:
+        path = Path(cfg.deepspeed)
+        if not path.is_file():
+            raise CliError(f"--deepspeed {cfg.deepspeed}: no such file")
+        try:
+            json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CliError(f"--deepspeed {cfg.deepspeed}: not valid JSON ({e})")
+    if cfg.lora_targets.strip() == "" or any(not t.strip() for t in cfg.lora_targets.split(",")):
+        raise CliError(f"--lora-targets {cfg.lora_targets!r}: give qv, attn, all or a comma list of module names")
+    return cfg

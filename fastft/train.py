@@ -1,0 +1,346 @@
+#!/usr/bin/env python
+"""fastft: fine-tune GPT-OSS with LoRA from JSONL files.
+
+    python fastft/train.py data.jsonl --model tiny
+    deepspeed --num_gpus 8 fastft/train.py data.jsonl --model /path/to/gpt-oss-20b
+
+The whole run, top to bottom: options -> data -> model + LoRA -> DeepSpeed engine -> loop -> outputs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python fastft/train.py`: import the package, not its folder's modules as top-level
+    _here = str(Path(__file__).resolve().parent)
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from fastft import checkpoint  # noqa: E402
+from fastft.config import CliError, TrainConfig, parse_args  # noqa: E402
+
+
+class TrainingError(Exception):
+    """A problem the user can act on (bad output dir, unusable model, non-finite loss): one message, exit 1."""
+
+
+def main(argv=None) -> int:
+    try:
+        cfg = parse_args(argv)
+    except CliError as e:
+        print(f"fastft: error: {e}", file=sys.stderr)
+        return 2
+    from fastft.data import DataError, UsageError
+    from fastft.model import ModelLoadError
+
+    try:
+        return validate_only(cfg) if cfg.validate_only else train(cfg)
+    except UsageError as e:
+        print(f"fastft: error: {e}", file=sys.stderr)
+        return 2
+    except (DataError, ModelLoadError, TrainingError) as e:
+        print(f"fastft: {e}", file=sys.stderr)
+        return 1
+
+
+def data_config(cfg: TrainConfig):
+    from fastft.data import DataConfig
+
+    return DataConfig(paths=list(cfg.data), max_seq_len=cfg.max_seq_len, train_on_all=cfg.train_on_all,
+                      skip_invalid=cfg.skip_invalid, overlong=cfg.overlong, drop_duplicates=cfg.drop_duplicates,
+                      seed=cfg.seed, eval_fraction=cfg.eval_fraction)
+
+
+def validate_only(cfg: TrainConfig) -> int:
+    from fastft.data import validate
+    from fastft.model import load_tokenizer
+
+    report = validate(data_config(cfg), load_tokenizer(cfg.model))
+    print(report.format())
+    return report.exit_code
+
+
+def prepare_output_dir(cfg: TrainConfig) -> tuple[Path, Path | None]:
+    """Returns (output dir, checkpoint to resume from). Never deletes anything the user did not ask to replace."""
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"--output-dir {out} exists and is not a folder")
+    resume_from = checkpoint.latest_checkpoint(out) if out.exists() else None
+    if cfg.resume:
+        if resume_from is None:
+            raise TrainingError(f"--resume: no complete checkpoint in {out} (looked for {out}/{checkpoint.LATEST})")
+        return out, resume_from
+    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        hint = " (it holds a checkpoint: add --resume to continue)" if resume_from else ""
+        raise TrainingError(f"--output-dir {out} is not empty{hint}; pass --overwrite to train into it anyway")
+    if cfg.overwrite and out.exists():  # stale checkpoints of an older run must not be resumed into this one
+        for old in list(out.glob(f"{checkpoint.PREFIX}*")) + [out / checkpoint.LATEST]:
+            if old.is_dir():
+                import shutil
+
+                shutil.rmtree(old)
+            elif old.exists():
+                old.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out, None
+
+
+def batch_plan(cfg: TrainConfig, world_size: int, rows_per_epoch: int) -> dict:
+    rows_per_step = cfg.batch_size
+    if cfg.batch_tokens:
+        rows_per_step = max(1, math.ceil(cfg.batch_tokens / cfg.max_seq_len))
+    per_rank = rows_per_step / world_size
+    if per_rank != int(per_rank) or int(per_rank) % cfg.micro_batch_size:
+        raise TrainingError(f"a step of {rows_per_step} rows does not split into {world_size} rank(s) x micro-batches "
+                            f"of {cfg.micro_batch_size}: choose --batch-size as a multiple of "
+                            f"{world_size * cfg.micro_batch_size}")
+    steps_per_epoch = max(1, math.ceil(rows_per_epoch / rows_per_step))
+    total = steps_per_epoch * cfg.epochs
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+    return {"rows_per_step": rows_per_step, "grad_accum": int(per_rank) // cfg.micro_batch_size,
+            "steps_per_epoch": steps_per_epoch, "total_steps": total}
+
+
+def cosine_with_warmup(total_steps: int, warmup_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+class StopRequest:
+    """SIGTERM / Ctrl-C: finish the current step, save, exit cleanly. A second Ctrl-C aborts at once."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\nfastft: {signal.Signals(signum).name} received: saving a checkpoint after this step",
+              file=sys.stderr)
+
+
+def train(cfg: TrainConfig) -> int:
+    import deepspeed
+    import torch.distributed as dist_
+
+    from fastft import observers as obs
+    from fastft.backends import get_backend
+    from fastft.data import collate, prepare
+    from fastft.engine import deepspeed_config, init_distributed, resolve_dtype
+    from fastft.metadata import git_revision, sha256_file, versions
+    from fastft.model import LoraSettings, apply_lora, load_model, load_tokenizer, resolve_model_path, save_adapter
+
+    t_start = time.time()
+    stop = StopRequest()
+    dist = init_distributed(cfg.local_rank)
+    out, resume_from = prepare_output_dir(cfg) if dist.is_main else (Path(cfg.output_dir), None)
+    if dist.world_size > 1:  # every rank resumes from what rank 0 found
+        box = [str(resume_from) if resume_from else None]
+        dist_.broadcast_object_list(box, src=0)
+        resume_from = Path(box[0]) if box[0] else None
+    dtype = resolve_dtype(cfg.dtype, dist.device)
+    backend = get_backend(cfg.kernels, dist.device)
+    say = print if dist.is_main else (lambda *a, **k: None)
+
+    # ---- data: validated, tokenised (cached), packed ------------------------------------------------------------
+    model_path = resolve_model_path(cfg.model)
+    tokenizer = load_tokenizer(model_path)
+    data = prepare(data_config(cfg), tokenizer)
+    rows_per_epoch = len(data.packed_rows("train", epoch=0))
+    plan = batch_plan(cfg, dist.world_size, rows_per_epoch)
+    say(f"fastft: {data.summary()}")
+
+    # ---- model + LoRA -------------------------------------------------------------------------------------------
+    torch.manual_seed(cfg.seed)  # identical LoRA init on every rank
+    model = load_model(model_path, dtype=dtype, device=dist.device, backend=backend)
+    apply_lora(model, LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                                   targets=cfg.lora_targets))
+    model.enable_gradient_checkpointing(cfg.gradient_checkpointing)
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    n_trainable = sum(p.numel() for p in named.values())
+    say(f"fastft: model {cfg.model} ({dtype}, kernels: {backend.name} {backend.sources}), "
+        f"LoRA {cfg.lora_targets} r={cfg.lora_r}: {n_trainable:,} trainable parameters")
+    torch.manual_seed(cfg.seed + 1000 * (dist.rank + 1))  # per-rank dropout masks
+
+    # ---- DeepSpeed engine ---------------------------------------------------------------------------------------
+    warmup = int(cfg.warmup_ratio * plan["total_steps"])
+    optimizer = torch.optim.AdamW(list(named.values()), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                  betas=(0.9, 0.999), eps=1e-8)
+    schedule = cosine_with_warmup(plan["total_steps"], max(warmup, 1) if warmup else 0)
+    ds_config = deepspeed_config(cfg, cfg.micro_batch_size, plan["grad_accum"], dist.world_size, dtype)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=ds_config, model_parameters=list(named.values()),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+
+    step, history = 0, {"train_loss": [], "eval_loss": []}
+    if resume_from is not None:
+        state = checkpoint.load(resume_from, engine, named, dist.rank)
+        step, history = state["step"], state["history"]
+        scheduler.last_epoch = step - 1
+        scheduler.step()  # sets the lr of step `step` on the optimizer
+        say(f"fastft: resumed from {resume_from} at step {step}")
+
+    def save_ckpt():
+        trainer_state = {"step": step, "optimizer_steps": engine.global_steps + 0, "history": history,
+                         "plan": plan, "seed": cfg.seed}
+        return checkpoint.save(out, step, engine, named, trainer_state,
+                               lambda d: save_adapter(model, d, base_model_name_or_path=cfg.model),
+                               dist.rank, cfg.keep_checkpoints)
+
+    observers: list[obs.Observer] = []
+    if dist.is_main:
+        observers = [obs.MetricsLog(out / "metrics.jsonl", resume_step=step), obs.TensorBoard(out / "runs"),
+                     obs.LossPlot(out / "metrics.jsonl", out / "loss.png")]
+        if cfg.progress:
+            observers.insert(0, obs.ProgressBar())
+    for o in observers:
+        o.start({"total_steps": plan["total_steps"], "start_step": step})
+
+    def to_device(batch):
+        return {k: v.to(dist.device, non_blocking=True) for k, v in batch.items()}
+
+    def global_sum(*values):
+        t = torch.tensor(values, dtype=torch.float64, device=dist.device)
+        if dist.world_size > 1:
+            dist_.all_reduce(t)
+        return t.tolist()
+
+    def evaluate() -> float | None:
+        rows = data.packed_rows("eval", epoch=0)[dist.rank::dist.world_size]
+        if not data.has_eval:
+            return None
+        engine.eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for i in range(0, len(rows), cfg.micro_batch_size):
+                batch = to_device(collate(rows[i:i + cfg.micro_batch_size]))
+                n = int((batch["labels"][1:] != -100).sum())
+                total += float(engine(**batch)) * n
+                count += n
+        engine.train()
+        total, count = global_sum(total, count)
+        return total / max(count, 1)
+
+    # ---- the loop -----------------------------------------------------------------------------------------------
+    engine.train()
+    epoch_rows, epoch_of_rows = None, -1
+    tokens_done, t_loop = 0, time.time()
+    if dist.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    while step < plan["total_steps"]:
+        epoch, index = divmod(step, plan["steps_per_epoch"])
+        if epoch != epoch_of_rows:
+            epoch_rows, epoch_of_rows = data.packed_rows("train", epoch=epoch), epoch
+        B = plan["rows_per_step"]
+        step_rows = [epoch_rows[(index * B + i) % len(epoch_rows)] for i in range(B)]  # wraps to fill the last step
+        mine = step_rows[dist.rank::dist.world_size]
+        t0 = time.time()
+        loss_sum, n_tokens = 0.0, 0
+        for i in range(0, len(mine), cfg.micro_batch_size):
+            batch = to_device(collate(mine[i:i + cfg.micro_batch_size]))
+            loss = engine(**batch)
+            loss_value = float(loss)
+            if not math.isfinite(loss_value):
+                last = checkpoint.latest_checkpoint(out)
+                raise TrainingError(f"the loss became {loss_value} at step {step + 1}; stopping. The last good "
+                                    f"checkpoint is {last or 'none (no checkpoint was saved yet)'}; try a lower "
+                                    f"--learning-rate, then --resume")
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss_value
+            n_tokens += batch["input_ids"].numel()
+        step += 1
+        loss_sum, n_tokens, n_micro = global_sum(loss_sum, n_tokens, len(mine) / cfg.micro_batch_size)
+        dt = time.time() - t0
+        tokens_done += n_tokens
+        metrics = {"step": step, "epoch": epoch + (index + 1) / plan["steps_per_epoch"],
+                   "loss": loss_sum / n_micro, "lr": scheduler.get_last_lr()[0],
+                   "grad_norm": _maybe_float(engine.get_global_grad_norm()),
+                   "tokens": int(n_tokens), "tokens_per_s": n_tokens / dt, "step_s": dt,
+                   "gpu_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if dist.device.type == "cuda" else None}
+        history["train_loss"].append(metrics["loss"])
+        if step % cfg.log_every == 0 or step == plan["total_steps"]:
+            for o in observers:
+                o.step(metrics)
+        end_of_epoch = step % plan["steps_per_epoch"] == 0
+        if (cfg.eval_every and step % cfg.eval_every == 0) or (not cfg.eval_every and end_of_epoch) \
+                or step == plan["total_steps"]:
+            eval_loss = evaluate()
+            if eval_loss is not None:
+                history["eval_loss"].append((step, eval_loss))
+                for o in observers:
+                    o.eval({"step": step, "eval_loss": eval_loss})
+        stop_now = _any_rank(stop.requested, dist)
+        if step % cfg.save_every == 0 or step == plan["total_steps"] or stop_now:
+            save_ckpt()
+        if stop_now:
+            for o in observers:
+                o.end({})
+            say(f"fastft: stopped at step {step}/{plan['total_steps']}; continue with the same command plus --resume")
+            return 0
+
+    # ---- outputs ------------------------------------------------------------------------------------------------
+    wall = time.time() - t_start
+    loop_s = time.time() - t_loop
+    if dist.is_main:
+        save_adapter(model, out, base_model_name_or_path=cfg.model)
+        tokenizer.save_pretrained(out)
+        import json
+
+        (out / "training_config.json").write_text(json.dumps(cfg.to_json(), indent=1))
+        meta = {
+            "versions": versions(), "git_revision": git_revision(),
+            "model": cfg.model, "model_path": str(model_path), "dtype": str(dtype).replace("torch.", ""),
+            "kernels": {"backend": backend.name, **backend.sources},
+            "world_size": dist.world_size, "zero_stage": ds_config["zero_optimization"]["stage"],
+            "data": {"files": {str(p): sha256_file(p) for p in cfg.data}, **data.stats()},
+            "steps": step, "plan": plan, "trainable_parameters": n_trainable,
+            "wall_seconds": wall, "train_loop_seconds": loop_s,
+            "tokens_per_s": tokens_done / loop_s if loop_s > 0 else None,
+            "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if dist.device.type == "cuda" else None,
+            "final_train_loss": history["train_loss"][-1] if history["train_loss"] else None,
+            "final_eval_loss": history["eval_loss"][-1][1] if history["eval_loss"] else None,
+        }
+        (out / "metadata.json").write_text(json.dumps(meta, indent=1))
+    for o in observers:
+        o.end({})
+    say(f"fastft: done in {wall:.0f}s; final train loss {history['train_loss'][-1]:.4f}. "
+        f"Adapter written to {out}/ (load it with peft.PeftModel.from_pretrained(base_model, '{out}'))")
+    return 0
+
+
+def _maybe_float(x):
+    try:
+        return float(x) if x is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _any_rank(flag: bool, dist) -> bool:
+    if dist.world_size == 1:
+        return flag
+    import torch.distributed as dist_
+
+    t = torch.tensor([1 if flag else 0], device=dist.device)
+    dist_.all_reduce(t)
+    return bool(t.item())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
