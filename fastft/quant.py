@@ -1,0 +1,219 @@
+"""4-bit base weights: which tensors fastft quantises, to what, and the holders the kernels read.
+
+Policy (gpt-oss-20b, 20.9 B parameters; the goal is training on a 24 GB card):
+  * MoE experts (``mlp.experts.gate_up_proj`` / ``down_proj``, 19.1 B parameters): MXFP4, the checkpoint's own
+    format, kept bit-exact when the checkpoint ships it (4.25 bits/weight, ~10.15 GB). From a bf16 checkpoint they are
+    quantised here with ``quantize_mxfp4`` (OCP MX rules), or with NF4 when ``--experts nf4`` asks for it.
+  * Attention projections (q/k/v/o, 0.64 B parameters): NF4 made by bitsandbytes' own ``quantize_4bit`` (blocksize 64,
+    double-quantised absmax: ~4.13 bits/weight, ~0.33 GB instead of 1.27 GB bf16). fastft writes no NF4 quantiser.
+  * Embeddings and lm_head (2 x 0.58 B parameters, 2 x 1.16 GB in bf16): kept in bf16. The embedding is a gather that
+    touches only T rows per step, so it can be offloaded to host memory when a card is tight; lm_head is streamed by
+    the fused linear-cross-entropy kernel, which reads a dense weight. Neither is quantised: 4-bit logits cost accuracy
+    for ~1.7 GB that the 24 GB budget does not need.
+  * Router, sinks, norms and biases: tiny, kept in their checkpoint dtype.
+Total resident weights ~12.8 GB, leaving the rest of a 24 GB card to activations and LoRA state.
+
+Holders expose ``.dequantize(dtype)`` (the model's layout), ``.shape``, ``.device``, ``.to(device)`` and ``.nbytes()``,
+so pure-torch references work on them unchanged; kernels read the packed fields directly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastft.mxfp4 import BLOCK, SCALE_BIAS, MXFP4Tensor
+
+NF4_BLOCKSIZE = 64
+
+# ---------------------------------------------------------------------------------------------------------------------
+# MXFP4 quantiser (OCP Microscaling v1.0: shared exponent = floor(log2(absmax)) - emax(e2m1), emax = 2)
+
+_E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # codes 0..7; bit 3 is the sign
+_E2M1_EMAX = 2
+
+
+def _e2m1_codes(scaled: torch.Tensor) -> torch.Tensor:
+    """Nearest e2m1 code of each fp32 value, ties to the even code, saturating at +-6 (uint8 in 0..15)."""
+    mags = torch.tensor(_E2M1_MAGNITUDES, dtype=torch.float32, device=scaled.device)
+    mids = (mags[1:] + mags[:-1]) / 2
+    a = scaled.abs().clamp(max=6.0)
+    down = torch.bucketize(a, mids, right=False)  # a tie lands on the lower code
+    up = torch.bucketize(a, mids, right=True)  # a tie lands on the upper code
+    code = torch.where(down % 2 == 0, down, up)  # they differ only on ties: keep the even one
+    return (code | (torch.signbit(scaled).to(code.dtype) << 3)).to(torch.uint8)
+
+
+def _quantize_mxfp4_rows(w: torch.Tensor):
+    """[R, K] (K % 32 == 0) -> blocks [R, K/32, 16], scales [R, K/32]."""
+    g = w.float().contiguous().reshape(w.shape[0], -1, BLOCK)
+    amax = g.abs().amax(dim=-1)
+    # frexp gives amax = m * 2**e with m in [0.5, 1), so floor(log2(amax)) = e - 1 exactly (no log2 rounding).
+    shared = torch.frexp(amax).exponent.to(torch.int32) - 1 - _E2M1_EMAX
+    shared = torch.where(amax > 0, shared, torch.full_like(shared, -SCALE_BIAS)).clamp(-SCALE_BIAS, SCALE_BIAS)
+    codes = _e2m1_codes(torch.ldexp(g, -shared.unsqueeze(-1).float()))  # exact: a power-of-two scaling
+    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)  # low nibble first, as the hub layout
+    return packed, (shared + SCALE_BIAS).to(torch.uint8)
+
+
+def quantize_mxfp4(w: torch.Tensor, chunk_elems: int = 1 << 24) -> MXFP4Tensor:
+    """A weight in the model's layout -> MXFP4Tensor, the inverse of ``MXFP4Tensor.dequantize``.
+
+    2-D ``[out, in]`` (nn.Linear) or 3-D ``[E, in, out]`` (GptOssExperts); blocks of 32 run along ``in``, which must be
+    a multiple of 32. Values already on the MXFP4 grid come back bit-exact. Works in row chunks of ``chunk_elems``
+    (default 16 M values, ~64 MB of fp32 temporaries x a few) so a whole expert stack is never upcast at once.
+    """
+    if w.dim() not in (2, 3):
+        raise ValueError(f"quantize_mxfp4 takes [out, in] or [E, in, out], not {tuple(w.shape)}")
+    stored = w.transpose(-2, -1) if w.dim() == 3 else w  # -> [..., out, in]
+    if stored.shape[-1] % BLOCK:
+        raise ValueError(f"MXFP4 needs in_features % {BLOCK} == 0, got {stored.shape[-1]}")
+    lead, K = stored.shape[:-1], stored.shape[-1]
+    stored3 = stored.reshape(-1, *stored.shape[-2:])  # [E or 1, out, in]; a view for both layouts
+    R = stored3.shape[1]
+    blocks = torch.empty(stored3.shape[0], R, K // BLOCK, BLOCK // 2, dtype=torch.uint8, device=w.device)
+    scales = torch.empty(stored3.shape[0], R, K // BLOCK, dtype=torch.uint8, device=w.device)
+    step = max(1, chunk_elems // K)
+    for e in range(stored3.shape[0]):
+        for r0 in range(0, R, step):
+            blocks[e, r0:r0 + step], scales[e, r0:r0 + step] = _quantize_mxfp4_rows(stored3[e, r0:r0 + step])
+    return MXFP4Tensor(blocks.reshape(*lead, K // BLOCK, BLOCK // 2), scales.reshape(*lead, K // BLOCK))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# NF4 via bitsandbytes
+
+
+class NF4Tensor:
+    """A weight in bitsandbytes' NF4 (packed uint8 ``data`` + its ``QuantState``), in whatever layout it was given.
+
+    Packing is bnb's: the tensor is flattened row-major, element 2i sits in the HIGH nibble of byte i, and absmax
+    covers flat blocks of ``blocksize`` values (a block may straddle rows). With double quantisation the absmax is a
+    uint8 code into ``state2.code`` times ``state2.absmax`` per 256 blocks, plus ``offset``.
+    """
+
+    def __init__(self, data: torch.Tensor, quant_state):
+        if data.dtype != torch.uint8:
+            raise TypeError("NF4 data must be uint8 (bnb quant_storage=torch.uint8)")
+        if quant_state.quant_type != "nf4":
+            raise ValueError(f"expected an nf4 QuantState, got {quant_state.quant_type!r}")
+        self.data, self.quant_state = data, quant_state
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor, blocksize: int = NF4_BLOCKSIZE, double_quant: bool = True) -> "NF4Tensor":
+        import bitsandbytes.functional as bnbf
+
+        if w.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            w = w.float()
+        data, state = bnbf.quantize_4bit(w.contiguous(), blocksize=blocksize, quant_type="nf4",
+                                         compress_statistics=double_quant, quant_storage=torch.uint8)
+        return cls(data, state)
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.quant_state.shape)
+
+    @property
+    def dtype(self) -> torch.dtype:  # the dtype the weight was quantised from
+        return self.quant_state.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def blocksize(self) -> int:
+        return self.quant_state.blocksize
+
+    @property
+    def code(self) -> torch.Tensor:  # the 16 NF4 levels, fp32
+        return self.quant_state.code
+
+    def to(self, device) -> "NF4Tensor":
+        from bitsandbytes.functional import QuantState
+
+        qs = self.quant_state
+        state2 = None
+        if qs.nested:
+            state2 = QuantState(absmax=qs.state2.absmax.to(device), code=qs.state2.code.to(device),
+                                blocksize=qs.state2.blocksize, quant_type=qs.state2.quant_type, dtype=qs.state2.dtype)
+        new = QuantState(absmax=qs.absmax.to(device), shape=qs.shape, code=qs.code.to(device), blocksize=qs.blocksize,
+                         quant_type=qs.quant_type, dtype=qs.dtype,
+                         offset=qs.offset.to(device) if qs.nested else None, state2=state2)
+        return NF4Tensor(self.data.to(device), new)
+
+    def nbytes(self) -> int:
+        qs = self.quant_state
+        n = self.data.numel() + qs.absmax.numel() * qs.absmax.element_size() + qs.code.numel() * 4
+        if qs.nested:
+            n += qs.state2.absmax.numel() * 4 + qs.state2.code.numel() * 4 + 4
+        return n
+
+    def absmax_fp32(self) -> torch.Tensor:
+        """Per-block fp32 absmax [ceil(numel / blocksize)], double quantisation undone exactly as bnb does it
+        (``code2[q] * absmax2[i // blocksize2] + offset`` in fp32). Cheap: numel / 64 values."""
+        qs = self.quant_state
+        if not qs.nested:
+            return qs.absmax.float()
+        s2 = qs.state2
+        n = qs.absmax.numel()
+        scale = s2.absmax.float().repeat_interleave(s2.blocksize)[:n]
+        return s2.code.float()[qs.absmax.long()] * scale + qs.offset.float()
+
+    def decode(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Pure-torch dequantisation with bnb's flat-block semantics (what its quantiser and CUDA kernel use)."""
+        flat = self.data.reshape(-1)
+        nib = torch.stack((flat >> 4, flat & 0xF), dim=-1).reshape(-1)[: self.numel()].long()
+        idx = torch.arange(self.numel(), device=flat.device) // self.blocksize
+        return (self.code.float()[nib] * self.absmax_fp32()[idx]).to(dtype).reshape(self.shape)
+
+    def numel(self) -> int:
+        return torch.Size(self.shape).numel()
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        import bitsandbytes.functional as bnbf
+
+        if self.device.type == "cpu" and self.shape[-1] % self.blocksize:
+            # bnb 0.50.2's native CPU kernel indexes absmax per row, wrong when a block straddles two rows
+            return self.decode(dtype)
+        return bnbf.dequantize_4bit(self.data, self.quant_state).to(dtype)
+
+
+def quantize_nf4(w: torch.Tensor, blocksize: int = NF4_BLOCKSIZE) -> NF4Tensor:
+    """Any-shaped tensor -> NF4Tensor (bitsandbytes' quantiser, double-quantised absmax); 3-D expert stacks too."""
+    return NF4Tensor.quantize(w, blocksize=blocksize)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loader helpers
+
+_EXPERT_SUFFIXES = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+_ATTN_SUFFIXES = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+                  "self_attn.o_proj.weight")
+SCHEMES = ("mxfp4", "nf4", "none")
+
+
+def scheme_for(name: str, experts: str = "mxfp4", linears: str = "nf4") -> str:
+    """The storage scheme the policy above gives an HF parameter name ("none": keep it as loaded)."""
+    if name.endswith(_EXPERT_SUFFIXES):
+        return experts
+    if name.endswith(_ATTN_SUFFIXES):
+        return linears
+    return "none"
+
+
+def quantize_weight(name: str, tensor: torch.Tensor, scheme: str = "auto", experts: str = "mxfp4",
+                    linears: str = "nf4"):
+    """Quantise one dense tensor as it streams in; ``scheme="auto"`` applies the policy (``scheme_for``).
+
+    Returns an MXFP4Tensor, an NF4Tensor, or the tensor itself for "none". Checkpoints that already ship MXFP4
+    ``*_blocks``/``*_scales`` should be wrapped with ``MXFP4Tensor(blocks, scales)`` instead (bit-exact, no work).
+    """
+    if scheme == "auto":
+        scheme = scheme_for(name, experts, linears)
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown quantisation scheme {scheme!r} for {name}; choose from {SCHEMES}")
+    if scheme == "mxfp4":
+        return quantize_mxfp4(tensor)
+    if scheme == "nf4":
+        return quantize_nf4(tensor)
+    return tensor
