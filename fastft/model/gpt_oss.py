@@ -1,0 +1,282 @@
+"""GPT-OSS for training on packed token streams, in plain torch.
+
+Parameter names equal transformers' ``GptOssForCausalLM`` state dict, so checkpoints load by name. The four ops that
+kernels replace (attention, moe, lora_linear, loss) are called through a ``fastft.backends.Backend``; everything else
+here is ordinary torch. Activations are flat: ``[T, H]`` for the T tokens of a packed batch; ``cu_seqlens`` bounds
+the documents and ``position_ids`` restart at 0 in each.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from fastft.backends import Backend, get_backend
+from fastft.model.config import ModelConfig, rope_frequencies
+from fastft.mxfp4 import MXFP4Tensor
+
+IGNORE_INDEX = -100
+
+
+class RMSNorm(nn.Module):
+    """Weights stay fp32 (HF keeps GPT-OSS norms in fp32 too); the input is normalised in fp32."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=torch.float32))
+        self.eps = eps
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * h).to(x.dtype)
+
+
+class LoraLinear(nn.Module):
+    """nn.Linear's parameters (``weight [out, in]``, ``bias``) plus an optional unmerged LoRA (``lora_A [r, in]``,
+    ``lora_B [out, r]``), computed by ``backend.lora_linear``."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, backend: Backend):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.backend = backend
+        self.lora_A = self.lora_B = None
+        self.scaling, self.dropout = 0.0, 0.0
+
+    def add_lora(self, r: int, alpha: float, dropout: float, dtype=torch.float32):
+        device = self.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's init: nn.Linear's default on A, zeros on B
+        self.scaling, self.dropout = alpha / r, dropout
+
+    def forward(self, x):
+        return self.backend.lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
+                                        self.dropout, self.training)
+
+
+def apply_rope(x, cos, sin):
+    """Half-split rotation (not interleaved); x [T, heads, D], cos/sin [T, D/2] already times attention_scaling."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, backend: Backend):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        H, bias = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = LoraLinear(H, self.num_heads * self.head_dim, bias, backend)
+        self.k_proj = LoraLinear(H, self.num_kv_heads * self.head_dim, bias, backend)
+        self.v_proj = LoraLinear(H, self.num_kv_heads * self.head_dim, bias, backend)
+        self.o_proj = LoraLinear(self.num_heads * self.head_dim, H, bias, backend)
+        self.sinks = nn.Parameter(torch.empty(self.num_heads))
+        self.window = cfg.window(layer)
+        self.backend = backend
+
+    def forward(self, x, cos, sin, cu_seqlens):
+        T = x.shape[0]
+        q = apply_rope(self.q_proj(x).view(T, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.k_proj(x).view(T, self.num_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
+        o = self.backend.attention(q, k, v, cu_seqlens, self.sinks, self.window, self.head_dim**-0.5)
+        return self.o_proj(o.reshape(T, self.num_heads * self.head_dim))
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cfg.num_local_experts, cfg.hidden_size))
+        self.bias = nn.Parameter(torch.empty(cfg.num_local_experts))
+
+
+class Experts(nn.Module):
+    """HF's GptOssExperts parameters (``gate_up_proj [E, H, 2I]`` interleaved gate/up, ``down_proj [E, I, H]``, their
+    biases) and optional LoRA in PEFT's target_parameters layout (see fastft.kernels.moe).
+
+    A weight may instead be held 4-bit (``set_quantized``): its blocks/scales become buffers and ``weight(name)``
+    returns an MXFP4Tensor, which the moe backend dequantizes (or reads directly, in a kernel)."""
+
+    WEIGHTS = ("gate_up_proj", "down_proj")
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, H, I = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
+        self.num_experts = E
+        self.gate_up_proj = nn.Parameter(torch.empty(E, H, 2 * I))
+        self.gate_up_proj_bias = nn.Parameter(torch.empty(E, 2 * I))
+        self.down_proj = nn.Parameter(torch.empty(E, I, H))
+        self.down_proj_bias = nn.Parameter(torch.empty(E, H))
+        self.lora_scaling = {}  # weight name -> alpha / r, for the weights that carry LoRA
+
+    def set_quantized(self, name: str, q: MXFP4Tensor):
+        if name not in self.WEIGHTS:
+            raise KeyError(name)
+        if name in self._parameters:
+            del self._parameters[name]
+        self.register_buffer(f"{name}_blocks", q.blocks)
+        self.register_buffer(f"{name}_scales", q.scales)
+
+    def weight(self, name: str):
+        if name in self._parameters:
+            return self._parameters[name]
+        return MXFP4Tensor(getattr(self, f"{name}_blocks"), getattr(self, f"{name}_scales"))
+
+    def weight_shape(self, name: str) -> tuple:  # [E, in, out]
+        return tuple(self.weight(name).shape)
+
+    def add_lora(self, name: str, r: int, alpha: float, dtype=torch.float32):
+        E, fan_in, fan_out = self.weight_shape(name)
+        device = getattr(self, "gate_up_proj_bias").device
+        A = nn.Parameter(torch.empty(r * E, fan_in, dtype=dtype, device=device))
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        self.register_parameter(f"{name}_lora_A", A)
+        self.register_parameter(f"{name}_lora_B", nn.Parameter(torch.zeros(fan_out, r * E, dtype=dtype, device=device)))
+        self.lora_scaling[name] = alpha / r
+
+    def lora(self, name: str):
+        if name not in self.lora_scaling:
+            return None
+        return getattr(self, f"{name}_lora_A"), getattr(self, f"{name}_lora_B"), self.lora_scaling[name]
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, backend: Backend):
+        super().__init__()
+        self.router = Router(cfg)
+        self.experts = Experts(cfg)
+        self.top_k, self.limit = cfg.num_experts_per_tok, cfg.swiglu_limit
+        self.backend = backend
+
+    def forward(self, x):
+        e = self.experts
+        return self.backend.moe(x, self.router.weight, self.router.bias, self.top_k,
+                                e.weight("gate_up_proj"), e.gate_up_proj_bias, e.weight("down_proj"), e.down_proj_bias,
+                                e.lora("gate_up_proj"), e.lora("down_proj"), limit=self.limit)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, backend: Backend):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer, backend)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg, backend)
+
+    def forward(self, h, cos, sin, cu_seqlens):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, cu_seqlens)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Body(nn.Module):
+    """HF's ``model.`` prefix: embeddings, layers, final norm."""
+
+    def __init__(self, cfg: ModelConfig, backend: Backend):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, backend) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+def shift_labels(labels: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Target of position i is labels[i + 1]; the last position of every document is ignored, so no document is
+    trained to predict the next one's first token (whatever the data pipeline put there)."""
+    shifted = torch.full_like(labels, IGNORE_INDEX)
+    shifted[:-1] = labels[1:]
+    # An empty document's "end" is -1 or the previous document's end: positions already ignored (no host sync).
+    shifted[cu_seqlens[1:].long() - 1] = IGNORE_INDEX
+    return shifted
+
+
+class GptOssForTraining(nn.Module):
+    def __init__(self, cfg: ModelConfig, backend: Backend | None = None):
+        super().__init__()
+        self.config = cfg
+        self.backend = backend if backend is not None else get_backend("torch")
+        self.model = Body(cfg, self.backend)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False
+        self._inv_freq, self.attention_scaling = rope_frequencies(cfg)
+        self._inv_freq_by_device = {}  # kept off the module's buffers so .to(dtype) can never round it
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, dtype=torch.float32, device="cpu", backend: Backend | None = None):
+        """Randomly initialised (HF's init: normal(0, initializer_range), zero biases, unit norms)."""
+        with torch.device("meta"):
+            model = cls(cfg, backend)
+        model.to_dtype(dtype).to_empty(device=device)  # allocated in dtype: never a full-size fp32 copy
+        return model.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if "lora_" in name:
+                continue
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith("bias") and "router" not in name:
+                p.zero_()
+            else:
+                p.normal_(0.0, std)
+        return self
+
+    def to_dtype(self, dtype):
+        """Casts the base weights to dtype; norm weights stay fp32, LoRA weights keep theirs."""
+        for name, p in self.named_parameters():
+            if not name.endswith("norm.weight") and "lora_" not in name:
+                p.data = p.data.to(dtype)
+        return self
+
+    def enable_gradient_checkpointing(self, enabled: bool = True):
+        self.gradient_checkpointing = enabled
+
+    def set_backend(self, backend: Backend):
+        for m in self.modules():
+            if hasattr(m, "backend"):
+                m.backend = backend
+
+    def rope(self, position_ids, dtype):
+        device = position_ids.device
+        if device not in self._inv_freq_by_device:
+            self._inv_freq_by_device[device] = self._inv_freq.to(device)
+        freqs = position_ids.float()[:, None] * self._inv_freq_by_device[device][None, :]
+        return (freqs.cos() * self.attention_scaling).to(dtype), (freqs.sin() * self.attention_scaling).to(dtype)
+
+    def hidden_states(self, input_ids, position_ids, cu_seqlens):
+        """Final-norm hidden states [T, H] of a packed stream."""
+        if input_ids.dim() != 1 or position_ids.shape != input_ids.shape:
+            raise ValueError(f"input_ids and position_ids must both be [T]; got {tuple(input_ids.shape)} and "
+                             f"{tuple(position_ids.shape)}")
+        if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
+            raise ValueError("cu_seqlens must be a 1-D int32 tensor")
+        h = self.model.embed_tokens(input_ids)
+        cos, sin = self.rope(position_ids, h.dtype)
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                h = checkpoint(layer, h, cos, sin, cu_seqlens, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, cu_seqlens)
+        return self.model.norm(h)
+
+    def logits(self, input_ids, position_ids, cu_seqlens):
+        """[T, V] logits (tests and evaluation; training goes through the fused loss)."""
+        h = self.hidden_states(input_ids, position_ids, cu_seqlens)
+        return F.linear(h, self.lm_head.weight.to(h.dtype))
+
+    def forward(self, input_ids, position_ids, cu_seqlens, labels=None):
+        """Mean token loss (fp32 scalar) over unshifted HF-style labels; logits when labels is None."""
+        if labels is None:
+            return self.logits(input_ids, position_ids, cu_seqlens)
+        h = self.hidden_states(input_ids, position_ids, cu_seqlens)
+        return self.backend.loss(h, self.lm_head.weight.to(h.dtype), shift_labels(labels, cu_seqlens),
+                                 ignore_index=IGNORE_INDEX)
