@@ -1,7 +1,7 @@
 """GPT-OSS MoE block: top-k router, experts with clamped SwiGLU, unmerged LoRA on the experts.
 
-This file will hold the Triton grouped-GEMM kernels and their autograd wrapper; the pure-torch reference below
-defines the math (equal to transformers' GptOssMLP with PEFT target_parameters LoRA on the experts).
+The pure-torch reference defines the math (equal to transformers' GptOssMLP with PEFT target_parameters LoRA on
+the experts); below it, the Triton grouped-GEMM kernels, their autograd wrapper and the public ``moe``.
 
 Expert LoRA layout (PEFT ``target_parameters`` on a 3-D parameter [E, in, out]):
   A: [r*E, in]  — expert e owns rows e*r : (e+1)*r                     (A.view(E, r, in)[e])
@@ -11,10 +11,15 @@ Expert LoRA layout (PEFT ``target_parameters`` on a 3-D parameter [E, in, out]):
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from fastft.kernels.lora_linear import dense_weight
+from fastft.mxfp4 import MXFP4Tensor
 
 
 def expert_lora_factors(lora, num_experts: int):
@@ -64,3 +69,504 @@ def moe_reference(x, router_weight, router_bias, top_k, gate_up, gate_up_bias, d
             y = y + (act @ A[e].t().to(h.dtype)) @ B[e].t().to(h.dtype) * s
         out = out.index_add(0, token, (y * weights[token, slot, None]).to(x.dtype))
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton path.
+#
+# Shapes: T tokens, k = top_k, S = T*k (token, slot) pairs, E experts, H hidden, I intermediate, N1 = 2I, r rank.
+# Pairs are sorted by expert on the device (torch.sort, searchsorted for the offsets); every grouped kernel walks
+# a tile table of static length ceil(S/BM) + E (expert, first row) built on the device, so nothing in forward or
+# backward waits on the host. Rows are gathered inside the kernels through row_token (= pair // k): the sorted
+# copy of x is never materialised; outputs are scattered to pair order, and out = Y.view(T, k, H).sum(1)
+# (deterministic, no atomics).
+#
+# Weights: dense in HF layout [E, in, out], or MXFP4 stored [E, out, in] (in contiguous, 32-value groups along in).
+# Forward GEMMs reduce over `in` (MXFP4 groups run along K); backward dX GEMMs reduce over `out` and read the
+# same bytes transposed (groups run along N). Either way a [BK, BN] tile is dequantised in registers, then bf16
+# tl.dot with an fp32 accumulator; no dense copy of an expert exists anywhere.
+#
+# Saved for backward (bytes, T=16384, k=4, I=2880, r=16): gate_up pre-activation h [S, 2I] in x's dtype
+# (2 B * 65536 * 5760 = 755 MB), xa = x A_gu^T and act_a = act A_d^T [S, r] fp32 (8 MB), the routing tables
+# (~1 MB). The activation (377 MB) is recomputed from h in the backward epilogue; the down output y is never
+# kept: d(routing weight) = <dOut, y> = <g, act> + <dOut, b_d> with g = dOut W_d^T + s (dOut B_d) A_d, and g is
+# what the down GEMM's dX pass computes anyway.
+# ----------------------------------------------------------------------------------------------------------------
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# (BM, BN, BK, GROUP_M, num_warps, num_stages); BK and BN are multiples of 32 (one MXFP4 scale group).
+_CFG = dict(BM=16, BN=32, BK=32, GROUP_M=2, num_warps=4, num_stages=1) if _INTERPRET else \
+    dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+@triton.jit
+def _e2m1_x2p14(c):
+    """e2m1 codes (int32, 0..15) -> value * 2**-14 in fp32: the 3 magnitude bits land on fp16's exponent/mantissa
+    boundary (exponent bias 15 instead of 1), subnormal 0.5 included, so no table and no branches."""
+    bits = ((c & 8) << 12) | ((c & 7) << 9)
+    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _mx_scale(s):
+    """e8m0 exponent (int32) -> 2**(s - 127 + 14) in fp32, built from bits (exact; s <= 240)."""
+    return ((s + 14) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _load_w(W, WS, e, k0, n0, K, N, s_we, s_wk, s_wn, s_se,
+            QUANT: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
+    """A [BK, BN] fp32 tile of expert e's operand, the GEMM being out[:, n] = sum_k a[:, k] * W[k, n].
+
+    QUANT 0: dense, element (k, n) at k*s_wk + n*s_wn.
+    QUANT 1: MXFP4 stored [N, K] (forward: K = in): bytes [e, n, k//2], scales [e, n, k//32].
+    QUANT 2: MXFP4 stored [K, N] (backward: N = in): bytes [e, k, n//2], scales [e, k, n//32].
+    """
+    rk = k0 + tl.arange(0, BK)
+    rn = n0 + tl.arange(0, BN)
+    if QUANT == 0:
+        ptr = W + e.to(tl.int64) * s_we + rk[:, None] * s_wk + rn[None, :] * s_wn
+        w = tl.load(ptr, mask=(rk[:, None] < K) & (rn[None, :] < N), other=0.0).to(tl.float32)
+    elif QUANT == 1:
+        hk = k0 // 2 + tl.arange(0, BK // 2)
+        b = tl.load(W + e.to(tl.int64) * s_we + rn[:, None] * (K // 2) + hk[None, :],
+                    mask=(rn[:, None] < N) & (hk[None, :] < K // 2), other=0).to(tl.int32)
+        v = tl.reshape(tl.join(_e2m1_x2p14(b & 15), _e2m1_x2p14(b >> 4)), (BN, BK))  # low nibble first
+        gk = k0 // 32 + tl.arange(0, BK // 32)
+        s = tl.load(WS + e.to(tl.int64) * s_se + rn[:, None] * (K // 32) + gk[None, :],
+                    mask=(rn[:, None] < N) & (gk[None, :] < K // 32), other=0).to(tl.int32)
+        v = tl.reshape(tl.reshape(v, (BN, BK // 32, 32)) * _mx_scale(s)[:, :, None], (BN, BK))
+        w = tl.trans(v)
+    else:
+        hn = n0 // 2 + tl.arange(0, BN // 2)
+        b = tl.load(W + e.to(tl.int64) * s_we + rk[:, None] * (N // 2) + hn[None, :],
+                    mask=(rk[:, None] < K) & (hn[None, :] < N // 2), other=0).to(tl.int32)
+        v = tl.reshape(tl.join(_e2m1_x2p14(b & 15), _e2m1_x2p14(b >> 4)), (BK, BN))
+        gn = n0 // 32 + tl.arange(0, BN // 32)
+        s = tl.load(WS + e.to(tl.int64) * s_se + rk[:, None] * (N // 32) + gn[None, :],
+                    mask=(rk[:, None] < K) & (gn[None, :] < N // 32), other=0).to(tl.int32)
+        w = tl.reshape(tl.reshape(v, (BK, BN // 32, 32)) * _mx_scale(s)[:, :, None], (BK, BN))
+    return w
+
+
+@triton.jit
+def _tile(tile_expert, tile_row, offsets, pid_t, BM: tl.constexpr):
+    e = tl.load(tile_expert + pid_t)
+    row0 = tl.load(tile_row + pid_t)
+    row_end = tl.load(offsets + e + 1, mask=e >= 0, other=0)
+    return e, row0, row_end
+
+
+@triton.jit
+def _grouped_gemm_kernel(
+    A, a_idx, s_am,                       # activation rows: A[a_idx[i]] (GATHER_A) or A[i]
+    W, WS, s_we, s_wk, s_wn, s_se,        # expert weights, see _load_w
+    bias, s_be,                           # [E, N] (HAS_BIAS)
+    L, s_lm, LB, s_lbe, s_lbn, s_lbr, lora_scale, R,   # LoRA: acc += s * L[i, :R] @ LB_e[n, :R]^T
+    C, c_idx, s_cm,                       # output rows: C[c_idx[i]] (SCATTER_C) or C[i]
+    rowscale,                             # [S] fp32 routing weight of each sorted row
+    AUX, s_xm, DW, s_dwm,                 # EPI 1: h out [S, N]; EPI 2: h in [S, 2N], DW partials [S, n_blocks]
+    ACT, s_actm,                          # EPI 2: recomputed activation out [S, N] (STORE_ACT)
+    tile_expert, tile_row, offsets, num_tiles,
+    K, N, limit, alpha,
+    QUANT: tl.constexpr, EPI: tl.constexpr, GATHER_A: tl.constexpr, SCATTER_C: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, ROWSCALE: tl.constexpr, STORE_ACT: tl.constexpr,
+    R_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """One (BM rows of one expert) x (BN columns) tile of a grouped GEMM, with one of three epilogues:
+    EPI 0: (acc + bias) * rowscale -> C.
+    EPI 1: h = acc + bias (interleaved gate/up columns) -> AUX; clamped SwiGLU(h) -> C [S, N/2].
+    EPI 2: acc = g = dOut W_d^T (+ LoRA) over I columns; with h from AUX: DW partial = sum(g * act),
+           dh = rowscale * g * dact/dh (clamp masks) -> C [S, 2N] interleaved.
+    """
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BN)
+    width = GROUP_M * num_n  # programs sharing GROUP_M row tiles walk all column blocks: A stays in L2
+    group = pid // width
+    first_t = group * GROUP_M
+    gsize = tl.minimum(num_tiles - first_t, GROUP_M)
+    pid_t = first_t + (pid % width) % gsize
+    pid_n = (pid % width) // gsize
+
+    e, row0, row_end = _tile(tile_expert, tile_row, offsets, pid_t, BM)
+    if e < 0:
+        return
+    rm = row0 + tl.arange(0, BM)
+    mmask = rm < row_end
+    if GATHER_A:
+        arow = tl.load(a_idx + rm, mask=mmask, other=0).to(tl.int64)
+    else:
+        arow = rm.to(tl.int64)
+    n0 = pid_n * BN
+    rn = n0 + tl.arange(0, BN)
+    nmask = rn < N
+
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        a = tl.load(A + arow[:, None] * s_am + rk[None, :], mask=mmask[:, None] & (rk[None, :] < K), other=0.0)
+        w = _load_w(W, WS, e, k0, n0, K, N, s_we, s_wk, s_wn, s_se, QUANT, BK, BN)
+        acc = tl.dot(a, w.to(a.dtype), acc)
+
+    if HAS_LORA:
+        rr = tl.arange(0, R_PAD)
+        la = tl.load(L + rm[:, None].to(tl.int64) * s_lm + rr[None, :], mask=mmask[:, None] & (rr[None, :] < R),
+                     other=0.0)
+        lb = tl.load(LB + e.to(tl.int64) * s_lbe + rr[:, None] * s_lbr + rn[None, :] * s_lbn,
+                     mask=(rr[:, None] < R) & nmask[None, :], other=0.0)
+        acc += tl.dot(la.to(tl.float32), lb.to(tl.float32)) * lora_scale
+    if HAS_BIAS:
+        acc += tl.load(bias + e * s_be + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+
+    if EPI == 0:
+        if ROWSCALE:
+            acc *= tl.load(rowscale + rm, mask=mmask, other=0.0)[:, None]
+        if SCATTER_C:
+            crow = tl.load(c_idx + rm, mask=mmask, other=0).to(tl.int64)
+        else:
+            crow = rm.to(tl.int64)
+        tl.store(C + crow[:, None] * s_cm + rn[None, :], acc.to(C.dtype.element_ty),
+                 mask=mmask[:, None] & nmask[None, :])
+    elif EPI == 1:
+        rm64 = rm.to(tl.int64)
+        tl.store(AUX + rm64[:, None] * s_xm + rn[None, :], acc.to(AUX.dtype.element_ty),
+                 mask=mmask[:, None] & nmask[None, :])
+        gate, up = tl.split(tl.reshape(acc, (BM, BN // 2, 2)))
+        gate = tl.minimum(gate, limit)
+        up = tl.minimum(tl.maximum(up, -limit), limit)
+        act = (up + 1.0) * (gate * tl.sigmoid(gate * alpha))
+        rh = n0 // 2 + tl.arange(0, BN // 2)
+        tl.store(C + rm64[:, None] * s_cm + rh[None, :], act.to(C.dtype.element_ty),
+                 mask=mmask[:, None] & (rh[None, :] < N // 2))
+    else:
+        rm64 = rm.to(tl.int64)
+        r2 = 2 * n0 + tl.arange(0, 2 * BN)
+        m2 = mmask[:, None] & (r2[None, :] < 2 * N)
+        h = tl.load(AUX + rm64[:, None] * s_xm + r2[None, :], mask=m2, other=0.0).to(tl.float32)
+        gate, up = tl.split(tl.reshape(h, (BM, BN, 2)))
+        gate_c = tl.minimum(gate, limit)
+        up_c = tl.minimum(tl.maximum(up, -limit), limit)
+        sig = tl.sigmoid(gate_c * alpha)
+        glu = gate_c * sig
+        act = (up_c + 1.0) * glu
+        dw = tl.sum(acc * act, axis=1)
+        tl.store(DW + rm64 * s_dwm + pid_n, dw, mask=mmask)
+        if STORE_ACT:
+            tl.store(ACT + rm64[:, None] * s_actm + rn[None, :], act.to(ACT.dtype.element_ty),
+                     mask=mmask[:, None] & nmask[None, :])
+        dact = acc * tl.load(rowscale + rm, mask=mmask, other=0.0)[:, None]
+        # torch.clamp passes the gradient where min <= x <= max (bounds included)
+        d_up = tl.where((up >= -limit) & (up <= limit), dact * glu, 0.0)
+        d_gate = tl.where(gate <= limit, dact * (up_c + 1.0) * (sig + glu * alpha * (1.0 - sig)), 0.0)
+        dh = tl.reshape(tl.join(d_gate, d_up), (BM, 2 * BN))
+        tl.store(C + rm64[:, None] * s_cm + r2[None, :], dh.to(C.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _lowrank_kernel(P, p_idx, s_pm, F, s_fe, s_fr, s_fk, O, tile_expert, tile_row, offsets, K, R,
+                    GATHER_P: tl.constexpr, R_PAD: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+    """O[i, :R] = P[row i] @ F_e^T for the rows of one expert tile; F_e [R, K] strided (LoRA A or B^T)."""
+    pid_t = tl.program_id(0)
+    e, row0, row_end = _tile(tile_expert, tile_row, offsets, pid_t, BM)
+    if e < 0:
+        return
+    rm = row0 + tl.arange(0, BM)
+    mmask = rm < row_end
+    if GATHER_P:
+        prow = tl.load(p_idx + rm, mask=mmask, other=0).to(tl.int64)
+    else:
+        prow = rm.to(tl.int64)
+    rr = tl.arange(0, R_PAD)
+    acc = tl.zeros((BM, R_PAD), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        p = tl.load(P + prow[:, None] * s_pm + rk[None, :], mask=mmask[:, None] & (rk[None, :] < K), other=0.0)
+        f = tl.load(F + e.to(tl.int64) * s_fe + rr[None, :] * s_fr + rk[:, None] * s_fk,
+                    mask=(rr[None, :] < R) & (rk[:, None] < K), other=0.0)
+        acc = tl.dot(p.to(tl.float32), f.to(tl.float32), acc)
+    tl.store(O + rm[:, None].to(tl.int64) * R + rr[None, :], acc, mask=mmask[:, None] & (rr[None, :] < R))
+
+
+@triton.jit
+def _wgrad_kernel(P, p_idx, s_pm, Q, q_idx, s_qm, rowscale, O, offsets, DP, DQ,
+                  GATHER_P: tl.constexpr, GATHER_Q: tl.constexpr, ROWSCALE: tl.constexpr,
+                  BM: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr):
+    """O[e] [DP, DQ] = sum over expert e's rows i of rowscale[i] * P[row i]^T Q[row i] (a LoRA factor's grad).
+    One program owns one output block and walks all rows of its expert: deterministic, no atomics."""
+    e = tl.program_id(0)
+    rp = tl.program_id(1) * BP + tl.arange(0, BP)
+    rq = tl.program_id(2) * BQ + tl.arange(0, BQ)
+    start = tl.load(offsets + e)
+    end = tl.load(offsets + e + 1)
+    acc = tl.zeros((BP, BQ), dtype=tl.float32)
+    for m0 in range(start, end, BM):
+        rm = m0 + tl.arange(0, BM)
+        mmask = rm < end
+        if GATHER_P:
+            prow = tl.load(p_idx + rm, mask=mmask, other=0).to(tl.int64)
+        else:
+            prow = rm.to(tl.int64)
+        if GATHER_Q:
+            qrow = tl.load(q_idx + rm, mask=mmask, other=0).to(tl.int64)
+        else:
+            qrow = rm.to(tl.int64)
+        p = tl.load(P + prow[:, None] * s_pm + rp[None, :], mask=mmask[:, None] & (rp[None, :] < DP),
+                    other=0.0).to(tl.float32)
+        if ROWSCALE:
+            p *= tl.load(rowscale + rm, mask=mmask, other=0.0)[:, None]
+        q = tl.load(Q + qrow[:, None] * s_qm + rq[None, :], mask=mmask[:, None] & (rq[None, :] < DQ),
+                    other=0.0).to(tl.float32)
+        acc = tl.dot(tl.trans(p), q, acc)
+    tl.store(O + e.to(tl.int64) * DP * DQ + rp[:, None] * DQ + rq[None, :], acc,
+             mask=(rp[:, None] < DP) & (rq[None, :] < DQ))
+
+
+def _routing_tables(index, num_experts, BM):
+    """Sort (token, slot) pairs by expert and build the tile table, all on the device (no host sync).
+
+    Returns row_token [S] int32 (token of each sorted row), pair [S] int32 (its flat pair index t*k + j),
+    offsets [E+1] int32, tile_expert / tile_row [ceil(S/BM) + E] int32 (expert -1 marks an unused tile).
+    """
+    k = index.shape[-1]
+    flat = index.reshape(-1)
+    S = flat.numel()
+    sorted_e, pair = torch.sort(flat, stable=True)
+    ar = torch.arange(num_experts + 1, device=flat.device, dtype=sorted_e.dtype)
+    offsets = torch.searchsorted(sorted_e, ar)  # offsets[e] = first row of expert e
+    counts = offsets[1:] - offsets[:-1]
+    tiles = (counts + BM - 1) // BM
+    tile_end = torch.cumsum(tiles, 0)
+    max_tiles = triton.cdiv(S, BM) + num_experts  # static bound: every expert wastes at most one partial tile
+    t = torch.arange(max_tiles, device=flat.device, dtype=tile_end.dtype)
+    te = torch.searchsorted(tile_end, t, right=True)
+    te_c = te.clamp(max=num_experts - 1)
+    tile_row = offsets[te_c] + (t - (tile_end - tiles)[te_c]) * BM
+    tile_expert = torch.where(te < num_experts, te, -1)
+    return ((pair // k).to(torch.int32), pair.to(torch.int32), offsets.to(torch.int32),
+            tile_expert.to(torch.int32), tile_row.to(torch.int32))
+
+
+def _weight_args(w, dtype, forward):
+    """(tensor, scales, QUANT, s_we, s_wk, s_wn, s_se, K, N) for a GEMM over one expert stack.
+
+    forward: out = a @ W_e with K = in, N = out; backward: out = a @ W_e^T with K = out, N = in.
+    """
+    if isinstance(w, MXFP4Tensor):
+        E, out_f, in_f = w.stored_shape
+        blocks, scales = w.blocks.view(E, -1), w.scales.view(E, -1)
+        if forward:
+            return blocks, scales, 1, blocks.stride(0), 0, 0, scales.stride(0), in_f, out_f
+        return blocks, scales, 2, blocks.stride(0), 0, 0, scales.stride(0), out_f, in_f
+    if not isinstance(w, torch.Tensor):
+        w = w.dequantize(dtype)  # other quantized holders (e.g. NF4): densified here, not in the kernel
+    w = w.to(dtype)  # HF layout [E, in, out]
+    if forward:
+        return w, w, 0, w.stride(0), w.stride(1), w.stride(2), 0, w.shape[1], w.shape[2]
+    return w, w, 0, w.stride(0), w.stride(2), w.stride(1), 0, w.shape[2], w.shape[1]
+
+
+def _r_pad(r):
+    return max(16, triton.next_power_of_2(r))
+
+
+def _gemm(a, a_idx, w_args, tables, out, *, c_idx=None, bias=None, lora=None, rowscale=None, epi=0,
+          aux=None, dw=None, act=None, limit=7.0, alpha=1.702):
+    """Launch _grouped_gemm_kernel. lora = (L [S, r], LB, s_lbe, s_lbn, s_lbr, scaling)."""
+    W, WS, quant, s_we, s_wk, s_wn, s_se, K, N = w_args
+    _, _, offsets, tile_expert, tile_row = tables
+    cfg = _CFG
+    num_tiles = tile_expert.numel()
+    dummy = out
+    L, LB, s_lbe, s_lbn, s_lbr, scaling = lora if lora is not None else (dummy, dummy, 0, 0, 0, 0.0)
+    R = L.shape[1] if lora is not None else 1
+    grid = (num_tiles * triton.cdiv(N, cfg["BN"]),)
+    _grouped_gemm_kernel[grid](
+        a, a_idx if a_idx is not None else offsets, a.stride(0),
+        W, WS, s_we, s_wk, s_wn, s_se,
+        bias if bias is not None else dummy, bias.stride(0) if bias is not None else 0,
+        L, L.stride(0), LB, s_lbe, s_lbn, s_lbr, float(scaling), R,
+        out, c_idx if c_idx is not None else offsets, out.stride(0),
+        rowscale if rowscale is not None else dummy,
+        aux if aux is not None else dummy, aux.stride(0) if aux is not None else 0,
+        dw if dw is not None else dummy, dw.stride(0) if dw is not None else 0,
+        act if act is not None else dummy, act.stride(0) if act is not None else 0,
+        tile_expert, tile_row, offsets, num_tiles, K, N, float(limit), float(alpha),
+        QUANT=quant, EPI=epi, GATHER_A=a_idx is not None, SCATTER_C=c_idx is not None,
+        HAS_BIAS=bias is not None, HAS_LORA=lora is not None, ROWSCALE=rowscale is not None,
+        STORE_ACT=act is not None, R_PAD=_r_pad(R), BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"],
+        GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out
+
+
+def _lowrank(p, p_idx, factor, tables, S):
+    """[S, r] fp32 = P[rows] @ F_e^T, factor = (F, s_fe, s_fr, s_fk, r, K)."""
+    F_, s_fe, s_fr, s_fk, r, K = factor
+    _, _, offsets, tile_expert, tile_row = tables
+    out = torch.empty(S, r, device=p.device, dtype=torch.float32)
+    _lowrank_kernel[(tile_expert.numel(),)](
+        p, p_idx if p_idx is not None else offsets, p.stride(0), F_, s_fe, s_fr, s_fk, out,
+        tile_expert, tile_row, offsets, K, r, GATHER_P=p_idx is not None, R_PAD=_r_pad(r),
+        BM=_CFG["BM"], BK=64 if not _INTERPRET else 32, num_warps=4)
+    return out
+
+
+def _wgrad(p, p_idx, q, q_idx, rowscale, offsets, E):
+    """[E, DP, DQ] fp32 = per-expert sum of rowscale * P[rows]^T Q[rows]."""
+    DP, DQ = p.shape[1], q.shape[1]
+    out = torch.empty(E, DP, DQ, device=p.device, dtype=torch.float32)
+    BP, BQ = (_r_pad(d) if d <= 64 else (32 if _INTERPRET else 128) for d in (DP, DQ))
+    grid = (E, triton.cdiv(DP, BP), triton.cdiv(DQ, BQ))
+    _wgrad_kernel[grid](p, p_idx if p_idx is not None else offsets, p.stride(0),
+                        q, q_idx if q_idx is not None else offsets, q.stride(0),
+                        rowscale if rowscale is not None else out, out, offsets, DP, DQ,
+                        GATHER_P=p_idx is not None, GATHER_Q=q_idx is not None, ROWSCALE=rowscale is not None,
+                        BM=16 if _INTERPRET else 64, BP=BP, BQ=BQ, num_warps=4)
+    return out
+
+
+def _a_factor(A, E):
+    """LoRA A [r*E, K] as F_e [r, K]: (F, s_fe, s_fr, s_fk, r, K)."""
+    r = A.shape[0] // E
+    return A, r * A.stride(0), A.stride(0), A.stride(1), r, A.shape[1]
+
+
+def _bt_factor(B, E):
+    """LoRA B [N, r*E] (expert e owns columns e, E+e, ...) as F_e = B_e^T [r, N]."""
+    r = B.shape[1] // E
+    return B, B.stride(1), E * B.stride(1), B.stride(0), r, B.shape[0]
+
+
+def _b_epilogue(B, E, L, scaling):
+    """LoRA term L @ B_e^T for the GEMM epilogue: LB_e[n, j] = B[n, j*E + e]."""
+    return (L, B, B.stride(1), B.stride(0), E * B.stride(1), scaling)
+
+
+def _a_epilogue(A, E, L, scaling):
+    """LoRA term L @ A_e for the backward epilogue: LB_e[n, j] = A[e*r + j, n]."""
+    r = A.shape[0] // E
+    return (L, A, r * A.stride(0), A.stride(1), A.stride(0), scaling)
+
+
+class _MoEExperts(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weights, index, gu_b, d_b, A_gu, B_gu, A_d, B_d, gate_up, down, s_gu, s_d, limit, alpha):
+        T, H = x.shape
+        k = index.shape[1]
+        E = gu_b.shape[0]
+        S = T * k
+        tables = _routing_tables(index, E, _CFG["BM"])
+        row_token, pair, offsets = tables[:3]
+        rowscale = weights.reshape(-1)[pair.long()].float()  # routing weight of each sorted row
+        gu_args = _weight_args(gate_up, x.dtype, True)
+        d_args = _weight_args(down, x.dtype, True)
+        N1 = gu_args[8]
+        I = N1 // 2
+        lora_gu = lora_d = None
+        xa = act_a = None
+        if A_gu is not None:
+            xa = _lowrank(x, row_token, _a_factor(A_gu, E), tables, S)
+            lora_gu = _b_epilogue(B_gu, E, xa, s_gu)
+        h = torch.empty(S, N1, device=x.device, dtype=x.dtype)
+        act = torch.empty(S, I, device=x.device, dtype=x.dtype)
+        _gemm(x, row_token, gu_args, tables, act, bias=gu_b, lora=lora_gu, epi=1, aux=h, limit=limit, alpha=alpha)
+        if A_d is not None:
+            act_a = _lowrank(act, None, _a_factor(A_d, E), tables, S)
+            lora_d = _b_epilogue(B_d, E, act_a, s_d)
+        y = torch.empty(S, H, device=x.device, dtype=x.dtype)
+        _gemm(act, None, d_args, tables, y, c_idx=pair, bias=d_b, lora=lora_d, rowscale=rowscale)
+        out = y.view(T, k, H).sum(1, dtype=torch.float32).to(x.dtype)
+        ctx.save_for_backward(x, weights, index, gu_b, d_b, A_gu, B_gu, A_d, B_d, h, xa, act_a, rowscale, *tables)
+        ctx.gate_up, ctx.down, ctx.s_gu, ctx.s_d, ctx.limit, ctx.alpha = gate_up, down, s_gu, s_d, limit, alpha
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        (x, weights, index, gu_b, d_b, A_gu, B_gu, A_d, B_d, h, xa, act_a, rowscale, *tables) = ctx.saved_tensors
+        row_token, pair, offsets = tables[:3]
+        T, H = x.shape
+        k = index.shape[1]
+        E = gu_b.shape[0]
+        S = T * k
+        d_out = d_out.contiguous().to(x.dtype)
+        gu_args = _weight_args(ctx.gate_up, x.dtype, False)
+        d_args = _weight_args(ctx.down, x.dtype, False)
+        I = d_args[8]
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grads = [None] * 15
+
+        # down projection: g = dOut W_d^T + s (dOut B_d) A_d over the I columns, fused with the SwiGLU backward
+        lora_d = d_outB = None
+        if A_d is not None:
+            d_outB = _lowrank(d_out, row_token, _bt_factor(B_d, E), tables, S)
+            lora_d = _a_epilogue(A_d, E, d_outB, ctx.s_d)
+        n_blocks = triton.cdiv(I, _CFG["BN"])
+        dw_part = torch.empty(S, n_blocks, device=x.device, dtype=torch.float32)
+        act = torch.empty(S, I, device=x.device, dtype=x.dtype) if A_d is not None else None
+        dh = torch.empty(S, 2 * I, device=x.device, dtype=x.dtype)
+        _gemm(d_out, row_token, d_args, tables, dh, lora=lora_d, rowscale=rowscale, epi=2, aux=h, dw=dw_part,
+              act=act, limit=ctx.limit, alpha=ctx.alpha)
+
+        if need_w:
+            # d weight = <dOut, y + b_d>; the b_d part per (token, expert) is one small GEMM
+            dw_sorted = dw_part.sum(1)
+            dw = torch.empty(S, device=x.device, dtype=torch.float32)
+            dw[pair.long()] = dw_sorted
+            dw = dw.view(T, k) + torch.gather(d_out.float() @ d_b.float().t(), 1, index)
+            grads[1] = dw.to(weights.dtype)
+
+        if A_d is not None:
+            grads[7] = (_wgrad(d_outB, None, act, None, rowscale, offsets, E) * ctx.s_d).reshape(A_d.shape).to(A_d.dtype)
+            dB = _wgrad(d_out, row_token, act_a, None, rowscale, offsets, E) * ctx.s_d  # [E, H, r]
+            grads[8] = dB.permute(1, 2, 0).reshape(B_d.shape).to(B_d.dtype)
+        if ctx.needs_input_grad[4]:
+            dy = d_out[row_token.long()].float() * rowscale[:, None]
+            grads[4] = torch.zeros(E, H, device=x.device, dtype=torch.float32).index_add_(
+                0, _row_expert(offsets, S), dy).to(d_b.dtype)
+        if ctx.needs_input_grad[3]:
+            grads[3] = torch.zeros(E, 2 * I, device=x.device, dtype=torch.float32).index_add_(
+                0, _row_expert(offsets, S), dh.float()).to(gu_b.dtype)
+
+        # gate_up projection: dX = dh W_gu^T + s (dh B_gu) A_gu, scattered to pair order and summed per token
+        lora_gu = dhB = None
+        if A_gu is not None:
+            dhB = _lowrank(dh, None, _bt_factor(B_gu, E), tables, S)
+            lora_gu = _a_epilogue(A_gu, E, dhB, ctx.s_gu)
+            grads[5] = (_wgrad(dhB, None, x, row_token, None, offsets, E) * ctx.s_gu).reshape(A_gu.shape).to(A_gu.dtype)
+            dB = _wgrad(dh, None, xa, None, None, offsets, E) * ctx.s_gu  # [E, 2I, r]
+            grads[6] = dB.permute(1, 2, 0).reshape(B_gu.shape).to(B_gu.dtype)
+        if need_x:
+            dxs = torch.empty(S, H, device=x.device, dtype=x.dtype)
+            _gemm(dh, None, gu_args, tables, dxs, c_idx=pair, lora=lora_gu)
+            grads[0] = dxs.view(T, k, H).sum(1, dtype=torch.float32).to(x.dtype)
+        return tuple(grads)
+
+
+def _row_expert(offsets, S):
+    rows = torch.arange(S, device=offsets.device, dtype=offsets.dtype)
+    return torch.searchsorted(offsets[1:], rows, right=True)
+
+
+def _lora_parts(lora):
+    if lora is None:
+        return None, None, 0.0
+    A, B, scaling = lora
+    return A, B, float(scaling)
+
+
+def moe(x, router_weight, router_bias, top_k, gate_up, gate_up_bias, down, down_bias,
+        gate_up_lora=None, down_lora=None, limit=7.0, alpha=1.702):
+    """Triton MoE block, same contract and math as moe_reference. x [..., H] -> [..., H].
+
+    Experts: dense tensors [E, in, out] or MXFP4Tensor (read 4-bit inside the GEMMs); other quantized holders
+    (NF4) are densified through their .dequantize() per call. The router runs in torch (autograd carries the
+    routing weights' gradient through softmax, top-k and the router linear into x).
+    """
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).contiguous()
+    weights, index = route(x2, router_weight, router_bias, top_k)
+    A_gu, B_gu, s_gu = _lora_parts(gate_up_lora)
+    A_d, B_d, s_d = _lora_parts(down_lora)
+    out = _MoEExperts.apply(x2, weights, index, gate_up_bias, down_bias, A_gu, B_gu, A_d, B_d,
+                            gate_up, down, s_gu, s_d, float(limit), float(alpha))
+    return out.view(shape)

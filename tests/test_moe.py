@@ -1,0 +1,228 @@
+"""MoE experts kernel (fastft.kernels.moe.moe) against the pure-torch reference and transformers' GptOssMLP + PEFT.
+
+CPU: fp32, Triton interpreter, small odd shapes. GPU (-m gpu): bf16 at gpt-oss-20b shape, CUDA-graph capture.
+"""
+
+import pytest
+import torch
+
+from fastft.kernels.moe import _routing_tables, moe, moe_reference
+from fastft.mxfp4 import MXFP4Tensor
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def random_mxfp4(E, out_f, in_f, device="cpu", lo=121, hi=126):
+    """Random e2m1 codes; scales 2**(lo-127) .. 2**(hi-1-127) keep |w| around 0.1 so outputs stay O(1)."""
+    blocks = torch.randint(0, 256, (E, out_f, in_f // 32, 16), dtype=torch.uint8, device=device)
+    scales = torch.randint(lo, hi, (E, out_f, in_f // 32), dtype=torch.uint8, device=device)
+    return MXFP4Tensor(blocks, scales)
+
+
+def make_problem(T, H, I, E, k, r, quant, device="cpu", dtype=torch.float32, lora=True, pre_scale=4.0):
+    """Random MoE inputs with biases randomised and gate_up scaled so both clamps fire."""
+    if quant:
+        gate_up, down = random_mxfp4(E, 2 * I, H, device), random_mxfp4(E, H, I, device)
+    else:
+        gate_up = torch.randn(E, H, 2 * I, device=device, dtype=dtype) * (pre_scale / H**0.5)
+        down = torch.randn(E, I, H, device=device, dtype=dtype) / I**0.5
+    p = dict(
+        x=torch.randn(T, H, device=device, dtype=dtype),
+        router_weight=torch.randn(E, H, device=device, dtype=dtype) / H**0.5,
+        router_bias=torch.randn(E, device=device, dtype=dtype) * 0.1,
+        top_k=k, gate_up=gate_up, down=down,
+        gate_up_bias=torch.randn(E, 2 * I, device=device, dtype=dtype) * 2,
+        down_bias=torch.randn(E, H, device=device, dtype=dtype),
+    )
+    if lora:
+        def factors(n_in, n_out):
+            A = torch.randn(r * E, n_in, device=device) / n_in**0.5
+            B = torch.randn(n_out, r * E, device=device) * 0.3
+            return (A.requires_grad_(), B.requires_grad_(), 2.0)
+        p["gate_up_lora"] = factors(H, 2 * I)
+        p["down_lora"] = factors(I, H)
+    p["x"].requires_grad_()
+    return p
+
+
+def run_both(p, check_clamps=True):
+    """Output and grads (x, every LoRA factor) of the kernel and of the reference, same upstream gradient."""
+    params = [p["x"]] + [t for key in ("gate_up_lora", "down_lora") if p.get(key) for t in p[key][:2]]
+    out = moe(**p)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, params, g)
+    ref_p = dict(p)
+    if p["x"].dtype != torch.float32:  # reference in fp32 from the same bf16 inputs
+        ref_p = {key: (v.float() if isinstance(v, torch.Tensor) else v) for key, v in p.items()}
+        ref_p["x"] = p["x"].detach().float().requires_grad_()
+        ref_params = [ref_p["x"]] + params[1:]
+    else:
+        ref_params = params
+    ref = moe_reference(**ref_p)
+    ref_grads = torch.autograd.grad(ref, ref_params, g.float())
+    if check_clamps:
+        gu = p["x"].detach().float() @ dense(p["gate_up"])[0] + p["gate_up_bias"][0].float()
+        assert (gu[:, ::2] > 7).any() and (gu[:, 1::2].abs() > 7).any(), "clamps never fire: test too weak"
+    return out, grads, ref, ref_grads
+
+
+def dense(w):
+    return w.dequantize() if isinstance(w, MXFP4Tensor) else w.float()
+
+
+@pytest.mark.parametrize("quant", [True, False])
+def test_moe_matches_reference(quant):
+    # MXFP4 needs H, I multiples of 32; the dense path takes odd sizes (masks on every edge)
+    T, H, I, E, k, r = (29, 64, 32, 5, 3, 3) if quant else (19, 40, 24, 5, 3, 3)
+    p = make_problem(T, H, I, E, k, r, quant)
+    out, grads, ref, ref_grads = run_both(p)
+    assert torch.isfinite(out).all()
+    assert rel(out, ref) < 1e-5
+    for g, rg in zip(grads, ref_grads):
+        assert rel(g, rg) < 1e-5
+
+
+def test_moe_no_lora_and_one_sided_lora():
+    p = make_problem(13, 64, 32, 4, 2, 2, quant=True)
+    down_lora = p.pop("down_lora")
+    out, grads, ref, ref_grads = run_both(p, check_clamps=False)
+    assert rel(out, ref) < 1e-5 and all(rel(g, rg) < 1e-5 for g, rg in zip(grads, ref_grads))
+    p.pop("gate_up_lora")
+    p["down_lora"] = down_lora
+    out, grads, ref, ref_grads = run_both(p, check_clamps=False)
+    assert rel(out, ref) < 1e-5 and all(rel(g, rg) < 1e-5 for g, rg in zip(grads, ref_grads))
+
+
+@pytest.mark.parametrize("k,hot", [(1, (2,)), (2, (0, 3))])
+def test_moe_skewed_routing(k, hot):
+    """Every token to the same k experts: the others get zero tokens, the hot ones all T (several tiles)."""
+    p = make_problem(37, 64, 32, 5, k, 2, quant=True)
+    bias = torch.full((5,), -1e4)
+    bias[list(hot)] = 1e4
+    p["router_bias"] = bias
+    out, grads, ref, ref_grads = run_both(p, check_clamps=False)
+    assert rel(out, ref) < 1e-5
+    for g, rg in zip(grads, ref_grads):
+        assert rel(g, rg) < 1e-5
+
+
+def test_routing_tables_cover_every_row_once():
+    E, BM = 6, 4
+    index = torch.randint(0, E, (23, 3))
+    index[:, 0] = 1  # a crowded expert
+    row_token, pair, offsets, tile_expert, tile_row = _routing_tables(index, E, BM)
+    assert tile_expert.numel() == -(-69 // BM) + E
+    seen = torch.zeros(69, dtype=torch.int32)
+    for e, r0 in zip(tile_expert.tolist(), tile_row.tolist()):
+        if e < 0:
+            continue
+        end = min(r0 + BM, offsets[e + 1].item())
+        assert offsets[e] <= r0 < end
+        seen[r0:end] += 1
+    assert (seen == 1).all()
+    flat = index.reshape(-1)
+    assert torch.equal(flat[pair.long()], torch.sort(flat).values)
+    assert torch.equal(row_token.long(), pair.long() // 3)
+
+
+def _peft_mlp(p, E, H, I, k, r, alpha):
+    """transformers' GptOssMLP holding p's (dequantised) weights, with PEFT target_parameters LoRA on the experts."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GptOssConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
+
+    cfg = GptOssConfig(hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=k)
+    mlp = GptOssMLP(cfg)
+    with torch.no_grad():
+        mlp.router.weight.copy_(p["router_weight"])
+        mlp.router.bias.copy_(p["router_bias"])
+        mlp.experts.gate_up_proj.copy_(dense(p["gate_up"]))
+        mlp.experts.gate_up_proj_bias.copy_(p["gate_up_bias"])
+        mlp.experts.down_proj.copy_(dense(p["down"]))
+        mlp.experts.down_proj_bias.copy_(p["down_bias"])
+    model = get_peft_model(mlp, LoraConfig(target_parameters=["experts.gate_up_proj", "experts.down_proj"], r=r,
+                                           lora_alpha=alpha, target_modules=[]))
+    loras = {}
+    for module in model.modules():
+        if hasattr(module, "parameter_name") and hasattr(module, "lora_A"):
+            loras[module.parameter_name] = (module.lora_A["default"].weight, module.lora_B["default"].weight,
+                                            module.scaling["default"])
+    return model, loras
+
+
+def test_moe_matches_transformers_gpt_oss_mlp_with_peft():
+    T, H, I, E, k, r = 21, 64, 32, 4, 2, 4
+    p = make_problem(T, H, I, E, k, r, quant=True, lora=False)
+    model, loras = _peft_mlp(p, E, H, I, k, r, alpha=2 * r)
+    with torch.no_grad():
+        for A, B, _ in loras.values():  # PEFT starts B at zero; make both factors matter
+            A.normal_(0, 0.2)
+            B.normal_(0, 0.2)
+    x_hf = p["x"].detach().clone().requires_grad_()
+    out_hf, _ = model(x_hf[None])
+    g = torch.randn_like(out_hf[0])
+    out_hf[0].backward(g)
+
+    p["gate_up_lora"] = tuple(t.detach().clone().requires_grad_() if i < 2 else t
+                              for i, t in enumerate(loras["gate_up_proj"]))
+    p["down_lora"] = tuple(t.detach().clone().requires_grad_() if i < 2 else t
+                           for i, t in enumerate(loras["down_proj"]))
+    out = moe(**p)
+    out.backward(g)
+    assert rel(out, out_hf[0]) < 1e-5
+    assert rel(p["x"].grad, x_hf.grad) < 1e-5
+    for name in ("gate_up_proj", "down_proj"):
+        for mine, theirs in zip(p[name.replace("_proj", "_lora")][:2], loras[name][:2]):
+            assert rel(mine.grad, theirs.grad) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------------------- GPU
+GPT_OSS = dict(H=2880, I=2880, E=32, k=4, r=16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant", [True, False])
+def test_moe_gpu_gpt_oss_shape_bf16(quant):
+    c = GPT_OSS
+    torch.manual_seed(1)
+    p = make_problem(2053, c["H"], c["I"], c["E"], c["k"], c["r"], quant, device="cuda", dtype=torch.bfloat16)
+    if quant:
+        p["gate_up"] = random_mxfp4(c["E"], 2 * c["I"], c["H"], "cuda", lo=124, hi=129)  # |gate_up| past 7
+    out, grads, ref, ref_grads = run_both(p, check_clamps=quant)
+    assert torch.isfinite(out).all()
+    assert rel(out, ref) < 1e-2, rel(out, ref)
+    errs = [rel(g, rg) for g, rg in zip(grads, ref_grads)]
+    assert all(e < 1e-2 for e in errs), errs
+
+
+@pytest.mark.gpu
+def test_moe_gpu_skewed_routing_bf16():
+    c = GPT_OSS
+    p = make_problem(1031, c["H"], c["I"], c["E"], c["k"], c["r"], True, device="cuda", dtype=torch.bfloat16)
+    bias = torch.full((c["E"],), -1e3, device="cuda", dtype=torch.bfloat16)
+    bias[[3, 7, 8, 30]] = 1e3  # every token to the same 4 experts; 28 experts get none
+    p["router_bias"] = bias
+    out, grads, ref, ref_grads = run_both(p, check_clamps=False)
+    assert rel(out, ref) < 1e-2
+    assert all(rel(g, rg) < 1e-2 for g, rg in zip(grads, ref_grads))
+
+
+@pytest.mark.gpu
+def test_moe_gpu_forward_captures_in_cuda_graph():
+    """No host synchronisation: the forward (routing included) captures into a CUDA graph and replays correctly."""
+    c = GPT_OSS
+    p = make_problem(517, c["H"], c["I"], c["E"], c["k"], c["r"], True, device="cuda", dtype=torch.bfloat16)
+    p["x"] = p["x"].detach()
+    with torch.no_grad():
+        for _ in range(2):  # compile and warm up outside the capture
+            moe(**p)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = moe(**p)
+        p["x"].copy_(torch.randn_like(p["x"]))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel(out, moe(**p)) < 1e-6
