@@ -1,0 +1,176 @@
+"""End-to-end trainer tests on the built-in tiny model (CPU, gloo): outputs, learning, resume, launcher, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN = ROOT / "fastft" / "train.py"
+_port = [29600 + (os.getpid() % 200) * 10]
+
+
+def next_port() -> str:
+    _port[0] += 1
+    return str(_port[0])
+
+
+def write_data(path: Path, n: int = 48) -> Path:
+    colours = ["red", "blue", "green", "amber", "violet", "silver"]
+    with open(path, "w") as f:
+        for i in range(n):
+            c = colours[i % len(colours)]
+            f.write(json.dumps({"question": f"What colour is box {i % 12}?",
+                                "answer": f"Box {i % 12} is {c}. It has always been {c}."}) + "\n")
+    return path
+
+
+def run_train(args, env_extra=None, timeout=600, check=True):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update({"MASTER_PORT": next_port(), "PYTHONUNBUFFERED": "1"})
+    env.update(env_extra or {})
+    r = subprocess.run([sys.executable, str(TRAIN), *args], capture_output=True, text=True, env=env, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"exit {r.returncode}\nstdout:\n{r.stdout[-3000:]}\nstderr:\n{r.stderr[-5000:]}")
+    return r
+
+
+def losses(out: Path) -> list[float]:
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    return [r["loss"] for r in rows if r["type"] == "train"]
+
+
+COMMON = ["--model", "tiny", "--max-seq-len", "256", "--batch-size", "2", "--lora-targets", "attn", "--lora-r", "8",
+          "--learning-rate", "3e-3", "--no-progress", "--warmup-ratio", "0"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train")
+    data = write_data(tmp / "data.jsonl")
+    out = tmp / "out"
+    r = run_train([str(data), *COMMON, "--epochs", "4", "--eval-fraction", "0.1", "--output-dir", str(out)])
+    return data, out, r
+
+
+def test_outputs_are_complete(trained):
+    _, out, r = trained
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "training_config.json",
+                 "metadata.json", "metrics.jsonl", "loss.png", "latest"):
+        assert (out / name).exists(), name
+    assert list((out / "runs").iterdir()), "no TensorBoard events"
+    meta = json.loads((out / "metadata.json").read_text())
+    for key in ("versions", "git_revision", "data", "steps", "wall_seconds", "tokens_per_s", "final_train_loss",
+                "final_eval_loss"):
+        assert key in meta, key
+    assert meta["versions"]["torch"] and meta["data"]["files"]
+    assert all(len(h) == 64 for h in meta["data"]["files"].values())
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == 8 and cfg["peft_type"] == "LORA"
+    assert "Adapter written to" in r.stdout
+
+
+def test_loss_falls(trained):
+    _, out, _ = trained
+    curve = losses(out)
+    assert len(curve) >= 8
+    first, last = sum(curve[:3]) / 3, sum(curve[-3:]) / 3
+    assert last < 0.7 * first, curve
+
+
+def test_adapter_reloads_in_stock_peft(trained):
+    """The trained adapter, loaded by stock PEFT on stock transformers, reproduces fastft's logits."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from fastft.assets import tiny_model_path
+    from fastft.backends import get_backend
+    from fastft.model import load_adapter, load_model
+
+    _, out, _ = trained
+    ids = torch.randint(0, 500, (40,))
+    pos = torch.arange(40)
+    cu = torch.tensor([0, 40], dtype=torch.int32)
+    ours = load_model(tiny_model_path(), dtype=torch.float32, device="cpu", backend=get_backend("torch"))
+    load_adapter(ours, out)
+    ours.eval()
+    with torch.no_grad():
+        mine = ours.logits(ids, pos, cu)
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_path(), dtype=torch.float32)
+        theirs = PeftModel.from_pretrained(base, str(out)).eval()(input_ids=ids[None]).logits[0]
+    assert (mine - theirs).norm() / theirs.norm() < 1e-5
+
+
+def test_resume_after_sigkill_matches_uninterrupted(tmp_path, trained):
+    data = trained[0]
+    args = [str(data), *COMMON, "--epochs", "3", "--save-every", "3", "--lora-dropout", "0.1"]
+    ref_out = tmp_path / "ref"
+    run_train(args + ["--output-dir", str(ref_out)])
+    out = tmp_path / "killed"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(MASTER_PORT=next_port())
+    proc = subprocess.Popen([sys.executable, str(TRAIN), *args, "--output-dir", str(out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill hard once a checkpoint exists and training went past it
+        metrics = out / "metrics.jsonl"
+        if (out / "latest").exists() and metrics.exists() and len(losses(out)) >= 5:
+            break
+        if proc.poll() is not None:
+            pytest.fail("training ended before it could be killed")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run_train(args + ["--output-dir", str(out), "--resume"])
+    assert losses(out) == pytest.approx(losses(ref_out), rel=1e-5, abs=1e-6)
+
+
+def test_non_empty_output_dir_is_refused(tmp_path, trained):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    r = run_train([str(trained[0]), "--model", "tiny", "--output-dir", str(out)], check=False)
+    assert r.returncode == 1 and "--overwrite" in r.stderr and "Traceback" not in r.stderr
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "0"], "--epochs"),
+    (["--learning-rate", "abc"], "--learning-rate"),
+    (["--lora-dropout", "1.5"], "--lora-dropout"),
+    (["--kernels", "cuda"], "--kernels"),
+    (["--lora-targets", "nonsense_proj"], "nonsense_proj"),
+    (["--batch-size", "3", "--micro-batch-size", "2"], "--batch-size"),
+])
+def test_bad_cli_values_are_clear(tmp_path, trained, args, message):
+    r = run_train([str(trained[0]), "--model", "tiny", "--output-dir", str(tmp_path / "o"), *args], check=False)
+    assert r.returncode in (1, 2), r
+    assert message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_validate_only_reports_and_exits_zero(trained):
+    r = run_train([str(trained[0]), "--model", "tiny", "--validate-only"])
+    assert "packing efficiency" in r.stdout
+
+
+def test_deepspeed_launcher_two_ranks(tmp_path, trained):
+    """`deepspeed --num_gpus 2 fastft/train.py` on CPU: two gloo ranks train one adapter."""
+    deepspeed = Path(sys.executable).with_name("deepspeed")
+    out = tmp_path / "ds"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    r = subprocess.run([str(deepspeed), "--num_gpus", "2", "--master_port", next_port(), str(TRAIN), str(trained[0]),
+                        *COMMON, "--epochs", "1", "--output-dir", str(out)],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert (out / "adapter_model.safetensors").exists()
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["world_size"] == 2
