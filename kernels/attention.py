@@ -1,11 +1,41 @@
-"""Varlen attention for GPT-OSS: packed documents, attention sinks, sliding window, GQA.
+"""Varlen attention for GPT-OSS: packed documents, attention sinks, sliding window, GQA (forward and backward).
 
-This file will hold the Triton kernels and their autograd wrapper; the pure-torch reference below defines the math.
+Layout: q [T, Hq, D], k/v [T, Hkv, D] over the packed tokens; ``cu_seqlens`` int32 [B+1] marks the documents.
+Query i of a document sees key j iff ``lo_i <= j <= i`` with ``lo_i = max(doc_start(i), i - W + 1)`` (W = window,
+or unbounded). That single lower bound per row carries causality, document isolation and the sliding window, so the
+kernels tile the packed token axis directly (blocks may straddle documents) and need only two int32 [T] tables,
+doc_start and doc_end, built on the device with torch ops: no host synchronisation, CUDA-graph safe, and hundreds of
+tiny documents cost no more than one long one.
+
+Each program loops only over the key (or query) blocks that its rows can see, in three runs: a masked run at the low
+edge (document start / window edge), an unmasked run in the middle and a masked run along the diagonal. A window
+layer therefore costs O(T * W) and a full layer O(sum of L^2 / 2).
+
+Softmax is online (FlashAttention-2) in base 2: scores are pre-multiplied by scale * log2(e). The sink joins the
+denominator by starting each row with max = sink * log2(e) and sum = 1, i.e. exp2(sink2 - m) carried like any key
+with no value. Forward stores LSE2 = m + log2(l) (fp32, [Hq, T], log2 units, sink included) for the backward.
+
+Memory (T tokens, Hq heads): forward saves O plus LSE (4 * Hq * T bytes); backward adds delta (4 * Hq * T bytes)
+and dq/dk/dv. Nothing is O(T^2).
+
+Backward, FlashAttention-2 style: (1) delta = rowsum(dO * O); (2) dK/dV over key blocks, each program looping over
+the Hq / Hkv query heads of its kv head so GQA needs no atomics; (3) dQ over query blocks. dsinks, when asked for,
+is -sum_i P_sink(i, h) * delta(i, h), a cheap torch reduction over [Hq, T].
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - the torch backend still works
+    triton = None
+
+LOG2E = 1.4426950408889634
 
 
 def varlen_attention_reference(q, k, v, cu_seqlens, sinks=None, window=None, softmax_scale=None):
@@ -37,3 +67,355 @@ def varlen_attention_reference(q, k, v, cu_seqlens, sinks=None, window=None, sof
     if not outs:
         return q.new_zeros(q.shape)
     return torch.cat(outs, dim=0)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _fwd_block(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kt, stride_vt, offs_m, lo, offs_nb, offs_d,
+                   n_begin, n_end, T, qk_scale,
+                   BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+        # int64 block bases advanced per step: token * stride overflows int32 past ~500K tokens
+        kb = k_ptr + n_begin.to(tl.int64) * stride_kt
+        vb = v_ptr + n_begin.to(tl.int64) * stride_vt
+        for n in range(n_begin, n_end, BLOCK_N):
+            offs_n = n + offs_nb
+            kv_mask = offs_d[None, :] < HEAD_DIM
+            if MASKED:
+                kv_mask = kv_mask & (offs_n < T)[:, None]
+            k = tl.load(kb + offs_nb[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(vb + offs_nb[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+            kb += BLOCK_N * stride_kt
+            vb += BLOCK_N * stride_vt
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+            if MASKED:
+                visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] >= lo[:, None])
+                s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+            m_i = m_new
+        return acc, l_i, m_i
+
+    @triton.jit
+    def _attn_fwd(Q, K, V, O, LSE, SINKS, DOC_START, T, window, qk_scale,
+                  stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+                  GROUPS: tl.constexpr, HAS_SINKS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+        # heads vary fastest so the Hq/Hkv programs sharing one kv head run together (K/V stay in L2); the
+        # query blocks run last-first because late blocks see the most keys.
+        h = tl.program_id(0)
+        m0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+        kvh = h // GROUPS
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_nb = tl.arange(0, BLOCK_N)
+        row_ok = offs_m < T
+        last = tl.minimum(m0 + BLOCK_M, T) - 1
+        lo = tl.maximum(tl.load(DOC_START + offs_m, mask=row_ok, other=0), offs_m - window + 1)
+        k_start = tl.maximum(tl.load(DOC_START + m0), m0 - window + 1)
+        lo_last = tl.maximum(tl.load(DOC_START + last), last - window + 1)
+        k_end = last + 1
+        # key blocks on the grid k_start + t * BLOCK_N: unmasked where every row sees every key of the block
+        n_full_lo = k_start + tl.cdiv(lo_last - k_start, BLOCK_N) * BLOCK_N
+        n_full_hi = n_full_lo + tl.maximum(m0 + 1 - n_full_lo, 0) // BLOCK_N * BLOCK_N
+
+        q_ptrs = Q + m0.to(tl.int64) * stride_qt + h * stride_qh \
+            + tl.arange(0, BLOCK_M)[:, None] * stride_qt + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        if HAS_SINKS:
+            m_i = tl.zeros([BLOCK_M], tl.float32) + tl.load(SINKS + h).to(tl.float32) * 1.4426950408889634
+            l_i = tl.zeros([BLOCK_M], tl.float32) + 1.0
+        else:
+            # finite, so a row whose first visited block is fully masked keeps alpha = exp2(0) instead of NaN
+            m_i = tl.zeros([BLOCK_M], tl.float32) - 1.0e30
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        k_ptr = K + kvh * stride_kh
+        v_ptr = V + kvh * stride_vh
+        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kt, stride_vt, offs_m, lo, offs_nb,
+                                   offs_d, k_start, tl.minimum(n_full_lo, k_end), T, qk_scale,
+                                   BLOCK_N, HEAD_DIM, BLOCK_D, True, DOT_PREC)
+        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kt, stride_vt, offs_m, lo, offs_nb,
+                                   offs_d, n_full_lo, n_full_hi, T, qk_scale,
+                                   BLOCK_N, HEAD_DIM, BLOCK_D, False, DOT_PREC)
+        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kt, stride_vt, offs_m, lo, offs_nb,
+                                   offs_d, tl.maximum(n_full_hi, n_full_lo), k_end, T, qk_scale,
+                                   BLOCK_N, HEAD_DIM, BLOCK_D, True, DOT_PREC)
+        l_safe = tl.where(row_ok, l_i, 1.0)
+        out = acc / l_safe[:, None]
+        o_ptrs = O + m0.to(tl.int64) * stride_ot + h * stride_oh \
+            + tl.arange(0, BLOCK_M)[:, None] * stride_ot + offs_d[None, :]
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+        tl.store(LSE + h.to(tl.int64) * T + offs_m, m_i + tl.math.log2(l_safe), mask=row_ok)
+
+    @triton.jit
+    def _bwd_delta(O, DO, DELTA, T, stride_ot, stride_oh, stride_dot, stride_doh,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+        h = tl.program_id(0)
+        offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask = (offs_m < T)[:, None] & (offs_d[None, :] < HEAD_DIM)
+        rows = offs_m.to(tl.int64)[:, None]
+        o = tl.load(O + rows * stride_ot + h * stride_oh + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        do = tl.load(DO + rows * stride_dot + h * stride_doh + offs_d[None, :], mask=mask, other=0.0)
+        tl.store(DELTA + h.to(tl.int64) * T + offs_m, tl.sum(o * do.to(tl.float32), 1), mask=offs_m < T)
+
+    @triton.jit
+    def _dq_block(dq, q, do, lse, delta, k_ptr, v_ptr, stride_kt, stride_vt, offs_m, lo, offs_nb, offs_d,
+                  n_begin, n_end, T, qk_scale,
+                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+        # int64 block bases advanced per step: token * stride overflows int32 past ~500K tokens
+        kb = k_ptr + n_begin.to(tl.int64) * stride_kt
+        vb = v_ptr + n_begin.to(tl.int64) * stride_vt
+        for n in range(n_begin, n_end, BLOCK_N):
+            offs_n = n + offs_nb
+            kv_mask = offs_d[None, :] < HEAD_DIM
+            if MASKED:
+                kv_mask = kv_mask & (offs_n < T)[:, None]
+            k = tl.load(kb + offs_nb[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(vb + offs_nb[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+            kb += BLOCK_N * stride_kt
+            vb += BLOCK_N * stride_vt
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+            p = tl.math.exp2(s - lse[:, None])
+            if MASKED:
+                visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] >= lo[:, None])
+                p = tl.where(visible, p, 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+        return dq
+
+    @triton.jit
+    def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, DOC_START, T, window, qk_scale, sm_scale,
+                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                     stride_dot, stride_doh, stride_dqt, stride_dqh,
+                     GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+        # same block walk as the forward
+        h = tl.program_id(0)
+        m0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+        kvh = h // GROUPS
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_nb = tl.arange(0, BLOCK_N)
+        row_ok = offs_m < T
+        last = tl.minimum(m0 + BLOCK_M, T) - 1
+        lo = tl.maximum(tl.load(DOC_START + offs_m, mask=row_ok, other=0), offs_m - window + 1)
+        k_start = tl.maximum(tl.load(DOC_START + m0), m0 - window + 1)
+        lo_last = tl.maximum(tl.load(DOC_START + last), last - window + 1)
+        k_end = last + 1
+        n_full_lo = k_start + tl.cdiv(lo_last - k_start, BLOCK_N) * BLOCK_N
+        n_full_hi = n_full_lo + tl.maximum(m0 + 1 - n_full_lo, 0) // BLOCK_N * BLOCK_N
+
+        rows = tl.arange(0, BLOCK_M)[:, None]
+        io_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+        q = tl.load(Q + m0.to(tl.int64) * stride_qt + h * stride_qh + rows * stride_qt + offs_d[None, :],
+                    mask=io_mask, other=0.0)
+        do = tl.load(DO + m0.to(tl.int64) * stride_dot + h * stride_doh + rows * stride_dot + offs_d[None, :],
+                     mask=io_mask, other=0.0)
+        lse = tl.load(LSE + h.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + h.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        k_ptr = K + kvh * stride_kh
+        v_ptr = V + kvh * stride_vh
+        dq = _dq_block(dq, q, do, lse, delta, k_ptr, v_ptr, stride_kt, stride_vt, offs_m, lo, offs_nb, offs_d,
+                       k_start, tl.minimum(n_full_lo, k_end), T, qk_scale,
+                       BLOCK_N, HEAD_DIM, BLOCK_D, True, DOT_PREC)
+        dq = _dq_block(dq, q, do, lse, delta, k_ptr, v_ptr, stride_kt, stride_vt, offs_m, lo, offs_nb, offs_d,
+                       n_full_lo, n_full_hi, T, qk_scale,
+                       BLOCK_N, HEAD_DIM, BLOCK_D, False, DOT_PREC)
+        dq = _dq_block(dq, q, do, lse, delta, k_ptr, v_ptr, stride_kt, stride_vt, offs_m, lo, offs_nb, offs_d,
+                       tl.maximum(n_full_hi, n_full_lo), k_end, T, qk_scale,
+                       BLOCK_N, HEAD_DIM, BLOCK_D, True, DOT_PREC)
+        tl.store(DQ + m0.to(tl.int64) * stride_dqt + h * stride_dqh + rows * stride_dqt + offs_d[None, :],
+                 (dq * sm_scale).to(DQ.dtype.element_ty), mask=io_mask)
+
+    @triton.jit
+    def _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, doc_start_ptr, stride_qt, stride_dot,
+                    offs_n, offs_mb, offs_d, m_begin, m_end, T, window, qk_scale,
+                    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+        # transposed tiles ([keys, queries]) so dk/dv accumulate without transposing them
+        qb = q_ptr + m_begin.to(tl.int64) * stride_qt
+        dob = do_ptr + m_begin.to(tl.int64) * stride_dot
+        for m in range(m_begin, m_end, BLOCK_M):
+            offs_m = m + offs_mb
+            row_ok = offs_m < T
+            io_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+            q = tl.load(qb + offs_mb[:, None] * stride_qt + offs_d[None, :], mask=io_mask, other=0.0)
+            do = tl.load(dob + offs_mb[:, None] * stride_dot + offs_d[None, :], mask=io_mask, other=0.0)
+            qb += BLOCK_M * stride_qt
+            dob += BLOCK_M * stride_dot
+            # rows past T get lse = +inf, so their probabilities vanish without a mask
+            lse = tl.load(lse_ptr + offs_m, mask=row_ok, other=float("inf"))
+            delta = tl.load(delta_ptr + offs_m, mask=row_ok, other=0.0)
+            sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
+            pT = tl.math.exp2(sT - lse[None, :])
+            if MASKED:
+                lo = tl.maximum(tl.load(doc_start_ptr + offs_m, mask=row_ok, other=0), offs_m - window + 1)
+                visible = (offs_n[:, None] <= offs_m[None, :]) & (offs_n[:, None] >= lo[None, :])
+                pT = tl.where(visible, pT, 0.0)
+            dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
+            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+            dsT = pT * (dpT - delta[None, :])
+            dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PREC)
+        return dk, dv
+
+    @triton.jit
+    def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, DOC_START, DOC_END, T, window, qk_scale, sm_scale,
+                       stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                       stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+                       GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+        kvh = tl.program_id(0)
+        n0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_N
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_mb = tl.arange(0, BLOCK_M)
+        key_ok = offs_n < T
+        kv_mask = key_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+        cols = tl.arange(0, BLOCK_N)[:, None]
+        k = tl.load(K + n0.to(tl.int64) * stride_kt + kvh * stride_kh + cols * stride_kt + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        v = tl.load(V + n0.to(tl.int64) * stride_vt + kvh * stride_vh + cols * stride_vt + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        # queries that see key j: j <= i < min(doc_end(j), j + W); both bounds grow with j
+        j_last = tl.minimum(n0 + BLOCK_N, T) - 1
+        q_hi = tl.minimum(tl.load(DOC_END + j_last), j_last + window)
+        q_full_hi = tl.minimum(tl.load(DOC_END + n0), n0 + window)  # rows below it see every key >= n0
+        # query blocks on the grid n0 + t * BLOCK_M: unmasked once past the diagonal and before q_full_hi
+        t_total = tl.cdiv(q_hi - n0, BLOCK_M)
+        t_a = tl.minimum(tl.cdiv(BLOCK_N - 1, BLOCK_M), t_total)
+        t_b = tl.minimum(tl.maximum(t_a, (q_full_hi - n0) // BLOCK_M), t_total)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        for g in range(GROUPS):
+            h = kvh * GROUPS + g
+            q_ptr = Q + h * stride_qh
+            do_ptr = DO + h * stride_doh
+            lse_ptr = LSE + h.to(tl.int64) * T
+            delta_ptr = DELTA + h.to(tl.int64) * T
+            dk, dv = _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, DOC_START, stride_qt, stride_dot,
+                                 offs_n, offs_mb, offs_d, n0, n0 + t_a * BLOCK_M, T, window, qk_scale,
+                                 BLOCK_M, HEAD_DIM, BLOCK_D, True, DOT_PREC)
+            dk, dv = _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, DOC_START, stride_qt, stride_dot,
+                                 offs_n, offs_mb, offs_d, n0 + t_a * BLOCK_M, n0 + t_b * BLOCK_M, T, window, qk_scale,
+                                 BLOCK_M, HEAD_DIM, BLOCK_D, False, DOT_PREC)
+            dk, dv = _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, DOC_START, stride_qt, stride_dot,
+                                 offs_n, offs_mb, offs_d, n0 + t_b * BLOCK_M, n0 + t_total * BLOCK_M, T, window,
+                                 qk_scale, BLOCK_M, HEAD_DIM, BLOCK_D, True, DOT_PREC)
+        tl.store(DK + n0.to(tl.int64) * stride_dkt + kvh * stride_dkh + cols * stride_dkt + offs_d[None, :],
+                 (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DV + n0.to(tl.int64) * stride_dvt + kvh * stride_dvh + cols * stride_dvt + offs_d[None, :],
+                 dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+# Tile configs (block_m, block_n, num_warps, num_stages) for the three kernels on a GPU; small tiles in the
+# interpreter keep CPU tests fast and still cross many block edges.
+GPU_CONFIG = {"fwd": (128, 64, 4, 3), "dq": (128, 64, 8, 2), "dkdv": (64, 128, 8, 2)}
+INTERPRET_CONFIG = {"fwd": (16, 16, 1, 1), "dq": (16, 16, 1, 1), "dkdv": (16, 16, 1, 1)}
+
+
+def _config(device: torch.device) -> dict:
+    return GPU_CONFIG if device.type == "cuda" else INTERPRET_CONFIG
+
+
+def _doc_tables(cu_seqlens: torch.Tensor, T: int):
+    """doc_start[t], doc_end[t] (int32 [T]) of the document holding token t, with device ops only."""
+    cu = cu_seqlens.to(torch.int32)
+    tok = torch.arange(T, device=cu.device, dtype=torch.int32)
+    # right=True skips empty documents (repeated boundaries): a token belongs to the last doc starting at or before it
+    idx = (torch.searchsorted(cu, tok, right=True) - 1).clamp_(0, cu.numel() - 2)
+    return cu[idx].contiguous(), cu[idx + 1].contiguous()
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs (tests) ask for exact products; bf16/fp16 tensor-core dots ignore the setting
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+class _VarlenAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, sinks, window, softmax_scale, config):
+        T, Hq, D = q.shape
+        Hkv = k.shape[1]
+        doc_start, doc_end = _doc_tables(cu_seqlens, T)
+        win = T if window is None else min(int(window), T)  # unbounded window == T keeps int32 math in range
+        block_d = max(16, triton.next_power_of_2(D))
+        o = torch.empty_like(q)
+        lse = torch.empty((Hq, T), device=q.device, dtype=torch.float32)
+        bm, bn, warps, stages = config["fwd"]
+        qk_scale = softmax_scale * LOG2E
+        if T > 0:
+            _attn_fwd[(Hq, triton.cdiv(T, bm))](
+                q, k, v, o, lse, sinks if sinks is not None else lse, doc_start, T, win, qk_scale,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
+                GROUPS=Hq // Hkv, HAS_SINKS=sinks is not None, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn,
+                DOT_PREC=_dot_precision(q.dtype), num_warps=warps, num_stages=stages)
+        ctx.save_for_backward(q, k, v, o, lse, doc_start, doc_end, sinks)
+        ctx.meta = (win, softmax_scale, config, sinks is not None)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, doc_start, doc_end, sinks = ctx.saved_tensors
+        win, softmax_scale, config, has_sinks = ctx.meta
+        T, Hq, D = q.shape
+        Hkv = k.shape[1]
+        do = do.contiguous() if do.stride(-1) != 1 else do
+        block_d = max(16, triton.next_power_of_2(D))
+        prec = _dot_precision(q.dtype)
+        qk_scale = softmax_scale * LOG2E
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        delta = torch.empty((Hq, T), device=q.device, dtype=torch.float32)
+        if T > 0:
+            _bwd_delta[(Hq, triton.cdiv(T, 64))](
+                o, do, delta, T, o.stride(0), o.stride(1), do.stride(0), do.stride(1),
+                HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=64)
+            bm, bn, warps, stages = config["dkdv"]
+            _attn_bwd_dkdv[(Hkv, triton.cdiv(T, bn))](
+                q, k, v, do, dk, dv, lse, delta, doc_start, doc_end, T, win, qk_scale, softmax_scale,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+                GROUPS=Hq // Hkv, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, DOT_PREC=prec,
+                num_warps=warps, num_stages=stages)
+            bm, bn, warps, stages = config["dq"]
+            _attn_bwd_dq[(Hq, triton.cdiv(T, bm))](
+                q, k, v, do, dq, lse, delta, doc_start, T, win, qk_scale, softmax_scale,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
+                GROUPS=Hq // Hkv, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, DOT_PREC=prec,
+                num_warps=warps, num_stages=stages)
+        dsinks = None
+        if has_sinks and ctx.needs_input_grad[4]:
+            # d sink_h = -sum_i P_sink(i, h) * delta(i, h), with P_sink = exp2(sink * log2e - lse2)
+            p_sink = torch.exp2(sinks.float()[:, None] * LOG2E - lse)
+            dsinks = (-(p_sink * delta).sum(1)).to(sinks.dtype)
+        return dq, dk, dv, None, dsinks, None, None, None
+
+
+def varlen_attention(q, k, v, cu_seqlens, sinks=None, window=None, softmax_scale=None):
+    """GPT-OSS attention over packed documents (Triton); same contract as ``varlen_attention_reference``.
+
+    q [T, Hq, D], k/v [T, Hkv, D] (query head h reads kv head h // (Hq // Hkv)), cu_seqlens int32 [B+1] with
+    cu_seqlens[0] == 0 and cu_seqlens[-1] == T, sinks [Hq] or None, window W >= 1 or None. Differentiable in q, k, v
+    and sinks. Runs without host synchronisation.
+    """
+    if triton is None:
+        raise ImportError("varlen_attention needs triton")
+    T, Hq, D = q.shape
+    if k.shape != v.shape or k.shape[0] != T or k.shape[2] != D or Hq % k.shape[1] != 0:
+        raise ValueError(f"bad shapes q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)}")
+    if window is not None and int(window) < 1:
+        raise ValueError(f"window must be >= 1 or None, not {window}")
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    if sinks is not None:
+        sinks = sinks.contiguous()
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
+    return _VarlenAttention.apply(q, k, v, cu_seqlens, sinks, window, scale, _config(q.device))
