@@ -220,22 +220,27 @@ def test_from_config_dtypes_and_init():
 
 
 @pytest.mark.gpu
-def test_bf16_cuda_close_to_fp32():
-    """On the GPU with the selected backend (auto): bf16 logits track the fp32 CPU reference, loss backward runs."""
+@pytest.mark.parametrize("kernels", ["torch", "auto"])
+def test_bf16_cuda_tracks_fp32(kernels):
+    """On the GPU with bf16 weights: logits track the fp32 CPU model (mean error: a few tokens may route to other
+    experts in bf16), and LoRA backward with checkpointing gives finite gradients everywhere."""
     from fastft.backends import get_backend
 
-    cfg = tiny_config(hidden_size=64, intermediate_size=64, num_hidden_layers=4, sliding_window=5)
+    cfg = tiny_config(hidden_size=64, intermediate_size=64, num_hidden_layers=4, head_dim=64, sliding_window=5)
     hf, ref = pair(cfg)
-    gpu = GptOssForTraining(cfg, get_backend("auto", "cuda"))
+    gpu = GptOssForTraining(cfg, get_backend(kernels, "cuda"))
     gpu.load_state_dict(hf.state_dict())
     gpu.to_dtype(torch.bfloat16).to("cuda").eval()
     ids, pos, cu = packed_batch([37, 5, 64], cfg.vocab_size)
     with torch.no_grad():
         want = ref.logits(ids, pos, cu)
         got = gpu.logits(ids.cuda(), pos.cuda(), cu.cuda()).float().cpu()
-    assert rel_err(got, want) < 0.1
+    assert ((got - want).abs().mean() / want.abs().mean()).item() < 0.08
     apply_lora(gpu, LoraSettings(targets="all", r=4))
+    _randomize_lora(gpu)
     gpu.train()
     gpu.enable_gradient_checkpointing(True)
-    gpu(ids.cuda(), pos.cuda(), cu.cuda(), hf_labels(ids, cu).cuda()).backward()
+    loss = gpu(ids.cuda(), pos.cuda(), cu.cuda(), hf_labels(ids, cu).cuda())
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for _, p in trainable_parameters(gpu))

@@ -3,7 +3,9 @@
 API for the trainer::
 
     backend = fastft.backends.get_backend(kernels, device)          # --kernels auto|torch|triton
-    model = load_model(name_or_path, dtype, device, backend)         # dir, "tiny", or a cached hub id
+    path = resolve_model_path(name)                                  # dir, "tiny", or a cached hub id
+    model = load_model(path, dtype, device, backend)                 # errors: ModelLoadError subclasses
+    tokenizer = load_tokenizer(path)
     model = GptOssForTraining.from_config(cfg, dtype, device, backend)   # random init (e.g. ModelConfig() = 20B)
     apply_lora(model, LoraSettings(targets="qv", r=16, alpha=32, dropout=0.1))  # freezes the base weights
     params = [p for _, p in trainable_parameters(model)]             # for the optimizer
@@ -27,8 +29,10 @@ dropout; fastft applies ``LoraSettings.dropout`` to the attention adapters only.
 from fastft.model.adapter import load_adapter, save_adapter
 from fastft.model.config import ModelConfig
 from fastft.model.gpt_oss import GptOssForTraining
-from fastft.model.loading import CheckpointError, load_model, resolve_model_dir
+from fastft.model.loading import (CheckpointError, ModelLoadError, ModelNotFoundError, load_model, load_tokenizer,
+                                  resolve_model_path)
 from fastft.model.lora import LoraSettings, apply_lora, count_parameters, trainable_parameters
 
-__all__ = ["CheckpointError", "GptOssForTraining", "LoraSettings", "ModelConfig", "apply_lora", "count_parameters",
-           "load_adapter", "load_model", "resolve_model_dir", "save_adapter", "trainable_parameters"]
+__all__ = ["CheckpointError", "GptOssForTraining", "LoraSettings", "ModelConfig", "ModelLoadError", "ModelNotFoundError",
+           "apply_lora", "count_parameters", "load_adapter", "load_model", "load_tokenizer", "resolve_model_path",
+           "save_adapter", "trainable_parameters"]

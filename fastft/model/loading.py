@@ -27,35 +27,43 @@ SINGLE = "model.safetensors"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class CheckpointError(ValueError):
+class ModelLoadError(Exception):
+    """A model that cannot be loaded, for a reason the user can act on (the message says which)."""
+
+
+class ModelNotFoundError(ModelLoadError, FileNotFoundError):
+    """No such local directory, and not a cached hub id."""
+
+
+class CheckpointError(ModelLoadError, ValueError):
     """A checkpoint that cannot be loaded; the message names the file and the tensor."""
 
 
-def resolve_model_dir(name_or_path: str | Path) -> Path:
+def resolve_model_path(name_or_path: str | Path) -> Path:
     """A local model directory, the built-in ``tiny`` model, or a hub id already in the local HF cache."""
     name = str(name_or_path)
     if name == "tiny":
         tiny = Path(__file__).resolve().parent.parent / "assets" / "tiny"
         if not (tiny / "config.json").is_file():
-            raise FileNotFoundError(f"the built-in tiny model is missing ({tiny}); reinstall fastft")
+            raise ModelNotFoundError(f"the built-in tiny model is missing ({tiny}); reinstall fastft")
         return tiny
     path = Path(name).expanduser()
     if path.is_dir():
         return path
     if path.exists():
-        raise NotADirectoryError(f"--model {name}: a file; pass the model directory (config.json + *.safetensors)")
+        raise ModelNotFoundError(f"--model {name}: a file; pass the model directory (config.json + *.safetensors)")
     if _HUB_ID.match(name):
         try:
             from huggingface_hub import snapshot_download
 
             return Path(snapshot_download(repo_id=name, local_files_only=True))
         except Exception as e:  # not cached (LocalEntryNotFoundError), or no huggingface_hub
-            raise FileNotFoundError(
+            raise ModelNotFoundError(
                 f"{name!r} is not a local directory and not in the Hugging Face cache, and fastft never downloads "
                 f"(this machine may have no network). Download it where there is network, e.g. "
                 f"`hf download {name} --local-dir DIR`, then pass --model DIR; or use --model tiny. "
                 f"({type(e).__name__})") from None
-    raise FileNotFoundError(f"--model {name}: no such directory (expected config.json + *.safetensors), and not a "
+    raise ModelNotFoundError(f"--model {name}: no such directory (expected config.json + *.safetensors), and not a "
                             f"hub id of the form owner/name")
 
 
@@ -74,7 +82,7 @@ def weight_map(model_dir: Path) -> dict[str, str]:
             with safe_open(single, framework="pt") as f:
                 return {k: SINGLE for k in f.keys()}
         except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{single}: unreadable safetensors file ({e})") from None
+            raise CheckpointError(f"{single}: unreadable safetensors file ({e}); is it truncated?") from None
     hint = " (pickled .bin checkpoints are not supported)" if any(model_dir.glob("*.bin")) else ""
     raise CheckpointError(f"{model_dir}: no {INDEX} or {SINGLE}{hint}")
 
@@ -181,7 +189,7 @@ def load_model(name_or_path: str | Path, dtype=torch.float32, device="cpu", back
                keep_mxfp4: bool = False) -> GptOssForTraining:
     """A GPT-OSS checkpoint as a GptOssForTraining on ``device``: base weights in ``dtype`` (norms fp32), frozen
     later by apply_lora."""
-    model_dir = resolve_model_dir(name_or_path)
+    model_dir = resolve_model_path(name_or_path)
     config_path = model_dir / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{model_dir}: no config.json")
@@ -199,3 +207,14 @@ def load_model(name_or_path: str | Path, dtype=torch.float32, device="cpu", back
     load_weights(model, model_dir, wmap)
     model.source_dir = str(model_dir)
     return model
+
+
+def load_tokenizer(name_or_path: str | Path):
+    """The model directory's tokenizer (local files only, no remote code)."""
+    from transformers import AutoTokenizer
+
+    model_dir = resolve_model_path(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{model_dir}: cannot load the tokenizer ({e})") from None
