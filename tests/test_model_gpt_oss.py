@@ -244,3 +244,30 @@ def test_bf16_cuda_tracks_fp32(kernels):
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for _, p in trainable_parameters(gpu))
+
+
+def test_full_size_parameter_count():
+    """gpt-oss-20b's default config builds the published 20,914,757,184 parameters (on the meta device)."""
+    with torch.device("meta"):
+        model = GptOssForTraining(ModelConfig())
+    assert count_parameters(model)[1] == 20_914_757_184
+    apply_lora(model, LoraSettings(targets="qv", r=16))
+    assert count_parameters(model)[0] == 24 * 16 * ((2880 + 4096) + (2880 + 512))
+
+
+@pytest.mark.gpu
+def test_full_size_random_init_trains_on_cuda():
+    """gpt-oss-20b at full size (random init, bf16, ~42 GB): loss near ln(V) and finite LoRA gradients."""
+    from fastft.backends import get_backend
+
+    cfg = ModelConfig()
+    model = GptOssForTraining.from_config(cfg, torch.bfloat16, "cuda", get_backend("auto", "cuda"))
+    apply_lora(model, LoraSettings(targets="all", r=16))
+    model.train()
+    model.enable_gradient_checkpointing(True)
+    ids, pos, cu = packed_batch([300, 212], cfg.vocab_size, device="cuda")
+    loss = model(ids, pos, cu, ids)
+    assert 11.0 < loss.item() < 14.5
+    loss.backward()
+    grads = [p.grad for _, p in trainable_parameters(model)]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)

@@ -196,6 +196,9 @@ def shift_labels(labels: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor
 
 
 class GptOssForTraining(nn.Module):
+    # DeepSpeed's bf16 engine casts every parameter except names matching these (RMSNorm weights): keeps them fp32.
+    _keep_in_fp32_modules_strict = ["norm"]
+
     def __init__(self, cfg: ModelConfig, backend: Backend | None = None):
         super().__init__()
         self.config = cfg
