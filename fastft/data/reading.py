@@ -1,0 +1,107 @@
+"""JSONL files -> parsed rows with their line numbers, or problems located as PATH:LINE[:COL].
+
+Tolerated without comment: a UTF-8 BOM, CRLF line ends, blank lines, very long lines, gzip (by magic bytes, so
+``.jsonl.gz`` and a mis-named gzip both work). Everything else that stops a line from being one JSON object is an
+error on that line; problems with the file itself (missing, a directory, empty, unreadable) are one error each.
+"""
+
+from __future__ import annotations
+
+import codecs
+import gzip
+import hashlib
+import json
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .report import Issue
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_JSON_KIND = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+              type(None): "null"}
+
+
+@dataclass
+class RawRow:
+    path: str
+    line: int
+    obj: dict
+
+
+@dataclass
+class FileRead:
+    path: str
+    sha256: str | None = None  # of the bytes on disk (compressed, if gzip)
+    n_lines: int = 0  # non-blank lines, i.e. rows the user wrote
+    rows: list[RawRow] = field(default_factory=list)
+    issues: list[Issue] = field(default_factory=list)
+
+
+def json_kind(value) -> str:
+    return "an object" if isinstance(value, dict) else _JSON_KIND.get(type(value), type(value).__name__)
+
+
+def read_jsonl(path: str) -> FileRead:
+    out = FileRead(path)
+    p = Path(path)
+    if not p.exists():
+        out.issues.append(Issue(path, None, None, "no such file"))
+        return out
+    if p.is_dir():
+        out.issues.append(Issue(path, None, None, "is a directory; pass the .jsonl files in it instead"))
+        return out
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        out.issues.append(Issue(path, None, None, f"cannot read: {e.strerror or e}"))
+        return out
+    out.sha256 = hashlib.sha256(raw).hexdigest()
+    if raw.startswith(_GZIP_MAGIC):
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            out.issues.append(Issue(path, None, None, f"not a valid gzip file ({e})"))
+            return out
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        out.issues.append(Issue(path, None, None, "file is UTF-16 encoded; save it as UTF-8"))
+        return out
+    if raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
+
+    for lineno, line in enumerate(raw.split(b"\n"), start=1):
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if not line.strip():
+            continue
+        out.n_lines += 1
+        row, issue = _parse_line(path, lineno, line)
+        if issue is not None:
+            out.issues.append(issue)
+        else:
+            out.rows.append(row)
+    if out.n_lines == 0:
+        out.issues.append(Issue(path, None, None, "file is empty"))
+    return out
+
+
+def _parse_line(path: str, lineno: int, line: bytes) -> tuple[RawRow | None, Issue | None]:
+    nul = line.find(b"\x00")
+    if nul >= 0:
+        col = len(line[:nul].decode("utf-8", errors="replace")) + 1
+        return None, Issue(path, lineno, col, "NUL byte (is this a binary or UTF-16 file?)")
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        col = len(line[:e.start].decode("utf-8", errors="replace")) + 1
+        return None, Issue(path, lineno, col, f"invalid UTF-8 (byte 0x{line[e.start]:02x}); save the file as UTF-8")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        return None, Issue(path, lineno, e.colno, f"invalid JSON: {e.msg}")
+    except RecursionError:
+        return None, Issue(path, lineno, None, "invalid JSON: nested too deeply")
+    if not isinstance(obj, dict):
+        hint = " (JSON Lines holds one object per line, not one array)" if isinstance(obj, list) else ""
+        return None, Issue(path, lineno, None, f"expected a JSON object, got {json_kind(obj)}{hint}")
+    return RawRow(path, lineno, obj), None
