@@ -7,9 +7,9 @@ kernels tile the packed token axis directly (blocks may straddle documents) and 
 doc_start and doc_end, built on the device with torch ops: no host synchronisation, CUDA-graph safe, and hundreds of
 tiny documents cost no more than one long one.
 
-Each program loops only over the key (or query) blocks that its rows can see, in three runs: a masked run at the low
-edge (document start / window edge), an unmasked run in the middle and a masked run along the diagonal. A window
-layer therefore costs O(T * W) and a full layer O(sum of L^2 / 2).
+Each program loops only over the key (or query) blocks that its rows can see; only blocks on the diagonal or at the
+low edge (document start / window edge) pay for the mask, decided per block at run time (one loop body keeps
+register pressure down). A window layer therefore costs O(T * W) and a full layer O(sum of L^2 / 2).
 
 Softmax is online (FlashAttention-2) in base 2: scores are pre-multiplied by scale * log2(e). The sink joins the
 denominator by starting each row with max = sink * log2(e) and sum = 1, i.e. exp2(sink2 - m) carried like any key
@@ -72,24 +72,21 @@ def varlen_attention_reference(q, k, v, cu_seqlens, sinks=None, window=None, sof
 if triton is not None:
 
     @triton.jit
-    def _fwd_block(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kt, stride_vt, offs_m, lo, offs_nb, offs_d,
-                   n_begin, n_end, T, qk_scale,
-                   BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                   MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+    def _fwd_loop(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kt, stride_vt, offs_m, lo, offs_nb, offs_d,
+                  n_begin, n_end, n_full_lo, n_full_hi, T, qk_scale,
+                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr):
         # int64 block bases advanced per step: token * stride overflows int32 past ~500K tokens
         kb = k_ptr + n_begin.to(tl.int64) * stride_kt
         vb = v_ptr + n_begin.to(tl.int64) * stride_vt
         for n in range(n_begin, n_end, BLOCK_N):
             offs_n = n + offs_nb
-            kv_mask = offs_d[None, :] < HEAD_DIM
-            if MASKED:
-                kv_mask = kv_mask & (offs_n < T)[:, None]
+            kv_mask = (offs_n < T)[:, None] & (offs_d[None, :] < HEAD_DIM)
             k = tl.load(kb + offs_nb[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(vb + offs_nb[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
             kb += BLOCK_N * stride_kt
             vb += BLOCK_N * stride_vt
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-            if MASKED:
+            if (n < n_full_lo) | (n >= n_full_hi):  # only blocks on a diagonal or a low edge pay for the mask
                 visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] >= lo[:, None])
                 s = tl.where(visible, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -119,7 +116,7 @@ if triton is not None:
         k_start = tl.maximum(tl.load(DOC_START + m0), m0 - window + 1)
         lo_last = tl.maximum(tl.load(DOC_START + last), last - window + 1)
         k_end = last + 1
-        # key blocks on the grid k_start + t * BLOCK_N: unmasked where every row sees every key of the block
+        # key blocks on the grid k_start + t * BLOCK_N skip the mask in [n_full_lo, n_full_hi): every row sees them
         n_full_lo = k_start + tl.cdiv(lo_last - k_start, BLOCK_N) * BLOCK_N
         n_full_hi = n_full_lo + tl.maximum(m0 + 1 - n_full_lo, 0) // BLOCK_N * BLOCK_N
 
@@ -134,17 +131,9 @@ if triton is not None:
             m_i = tl.zeros([BLOCK_M], tl.float32) - 1.0e30
             l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        k_ptr = K + kvh * stride_kh
-        v_ptr = V + kvh * stride_vh
-        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kt, stride_vt, offs_m, lo, offs_nb,
-                                   offs_d, k_start, tl.minimum(n_full_lo, k_end), T, qk_scale,
-                                   BLOCK_N, HEAD_DIM, BLOCK_D, True, DOT_PREC)
-        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kt, stride_vt, offs_m, lo, offs_nb,
-                                   offs_d, n_full_lo, n_full_hi, T, qk_scale,
-                                   BLOCK_N, HEAD_DIM, BLOCK_D, False, DOT_PREC)
-        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kt, stride_vt, offs_m, lo, offs_nb,
-                                   offs_d, tl.maximum(n_full_hi, n_full_lo), k_end, T, qk_scale,
-                                   BLOCK_N, HEAD_DIM, BLOCK_D, True, DOT_PREC)
+        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, K + kvh * stride_kh, V + kvh * stride_vh, stride_kt, stride_vt,
+                                  offs_m, lo, offs_nb, offs_d, k_start, last + 1, n_full_lo, n_full_hi, T, qk_scale,
+                                  BLOCK_N, HEAD_DIM, DOT_PREC)
         l_safe = tl.where(row_ok, l_i, 1.0)
         out = acc / l_safe[:, None]
         o_ptrs = O + m0.to(tl.int64) * stride_ot + h * stride_oh \
@@ -165,25 +154,22 @@ if triton is not None:
         tl.store(DELTA + h.to(tl.int64) * T + offs_m, tl.sum(o * do.to(tl.float32), 1), mask=offs_m < T)
 
     @triton.jit
-    def _dq_block(dq, q, do, lse, delta, k_ptr, v_ptr, stride_kt, stride_vt, offs_m, lo, offs_nb, offs_d,
-                  n_begin, n_end, T, qk_scale,
-                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                  MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+    def _dq_loop(dq, q, do, lse, delta, k_ptr, v_ptr, stride_kt, stride_vt, offs_m, lo, offs_nb, offs_d,
+                 n_begin, n_end, n_full_lo, n_full_hi, T, qk_scale,
+                 BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr):
         # int64 block bases advanced per step: token * stride overflows int32 past ~500K tokens
         kb = k_ptr + n_begin.to(tl.int64) * stride_kt
         vb = v_ptr + n_begin.to(tl.int64) * stride_vt
         for n in range(n_begin, n_end, BLOCK_N):
             offs_n = n + offs_nb
-            kv_mask = offs_d[None, :] < HEAD_DIM
-            if MASKED:
-                kv_mask = kv_mask & (offs_n < T)[:, None]
+            kv_mask = (offs_n < T)[:, None] & (offs_d[None, :] < HEAD_DIM)
             k = tl.load(kb + offs_nb[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(vb + offs_nb[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
             kb += BLOCK_N * stride_kt
             vb += BLOCK_N * stride_vt
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
             p = tl.math.exp2(s - lse[:, None])
-            if MASKED:
+            if (n < n_full_lo) | (n >= n_full_hi):
                 visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] >= lo[:, None])
                 p = tl.where(visible, p, 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
@@ -222,25 +208,16 @@ if triton is not None:
         lse = tl.load(LSE + h.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + h.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        k_ptr = K + kvh * stride_kh
-        v_ptr = V + kvh * stride_vh
-        dq = _dq_block(dq, q, do, lse, delta, k_ptr, v_ptr, stride_kt, stride_vt, offs_m, lo, offs_nb, offs_d,
-                       k_start, tl.minimum(n_full_lo, k_end), T, qk_scale,
-                       BLOCK_N, HEAD_DIM, BLOCK_D, True, DOT_PREC)
-        dq = _dq_block(dq, q, do, lse, delta, k_ptr, v_ptr, stride_kt, stride_vt, offs_m, lo, offs_nb, offs_d,
-                       n_full_lo, n_full_hi, T, qk_scale,
-                       BLOCK_N, HEAD_DIM, BLOCK_D, False, DOT_PREC)
-        dq = _dq_block(dq, q, do, lse, delta, k_ptr, v_ptr, stride_kt, stride_vt, offs_m, lo, offs_nb, offs_d,
-                       tl.maximum(n_full_hi, n_full_lo), k_end, T, qk_scale,
-                       BLOCK_N, HEAD_DIM, BLOCK_D, True, DOT_PREC)
+        dq = _dq_loop(dq, q, do, lse, delta, K + kvh * stride_kh, V + kvh * stride_vh, stride_kt, stride_vt, offs_m,
+                      lo, offs_nb, offs_d, k_start, last + 1, n_full_lo, n_full_hi, T, qk_scale,
+                      BLOCK_N, HEAD_DIM, DOT_PREC)
         tl.store(DQ + m0.to(tl.int64) * stride_dqt + h * stride_dqh + rows * stride_dqt + offs_d[None, :],
                  (dq * sm_scale).to(DQ.dtype.element_ty), mask=io_mask)
 
     @triton.jit
-    def _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, doc_start_ptr, stride_qt, stride_dot,
-                    offs_n, offs_mb, offs_d, m_begin, m_end, T, window, qk_scale,
-                    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                    MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+    def _dkdv_loop(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, doc_start_ptr, stride_qt, stride_dot,
+                   offs_n, offs_mb, offs_d, m_begin, m_end, m_full_lo, m_full_hi, T, window, qk_scale,
+                   BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr):
         # transposed tiles ([keys, queries]) so dk/dv accumulate without transposing them
         qb = q_ptr + m_begin.to(tl.int64) * stride_qt
         dob = do_ptr + m_begin.to(tl.int64) * stride_dot
@@ -257,7 +234,7 @@ if triton is not None:
             delta = tl.load(delta_ptr + offs_m, mask=row_ok, other=0.0)
             sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
             pT = tl.math.exp2(sT - lse[None, :])
-            if MASKED:
+            if (m < m_full_lo) | (m >= m_full_hi):
                 lo = tl.maximum(tl.load(doc_start_ptr + offs_m, mask=row_ok, other=0), offs_m - window + 1)
                 visible = (offs_n[:, None] <= offs_m[None, :]) & (offs_n[:, None] >= lo[None, :])
                 pT = tl.where(visible, pT, 0.0)
@@ -289,36 +266,26 @@ if triton is not None:
         j_last = tl.minimum(n0 + BLOCK_N, T) - 1
         q_hi = tl.minimum(tl.load(DOC_END + j_last), j_last + window)
         q_full_hi = tl.minimum(tl.load(DOC_END + n0), n0 + window)  # rows below it see every key >= n0
-        # query blocks on the grid n0 + t * BLOCK_M: unmasked once past the diagonal and before q_full_hi
-        t_total = tl.cdiv(q_hi - n0, BLOCK_M)
-        t_a = tl.minimum(tl.cdiv(BLOCK_N - 1, BLOCK_M), t_total)
-        t_b = tl.minimum(tl.maximum(t_a, (q_full_hi - n0) // BLOCK_M), t_total)
+        # query blocks on the grid n0 + t * BLOCK_M skip the mask once past the diagonal and before q_full_hi
+        m_full_lo = n0 + tl.cdiv(BLOCK_N - 1, BLOCK_M) * BLOCK_M
+        m_full_hi = n0 + (q_full_hi - n0) // BLOCK_M * BLOCK_M
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         for g in range(GROUPS):
             h = kvh * GROUPS + g
-            q_ptr = Q + h * stride_qh
-            do_ptr = DO + h * stride_doh
-            lse_ptr = LSE + h.to(tl.int64) * T
-            delta_ptr = DELTA + h.to(tl.int64) * T
-            dk, dv = _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, DOC_START, stride_qt, stride_dot,
-                                 offs_n, offs_mb, offs_d, n0, n0 + t_a * BLOCK_M, T, window, qk_scale,
-                                 BLOCK_M, HEAD_DIM, BLOCK_D, True, DOT_PREC)
-            dk, dv = _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, DOC_START, stride_qt, stride_dot,
-                                 offs_n, offs_mb, offs_d, n0 + t_a * BLOCK_M, n0 + t_b * BLOCK_M, T, window, qk_scale,
-                                 BLOCK_M, HEAD_DIM, BLOCK_D, False, DOT_PREC)
-            dk, dv = _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, DOC_START, stride_qt, stride_dot,
-                                 offs_n, offs_mb, offs_d, n0 + t_b * BLOCK_M, n0 + t_total * BLOCK_M, T, window,
-                                 qk_scale, BLOCK_M, HEAD_DIM, BLOCK_D, True, DOT_PREC)
+            dk, dv = _dkdv_loop(dk, dv, k, v, Q + h * stride_qh, DO + h * stride_doh, LSE + h.to(tl.int64) * T,
+                                DELTA + h.to(tl.int64) * T, DOC_START, stride_qt, stride_dot, offs_n, offs_mb, offs_d,
+                                n0, q_hi, m_full_lo, m_full_hi, T, window, qk_scale, BLOCK_M, HEAD_DIM, DOT_PREC)
         tl.store(DK + n0.to(tl.int64) * stride_dkt + kvh * stride_dkh + cols * stride_dkt + offs_d[None, :],
                  (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
         tl.store(DV + n0.to(tl.int64) * stride_dvt + kvh * stride_dvh + cols * stride_dvt + offs_d[None, :],
                  dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-# Tile configs (block_m, block_n, num_warps, num_stages) for the three kernels on a GPU; small tiles in the
-# interpreter keep CPU tests fast and still cross many block edges.
-GPU_CONFIG = {"fwd": (128, 64, 4, 3), "dq": (128, 64, 8, 2), "dkdv": (64, 128, 8, 2)}
+# Tile configs (block_m, block_n, num_warps, num_stages) for the three kernels on a GPU: each compiles for sm_90 at
+# D=64 without register spills (ptxas -v); `benchmarks/bench_attention.py --sweep` times the alternatives. Small
+# tiles in the interpreter keep CPU tests fast and still cross many block edges.
+GPU_CONFIG = {"fwd": (128, 128, 8, 2), "dq": (128, 64, 8, 2), "dkdv": (32, 128, 8, 3)}
 INTERPRET_CONFIG = {"fwd": (16, 16, 1, 1), "dq": (16, 16, 1, 1), "dkdv": (16, 16, 1, 1)}
 
 
