@@ -1,13 +1,36 @@
-"""Linear with an unmerged LoRA term, over dense or 4-bit weights.
+"""Linear with an unmerged LoRA term, over dense or 4-bit weights: y = x W^T + b + s * (dropout(x) A^T) B^T.
 
-This file will hold the Triton kernels (dequantisation inside the GEMM) and their autograd wrapper; the pure-torch
-reference below defines the math.
+One Triton GEMM serves both directions; W is dequantised tile by tile inside its main loop and is never densified:
+  forward  Y[T, out] = X[T, in]  . W^T  (+ b)  + s * XA[T, r] . B^T       XA = dropout(x) A^T, done first in torch
+  backward dX[T, in] = dY[T, out] . W          + s * (dY B)[T, r] . A  (* dropout mask / keep)
+The LoRA term is an extra K=r dot in the epilogue, so the [T, out] LoRA output never round-trips through memory.
+dA = s (dY B)^T dropout(x) and dB = s dY^T XA are [r, *] GEMMs over T, left to cuBLAS.
+
+Weight formats read in-kernel (W's stored orientation is [out, in], ``in`` contiguous in all three):
+  dense  bf16/fp16/fp32 tensor;
+  NF4    bitsandbytes' packing: flat row-major, element 2i in the HIGH nibble of byte i, fp32 absmax per flat block of
+         64 (double quantisation undone once per call in torch: out*in/64 floats, 0.7 MB for q_proj);
+  MXFP4  hub packing: element 2i in the LOW nibble, one e8m0 scale per 32 along ``in``.
+A packed tile is unpacked into its two nibble halves [rows, cols/2] and interleaved back with join+reshape.
+
+Memory: forward saves x (and a bool dropout mask when dropout is on) plus XA [T, r]; no [T, out] LoRA temporaries;
+backward allocates dX and, with dropout, one transient dropout(x) [T, in] for dA.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs without triton use the reference
+    triton = None
+
+from fastft.mxfp4 import MXFP4Tensor
 
 
 def dense_weight(weight, dtype=None):
@@ -23,3 +46,249 @@ def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout=0.0,
         xd = F.dropout(x, p=dropout, training=training) if dropout > 0 else x
         y = y + F.linear(F.linear(xd, lora_A.to(x.dtype)), lora_B.to(x.dtype)) * scaling
     return y
+
+
+FMT_DENSE, FMT_NF4, FMT_MXFP4 = 0, 1, 2
+
+if triton is not None:
+
+    @triton.jit
+    def _e2m1_to_f32(c):
+        # e2m1 (s e e m) placed in an fp16's sign / exponent top bits / mantissa top bit is the same number times
+        # 2**-14 (both have a subnormal for e = 0), so one bitcast and one multiply decode it without a table.
+        bits = ((c & 8) << 12) | ((c & 7) << 9)
+        return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * 16384.0
+
+    @triton.jit
+    def _w_tile(w_ptr, aux_ptr, code_ptr, offs_n, k0, N, K, stride_wn, stride_wk,
+                FMT: tl.constexpr, NF4_BS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+        """fp32 W[offs_n, k0:k0+COLS] as [ROWS, COLS], zero outside W."""
+        if FMT == 0:
+            offs_k = k0 + tl.arange(0, COLS)
+            mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk, mask=mask, other=0.0)
+            return w.to(tl.float32)
+        else:
+            offs_p = k0 // 2 + tl.arange(0, COLS // 2)  # byte columns; K is even for both packed formats
+            mask = (offs_n[:, None] < N) & (offs_p[None, :] < K // 2)
+            byte = offs_n[:, None] * (K // 2) + offs_p[None, :]
+            b = tl.load(w_ptr + byte, mask=mask, other=0).to(tl.int32)
+            if FMT == 1:
+                scale = tl.load(aux_ptr + (byte * 2) // NF4_BS, mask=mask, other=0.0)
+                first = tl.load(code_ptr + (b >> 4)) * scale  # bnb: even element in the high nibble
+                second = tl.load(code_ptr + (b & 15)) * scale
+            else:
+                e = tl.load(aux_ptr + offs_n[:, None] * (K // 32) + offs_p[None, :] // 16, mask=mask, other=0)
+                # 2**(e - 127) built from its bits; e = 0 (2**-127, subnormal) reads as 0
+                scale = (e.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+                first = _e2m1_to_f32(b & 15) * scale  # hub: even element in the low nibble
+                second = _e2m1_to_f32(b >> 4) * scale
+            return tl.reshape(tl.join(first, second), (ROWS, COLS))
+
+    @triton.jit
+    def _lora_gemm_kernel(
+        a_ptr, w_ptr, aux_ptr, code_ptr, bias_ptr, p_ptr, q_ptr, mask_ptr, c_ptr,
+        M, N_OUT, K_RED, N_W, K_W, R, scaling, inv_keep,
+        stride_am, stride_ak, stride_wn, stride_wk, stride_pm, stride_pr, stride_qr, stride_qn,
+        stride_mm, stride_mn, stride_cm, stride_cn,
+        FMT: tl.constexpr, NF4_BS: tl.constexpr, TRANS_W: tl.constexpr, HAS_BIAS: tl.constexpr,
+        HAS_LORA: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):
+        """C[M, N_OUT] = A[M, K_RED] . op(W) (+ bias) + scaling * (P[M, R] . Q[R, N_OUT]) (* mask * inv_keep).
+
+        op(W) = W^T (forward: N_OUT = out, K_RED = in) or W (TRANS_W, backward dX: N_OUT = in, K_RED = out).
+        """
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N_OUT, BLOCK_N)
+        # grouped order: GROUP_M row-tiles share each W column panel while it is hot in L2
+        group = pid // (GROUP_M * num_n)
+        first_m = group * GROUP_M
+        size_m = min(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
+        pid_n = (pid % (GROUP_M * num_n)) // size_m
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        a_rows = a_ptr + offs_m[:, None].to(tl.int64) * stride_am
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K_RED, BLOCK_K):
+            ks = k0 + offs_k
+            a = tl.load(a_rows + ks[None, :] * stride_ak, mask=(offs_m[:, None] < M) & (ks[None, :] < K_RED),
+                        other=0.0)
+            if TRANS_W:  # rows of W are the reduction: the tile W[k0:k0+BK, n-tile] is already [BK, BN]
+                w = _w_tile(w_ptr, aux_ptr, code_ptr, ks, pid_n * BLOCK_N, N_W, K_W, stride_wn, stride_wk,
+                            FMT, NF4_BS, BLOCK_K, BLOCK_N)
+            else:
+                w = tl.trans(_w_tile(w_ptr, aux_ptr, code_ptr, offs_n, k0, N_W, K_W, stride_wn, stride_wk,
+                                     FMT, NF4_BS, BLOCK_N, BLOCK_K))
+            if IEEE:
+                acc = tl.dot(a.to(tl.float32), w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, w.to(a.dtype), acc)
+
+        mask_mn = (offs_m[:, None] < M) & (offs_n[None, :] < N_OUT)
+        if HAS_LORA:
+            offs_r = tl.arange(0, BLOCK_R)
+            p = tl.load(p_ptr + offs_m[:, None].to(tl.int64) * stride_pm + offs_r[None, :] * stride_pr,
+                        mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0)
+            q = tl.load(q_ptr + offs_r[:, None] * stride_qr + offs_n[None, :] * stride_qn,
+                        mask=(offs_r[:, None] < R) & (offs_n[None, :] < N_OUT), other=0.0)
+            if IEEE:
+                lora = tl.dot(p.to(tl.float32), q.to(tl.float32), input_precision="ieee")
+            else:
+                lora = tl.dot(p, q.to(p.dtype))
+            lora = lora * scaling
+            if HAS_MASK:
+                keep = tl.load(mask_ptr + offs_m[:, None].to(tl.int64) * stride_mm + offs_n[None, :] * stride_mn,
+                               mask=mask_mn, other=0)
+                lora = lora * (keep.to(tl.float32) * inv_keep)
+            acc += lora
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N_OUT, other=0.0).to(tl.float32)[None, :]
+        c = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
+        tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask_mn)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _gpu_configs():
+    # Hopper: big tiles amortise the per-tile dequantisation over more MMA work.
+    cfg = triton.Config
+    return [
+        cfg({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        cfg({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+        cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        cfg({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    ]
+
+
+_kernel_cache = {}
+
+
+def _kernel():
+    """The launcher: autotuned on GPU (keyed on the weight shape and format, not on T), fixed tiles in the
+    interpreter (small, so CPU tests stay fast)."""
+    if "k" not in _kernel_cache:
+        if _interpreting():
+            _kernel_cache["k"] = (_lora_gemm_kernel, {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2})
+        else:
+            tuned = triton.autotune(_gpu_configs(), key=["N_OUT", "K_RED", "FMT", "TRANS_W", "HAS_LORA", "IEEE"])
+            _kernel_cache["k"] = (tuned(_lora_gemm_kernel), {})
+    return _kernel_cache["k"]
+
+
+def _weight_fields(weight):
+    """(FMT, data, aux, code, nf4_blocksize, out, in) for the kernel, or None when it cannot read this weight."""
+    if isinstance(weight, torch.Tensor):
+        if weight.dim() != 2 or weight.requires_grad:
+            return None  # a trainable base weight needs dW: the reference (autograd) handles it
+        return FMT_DENSE, weight, weight, weight, 64, weight.shape[0], weight.shape[1]
+    if isinstance(weight, MXFP4Tensor):
+        if weight.blocks.dim() != 3:
+            return None
+        n, k = weight.stored_shape
+        return FMT_MXFP4, weight.blocks.reshape(n, k // 2), weight.scales.reshape(n, k // 32), weight.scales, 64, n, k
+    if type(weight).__name__ == "NF4Tensor" and hasattr(weight, "absmax_fp32"):
+        shape = tuple(weight.shape)
+        if len(shape) != 2 or shape[1] % 2 or weight.blocksize % 2:
+            return None
+        code = weight.code.to(device=weight.device, dtype=torch.float32)
+        return FMT_NF4, weight.data.reshape(-1), weight.absmax_fp32(), code, weight.blocksize, shape[0], shape[1]
+    return None
+
+
+def _gemm(a, fields, trans_w, bias=None, p=None, q=None, scaling=0.0, mask=None, inv_keep=1.0, out_dtype=None):
+    """a [M, K_RED] times W^T (or W when trans_w) with the fused epilogue; q is indexed as [R, N_OUT]."""
+    fmt, w, aux, code, nf4_bs, n_w, k_w = fields
+    M = a.shape[0]
+    n_out = k_w if trans_w else n_w
+    c = torch.empty(M, n_out, device=a.device, dtype=out_dtype or a.dtype)
+    R = p.shape[1] if p is not None else 0
+    block_r = max(16, triton.next_power_of_2(R)) if R else 16
+    kernel, fixed = _kernel()
+    dummy = c
+    sw = (w.stride(0), w.stride(1)) if fmt == FMT_DENSE else (0, 0)
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]),)
+
+    kernel[grid](
+        a, w, aux, code, bias if bias is not None else dummy, p if p is not None else dummy,
+        q if q is not None else dummy, mask if mask is not None else dummy, c,
+        M, n_out, a.shape[1], n_w, k_w, R, float(scaling), float(inv_keep),
+        a.stride(0), a.stride(1), sw[0], sw[1],
+        p.stride(0) if p is not None else 0, p.stride(1) if p is not None else 0,
+        q.stride(0) if q is not None else 0, q.stride(1) if q is not None else 0,
+        mask.stride(0) if mask is not None else 0, mask.stride(1) if mask is not None else 0,
+        c.stride(0), c.stride(1),
+        FMT=fmt, NF4_BS=nf4_bs, TRANS_W=trans_w, HAS_BIAS=bias is not None, HAS_LORA=p is not None,
+        HAS_MASK=mask is not None, IEEE=a.dtype == torch.float32, BLOCK_R=block_r, **fixed,
+    )
+    return c
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """x2d [T, in]; weight frozen (tensor or 4-bit holder); mask: bool [T, in] dropout keep-mask or None."""
+
+    @staticmethod
+    def forward(ctx, x2d, weight, bias, lora_A, lora_B, scaling, mask, dropout):
+        fields = _weight_fields(weight)
+        inv_keep = 1.0 / (1.0 - dropout) if mask is not None else 1.0
+        xa = A = B = None
+        if lora_A is not None:
+            A, B = lora_A.to(x2d.dtype), lora_B.to(x2d.dtype)
+            xd = x2d if mask is None else x2d * mask * inv_keep
+            xa = xd @ A.t()  # [T, r]: tiny, so the epilogue can add s * xa B^T
+        y = _gemm(x2d, fields, False, bias=bias, p=xa, q=B.t() if B is not None else None, scaling=scaling)
+        ctx.save_for_backward(x2d if lora_A is not None else None, mask, xa, A, B)
+        ctx.weight, ctx.scaling, ctx.inv_keep = weight, scaling, inv_keep
+        ctx.lora_dtypes = (lora_A.dtype, lora_B.dtype) if lora_A is not None else None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2d, mask, xa, A, B = ctx.saved_tensors
+        s = ctx.scaling
+        dy = dy.contiguous()
+        g = dy @ B if B is not None else None  # [T, r]
+        dx = d_bias = dA = dB = None
+        if ctx.needs_input_grad[0]:
+            dx = _gemm(dy, _weight_fields(ctx.weight), True, p=g, q=A, scaling=s, mask=mask, inv_keep=ctx.inv_keep)
+        if ctx.needs_input_grad[2]:
+            d_bias = dy.float().sum(0).to(dy.dtype)
+        if ctx.needs_input_grad[3]:
+            xd = x2d if mask is None else x2d * mask * ctx.inv_keep
+            dA = (g.t() @ xd).mul_(s).to(ctx.lora_dtypes[0])
+        if ctx.needs_input_grad[4]:
+            dB = (dy.t() @ xa).mul_(s).to(ctx.lora_dtypes[1])
+        return dx, None, d_bias, dA, dB, None, None, None
+
+
+def _kernel_can_run(x, weight) -> bool:
+    if triton is None or not (x.is_cuda or _interpreting()):
+        return False
+    return x.dtype in (torch.bfloat16, torch.float16, torch.float32) and _weight_fields(weight) is not None
+
+
+def lora_linear(x, weight, bias=None, lora_A=None, lora_B=None, scaling=1.0, dropout=0.0, training=False):
+    """The contract of fastft.backends: x [..., in] -> [..., out]; falls back to the reference for weights the
+    kernel does not read (3-D, trainable, unknown holders) and off-GPU without the interpreter."""
+    if not _kernel_can_run(x, weight):
+        return lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout, training)
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1])
+    if x2d.stride(-1) != 1:
+        x2d = x2d.contiguous()
+    mask = None
+    if lora_A is not None and training and dropout > 0:
+        mask = torch.empty_like(x2d, dtype=torch.bool).bernoulli_(1.0 - dropout)
+    y = LoRALinearFunction.apply(x2d, weight, bias, lora_A, lora_B, scaling, mask, dropout)
+    return y.reshape(*lead, y.shape[-1])

@@ -1,0 +1,150 @@
+"""fastft.kernels.lora_linear: the fused dequant + LoRA GEMM against the dequantise-then-matmul reference.
+
+CPU: Triton interpreter, fp32, small odd shapes, all three weight formats, forward and backward (dX, dA, dB, db).
+GPU (-m gpu): bf16 at gpt-oss shapes; dequantisation bit-exact vs bitsandbytes and transformers.
+"""
+
+import pytest
+import torch
+
+from fastft.kernels.lora_linear import LoRALinearFunction, lora_linear, lora_linear_reference
+from fastft.mxfp4 import MXFP4Tensor
+from fastft.quant import quantize_mxfp4
+
+try:
+    from fastft.quant import quantize_nf4
+    import bitsandbytes.functional  # noqa: F401
+
+    HAVE_BNB = True
+except Exception:  # noqa: BLE001
+    HAVE_BNB = False
+
+FORMATS = ["dense", "mxfp4", "nf4"]
+
+
+def _weight(fmt, out_f, in_f, device="cpu", dtype=torch.float32):
+    w = torch.randn(out_f, in_f, device=device) / in_f**0.5
+    if fmt == "dense":
+        return w.to(dtype)
+    if fmt == "mxfp4":
+        return quantize_mxfp4(w)
+    if not HAVE_BNB:
+        pytest.skip("bitsandbytes is not importable here")
+    return quantize_nf4(w.to(dtype))
+
+
+def _grads(fn, x, A, B, bias, dy):
+    for t in (x, A, B, bias):
+        if t is not None:
+            t.grad = None
+    y = fn()
+    y.backward(dy)
+    return y.detach(), [t.grad.clone() if t is not None else None for t in (x, A, B, bias)]
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("T,in_f,out_f,r,with_bias", [(37, 96, 75, 5, True), (5, 160, 33, 16, False)])
+def test_forward_backward_cpu(fmt, T, in_f, out_f, r, with_bias):
+    # in_f = 96 with NF4 makes bnb's 64-blocks straddle rows; out_f odd and T odd leave ragged tiles
+    w = _weight(fmt, out_f, in_f)
+    x = torch.randn(2, T, in_f, requires_grad=True)
+    A = (torch.randn(r, in_f) * 0.1).requires_grad_()
+    B = (torch.randn(out_f, r) * 0.1).requires_grad_()
+    bias = torch.randn(out_f).requires_grad_() if with_bias else None
+    dy = torch.randn(2, T, out_f)
+    y, g = _grads(lambda: lora_linear(x, w, bias, A, B, 2.0), x, A, B, bias, dy)
+    y_ref, g_ref = _grads(lambda: lora_linear_reference(x, w, bias, A, B, 2.0), x, A, B, bias, dy)
+    assert y.shape == (2, T, out_f)
+    assert _rel(y, y_ref) < 1e-5
+    for a, b in zip(g, g_ref):
+        if b is not None:
+            assert _rel(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("fmt", ["dense", "mxfp4"])
+def test_dropout_mask_cpu(fmt):
+    T, in_f, out_f, r, p = 19, 64, 41, 4, 0.3
+    w = _weight(fmt, out_f, in_f)
+    x = torch.randn(T, in_f, requires_grad=True)
+    A = (torch.randn(r, in_f) * 0.1).requires_grad_()
+    B = (torch.randn(out_f, r) * 0.1).requires_grad_()
+    mask = torch.rand(T, in_f) >= p
+    dy = torch.randn(T, out_f)
+
+    def ref():
+        wd = w.dequantize() if fmt != "dense" else w
+        return x @ wd.t() + 1.5 * ((x * mask / (1 - p)) @ A.t()) @ B.t()
+
+    y, g = _grads(lambda: LoRALinearFunction.apply(x, w, None, A, B, 1.5, mask, p), x, A, B, None, dy)
+    y_ref, g_ref = _grads(ref, x, A, B, None, dy)
+    assert _rel(y, y_ref) < 1e-5
+    for a, b in zip(g[:3], g_ref[:3]):
+        assert _rel(a, b) < 1e-5
+    # public entry: eval ignores dropout, training draws a fresh mask (only its statistics are checkable)
+    assert _rel(lora_linear(x, w, None, A, B, 1.5, dropout=p, training=False),
+                lora_linear_reference(x, w, None, A, B, 1.5)) < 1e-5
+    y_train = lora_linear(x, w, None, A, B, 1.5, dropout=p, training=True)
+    assert y_train.shape == (T, out_f) and torch.isfinite(y_train).all()
+
+
+def test_no_lora_and_fallbacks_cpu():
+    w = _weight("mxfp4", 24, 64)
+    x = torch.randn(7, 64)
+    assert _rel(lora_linear(x, w, None, None, None, 1.0), x @ w.dequantize().t()) < 1e-5
+    # a trainable dense weight and a 3-D holder go to the reference (autograd), still correct
+    wt = torch.randn(24, 64, requires_grad=True)
+    assert torch.allclose(lora_linear(x, wt), x @ wt.t())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# GPU
+
+GPT_OSS_SHAPES = {"q": (2880, 4096), "k": (2880, 512), "v": (2880, 512), "o": (4096, 2880)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("proj", list(GPT_OSS_SHAPES))
+def test_gpt_oss_shapes_gpu(fmt, proj):
+    in_f, out_f = GPT_OSS_SHAPES[proj]
+    T, r = 1037, 32
+    dev, dt = "cuda", torch.bfloat16
+    w = _weight(fmt, out_f, in_f, dev, dt)
+    x = torch.randn(T, in_f, device=dev, dtype=dt, requires_grad=True)
+    A = (torch.randn(r, in_f, device=dev) * 0.02).requires_grad_()  # PEFT keeps adapters in fp32 often
+    B = (torch.randn(out_f, r, device=dev) * 0.02).requires_grad_()
+    bias = torch.randn(out_f, device=dev, dtype=dt).requires_grad_()
+    dy = torch.randn(T, out_f, device=dev, dtype=dt)
+    y, g = _grads(lambda: lora_linear(x, w, bias, A, B, 2.0), x, A, B, bias, dy)
+    # reference in fp32 from the same dequantised weight
+    xf, Af, Bf, bf = (t.detach().float().requires_grad_() for t in (x, A, B, bias))
+    wd = (w.dequantize(torch.float32) if fmt != "dense" else w.float())
+    y_ref, g_ref = _grads(lambda: xf @ wd.t() + bf + 2.0 * (xf @ Af.t()) @ Bf.t(), xf, Af, Bf, bf, dy.float())
+    assert _rel(y, y_ref) < 1e-2
+    for a, b in zip(g, g_ref):
+        assert _rel(a, b) < 1e-2
+
+
+@pytest.mark.gpu
+def test_dequant_bit_exact_gpu():
+    # the kernel with an identity input returns W^T exactly (fp32 path): its dequantisation is bnb's / transformers'
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    dev = "cuda"
+    eye = torch.eye(2880, device=dev)
+    blocks = torch.randint(0, 256, (1, 512, 90, 16), dtype=torch.uint8, device=dev)
+    scales = torch.randint(100, 140, (1, 512, 90), dtype=torch.uint8, device=dev)
+    hf = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)[0]  # [in, out]
+    w = MXFP4Tensor(blocks[0], scales[0])
+    assert torch.equal(lora_linear(eye, w), hf)
+    if HAVE_BNB:
+        import bitsandbytes.functional as bnbf
+
+        q = quantize_nf4(torch.randn(512, 2880, device=dev, dtype=torch.bfloat16))
+        ref = bnbf.dequantize_4bit(q.data, q.quant_state).float()
+        assert torch.equal(q.decode(torch.float32).to(torch.bfloat16), ref.to(torch.bfloat16))
+        assert torch.equal(lora_linear(eye, q).t(), q.decode(torch.float32))
