@@ -1,0 +1,202 @@
+"""fused_linear_cross_entropy against an fp64 reference (CPU: Triton interpreter at tiny odd shapes; GPU: real shape)."""
+
+import pytest
+import torch
+
+from fastft.kernels import cross_entropy as ce
+from fastft.kernels.cross_entropy import fused_linear_cross_entropy, linear_cross_entropy_reference
+
+
+def _inputs(T, H, V, dtype, device="cpu", ignore_frac=0.0, gen=None):
+    hidden = torch.randn(T, H, generator=gen, device=device).to(dtype)
+    weight = (torch.randn(V, H, generator=gen, device=device) * H**-0.5 * 2).to(dtype)
+    labels = torch.randint(0, V, (T,), generator=gen, device=device)
+    if ignore_frac:
+        labels[torch.rand(T, generator=gen, device=device) < ignore_frac] = -100
+    return hidden, weight, labels
+
+
+def _reference(hidden, weight, labels, reduction="mean", need_dw=False):
+    """fp64 loss and grads of the upcast inputs."""
+    h = hidden.detach().double().requires_grad_()
+    w = weight.detach().double().requires_grad_(need_dw)
+    loss = linear_cross_entropy_reference(h, w, labels, reduction=reduction)
+    loss.backward()
+    return loss.detach(), h.grad, (w.grad if need_dw else None)
+
+
+def _run(hidden, weight, labels, reduction="mean", need_dw=False, **forward_kw):
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_(need_dw)
+    if forward_kw:  # small blocks and chunks so that tiny shapes still exercise the loops and the chunking
+        loss_sum, n, gh, gw = ce._forward(h.detach(), w.detach(), labels, -100, True, need_dw, **forward_kw)
+        scale = 1.0 / n.clamp(min=1).double() if reduction == "mean" else 1.0
+        return (loss_sum * scale).float(), gh.double() * scale, (gw.double() * scale if need_dw else None)
+    loss = fused_linear_cross_entropy(h, w, labels, reduction=reduction)
+    loss.backward()
+    return loss.detach(), h.grad, w.grad
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
+
+
+SMALL = dict(chunk_rows=5, block_v=32, num_warps=1)
+
+
+@pytest.mark.parametrize("T,H,V", [(1, 48, 97), (13, 48, 131), (37, 33, 250)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ignore_frac", [0.0, 0.4])
+def test_matches_fp64_reference(T, H, V, dtype, ignore_frac):
+    hidden, weight, labels = _inputs(T, H, V, dtype, ignore_frac=ignore_frac)
+    if (labels == -100).all():
+        labels[0] = 3
+    ref_loss, ref_gh, _ = _reference(hidden, weight, labels)
+    loss, gh, _ = _run(hidden, weight, labels, **SMALL)
+    assert loss.dtype == torch.float32
+    tol_loss, tol_grad = (1e-5, 1e-4) if dtype == torch.float32 else (1e-4, 1e-2)
+    assert abs(loss.item() - ref_loss.item()) <= tol_loss * abs(ref_loss.item())
+    assert _rel(gh, ref_gh) <= tol_grad
+    assert torch.all(gh[labels == -100] == 0)
+
+
+@pytest.mark.parametrize("reduction,dtype", [("mean", torch.bfloat16), ("sum", torch.bfloat16), ("mean", torch.float16)])
+def test_public_api_and_weight_grad(reduction, dtype):
+    hidden, weight, labels = _inputs(11, 48, 103, dtype, ignore_frac=0.3)
+    labels[0] = 5
+    ref_loss, ref_gh, ref_gw = _reference(hidden, weight, labels, reduction, need_dw=True)
+    loss, gh, gw = _run(hidden, weight, labels, reduction, need_dw=True)
+    assert loss.dtype == torch.float32 and gh.dtype == dtype and gw.dtype == dtype
+    assert abs(loss.item() - ref_loss.item()) <= 1e-4 * abs(ref_loss.item())
+    assert _rel(gh, ref_gh) <= 1e-2 and _rel(gw, ref_gw) <= 1e-2
+
+
+def test_upstream_gradient_scales_and_frozen_weight_gets_none():
+    hidden, weight, labels = _inputs(7, 48, 61, torch.float32)
+    h = hidden.clone().requires_grad_()
+    (fused_linear_cross_entropy(h, weight, labels) * 3.0).backward()
+    _, ref_gh, _ = _reference(hidden, weight, labels)
+    assert _rel(h.grad, 3.0 * ref_gh) <= 1e-5
+    assert weight.grad is None
+
+
+def test_all_ignored_gives_zero_loss_and_grads():
+    hidden, weight, labels = _inputs(9, 48, 77, torch.bfloat16)
+    labels[:] = -100
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    loss = fused_linear_cross_entropy(h, w, labels)
+    loss.backward()
+    assert loss.item() == 0.0 and not torch.isnan(loss)
+    assert torch.all(h.grad == 0) and torch.all(w.grad == 0)
+
+
+def test_no_grad_forward_matches():
+    hidden, weight, labels = _inputs(6, 48, 89, torch.float32, ignore_frac=0.3)
+    labels[0] = 1
+    with torch.no_grad():
+        loss = fused_linear_cross_entropy(hidden.requires_grad_(), weight, labels, reduction="sum")
+    ref = linear_cross_entropy_reference(hidden.double(), weight.double(), labels, reduction="sum")
+    assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item())
+
+
+@pytest.mark.parametrize("bad", [89, -1, 10**6])
+def test_out_of_range_label_is_a_clear_error(bad):
+    hidden, weight, labels = _inputs(4, 48, 89, torch.float32)
+    labels[2] = bad
+    with pytest.raises(ValueError, match="outside"):
+        fused_linear_cross_entropy(hidden, weight, labels)
+
+
+def test_kernel_is_memory_safe_on_bad_labels_without_validation():
+    # What graph capture gets (no host-side check): a NaN loss for the bad row, zero loss/grad for ignored rows.
+    hidden, weight, labels = _inputs(3, 48, 70, torch.float32)
+    labels[0], labels[1] = 70, -100
+    logits = hidden @ weight.t()
+    loss = torch.empty(3)
+    ce._launch_rows(logits, logits, labels, loss, -100, True, 32, 1)
+    assert torch.isnan(loss[0]) and loss[1] == 0 and torch.isfinite(loss[2])
+    assert torch.all(logits[:2] == 0)
+
+
+def test_rejects_bad_reduction_and_shapes():
+    hidden, weight, labels = _inputs(4, 48, 50, torch.float32)
+    with pytest.raises(ValueError):
+        fused_linear_cross_entropy(hidden, weight, labels, reduction="none")
+    with pytest.raises(ValueError):
+        fused_linear_cross_entropy(hidden, weight[:, :40], labels)
+
+
+# ----------------------------------------------------------------------------------------------------- GPU only
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,ignore_frac", [(1, 0.0), (1000, 0.0), (4099, 0.5)])
+def test_gpu_real_vocab_against_fp64(T, ignore_frac):
+    gen = torch.Generator(device="cuda").manual_seed(T)
+    hidden, weight, labels = _inputs(T, 2880, 201088, torch.bfloat16, "cuda", ignore_frac, gen)
+    loss, gh, _ = _run(hidden, weight, labels)
+    # fp64 reference in row chunks (the full [T, V] fp64 would not fit)
+    ref_sum, ref_gh = 0.0, torch.empty(T, 2880, dtype=torch.float64, device="cuda")
+    n = max(int((labels != -100).sum()), 1)
+    w = weight.double()
+    for s in range(0, T, 256):
+        h = hidden[s:s + 256].double().requires_grad_()
+        part = linear_cross_entropy_reference(h, w, labels[s:s + 256], reduction="sum")
+        part.backward()
+        ref_sum += part.item()
+        ref_gh[s:s + 256] = h.grad / n
+    ref = ref_sum / n
+    assert abs(loss.item() - ref) <= 1e-4 * abs(ref)
+    assert _rel(gh, ref_gh) <= 1e-2
+
+
+@pytest.mark.gpu
+def test_gpu_weight_grad_and_fp32():
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    for dtype, tol_loss, tol_grad in [(torch.bfloat16, 1e-4, 1e-2), (torch.float32, 1e-5, 1e-4)]:
+        hidden, weight, labels = _inputs(777, 2880, 50001, dtype, "cuda", 0.2, gen)
+        ref_loss, ref_gh, ref_gw = _reference(hidden, weight, labels, need_dw=True)
+        loss, gh, gw = _run(hidden, weight, labels, need_dw=True)
+        assert abs(loss.item() - ref_loss.item()) <= tol_loss * abs(ref_loss.item())
+        assert _rel(gh, ref_gh) <= tol_grad and _rel(gw, ref_gw) <= tol_grad
+
+
+@pytest.mark.gpu
+def test_gpu_extra_memory_at_16k():
+    T, H, V = 16384, 2880, 201088
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    hidden, weight, labels = _inputs(T, H, V, torch.bfloat16, "cuda", 0.0, gen)
+    hidden.requires_grad_()
+    fused_linear_cross_entropy(hidden, weight, labels).backward()  # warm up (cuBLAS workspace, autotuning)
+    hidden.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fused_linear_cross_entropy(hidden, weight, labels).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base - hidden.grad.numel() * hidden.grad.element_size()
+    assert extra <= 256 * 2**20, f"extra peak {extra / 2**20:.1f} MiB"
+
+
+@pytest.mark.gpu
+def test_gpu_all_ignored_and_cuda_graph_capture():
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    hidden, weight, labels = _inputs(300, 2880, 4097, torch.bfloat16, "cuda", 0.5, gen)
+    ref = linear_cross_entropy_reference(hidden.double(), weight.double(), labels)
+    static = hidden.clone()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fused_linear_cross_entropy(static, weight, labels)  # warm up (Triton compile) outside the capture
+        with torch.cuda.graph(graph, stream=s):
+            out = fused_linear_cross_entropy(static, weight, labels)
+    torch.cuda.current_stream().wait_stream(s)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert abs(out.item() - ref.item()) <= 1e-4 * abs(ref.item())
+    labels[:] = -100
+    h = hidden.clone().requires_grad_()
+    loss = fused_linear_cross_entropy(h, weight, labels)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.all(h.grad == 0)
