@@ -72,6 +72,18 @@ def varlen_attention_reference(q, k, v, cu_seqlens, sinks=None, window=None, sof
 if triton is not None:
 
     @triton.jit
+    def _key_walk(DOC_START, offs_m, row_ok, m0, T, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Per-row lower bound lo_i, the key range [k_start, k_end) of query block m0, and the unmasked run."""
+        last = tl.minimum(m0 + BLOCK_M, T) - 1
+        lo = tl.maximum(tl.load(DOC_START + offs_m, mask=row_ok, other=0), offs_m - window + 1)
+        k_start = tl.maximum(tl.load(DOC_START + m0), m0 - window + 1)  # lo grows with the row
+        lo_last = tl.maximum(tl.load(DOC_START + last), last - window + 1)
+        # key blocks on the grid k_start + t * BLOCK_N skip the mask in [n_full_lo, n_full_hi): every row sees them
+        n_full_lo = k_start + tl.cdiv(lo_last - k_start, BLOCK_N) * BLOCK_N
+        n_full_hi = n_full_lo + tl.maximum(m0 + 1 - n_full_lo, 0) // BLOCK_N * BLOCK_N
+        return lo, k_start, last + 1, n_full_lo, n_full_hi
+
+    @triton.jit
     def _fwd_loop(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kt, stride_vt, offs_m, lo, offs_nb, offs_d,
                   n_begin, n_end, n_full_lo, n_full_hi, T, qk_scale,
                   BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -111,14 +123,7 @@ if triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         offs_nb = tl.arange(0, BLOCK_N)
         row_ok = offs_m < T
-        last = tl.minimum(m0 + BLOCK_M, T) - 1
-        lo = tl.maximum(tl.load(DOC_START + offs_m, mask=row_ok, other=0), offs_m - window + 1)
-        k_start = tl.maximum(tl.load(DOC_START + m0), m0 - window + 1)
-        lo_last = tl.maximum(tl.load(DOC_START + last), last - window + 1)
-        k_end = last + 1
-        # key blocks on the grid k_start + t * BLOCK_N skip the mask in [n_full_lo, n_full_hi): every row sees them
-        n_full_lo = k_start + tl.cdiv(lo_last - k_start, BLOCK_N) * BLOCK_N
-        n_full_hi = n_full_lo + tl.maximum(m0 + 1 - n_full_lo, 0) // BLOCK_N * BLOCK_N
+        lo, k_start, k_end, n_full_lo, n_full_hi = _key_walk(DOC_START, offs_m, row_ok, m0, T, window, BLOCK_M, BLOCK_N)
 
         q_ptrs = Q + m0.to(tl.int64) * stride_qt + h * stride_qh \
             + tl.arange(0, BLOCK_M)[:, None] * stride_qt + offs_d[None, :]
@@ -132,7 +137,7 @@ if triton is not None:
             l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, K + kvh * stride_kh, V + kvh * stride_vh, stride_kt, stride_vt,
-                                  offs_m, lo, offs_nb, offs_d, k_start, last + 1, n_full_lo, n_full_hi, T, qk_scale,
+                                  offs_m, lo, offs_nb, offs_d, k_start, k_end, n_full_lo, n_full_hi, T, qk_scale,
                                   BLOCK_N, HEAD_DIM, DOT_PREC)
         l_safe = tl.where(row_ok, l_i, 1.0)
         out = acc / l_safe[:, None]
@@ -191,13 +196,7 @@ if triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         offs_nb = tl.arange(0, BLOCK_N)
         row_ok = offs_m < T
-        last = tl.minimum(m0 + BLOCK_M, T) - 1
-        lo = tl.maximum(tl.load(DOC_START + offs_m, mask=row_ok, other=0), offs_m - window + 1)
-        k_start = tl.maximum(tl.load(DOC_START + m0), m0 - window + 1)
-        lo_last = tl.maximum(tl.load(DOC_START + last), last - window + 1)
-        k_end = last + 1
-        n_full_lo = k_start + tl.cdiv(lo_last - k_start, BLOCK_N) * BLOCK_N
-        n_full_hi = n_full_lo + tl.maximum(m0 + 1 - n_full_lo, 0) // BLOCK_N * BLOCK_N
+        lo, k_start, k_end, n_full_lo, n_full_hi = _key_walk(DOC_START, offs_m, row_ok, m0, T, window, BLOCK_M, BLOCK_N)
 
         rows = tl.arange(0, BLOCK_M)[:, None]
         io_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
@@ -209,7 +208,7 @@ if triton is not None:
         delta = tl.load(DELTA + h.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         dq = _dq_loop(dq, q, do, lse, delta, K + kvh * stride_kh, V + kvh * stride_vh, stride_kt, stride_vt, offs_m,
-                      lo, offs_nb, offs_d, k_start, last + 1, n_full_lo, n_full_hi, T, qk_scale,
+                      lo, offs_nb, offs_d, k_start, k_end, n_full_lo, n_full_hi, T, qk_scale,
                       BLOCK_N, HEAD_DIM, DOT_PREC)
         tl.store(DQ + m0.to(tl.int64) * stride_dqt + h * stride_dqh + rows * stride_dqt + offs_d[None, :],
                  (dq * sm_scale).to(DQ.dtype.element_ty), mask=io_mask)
