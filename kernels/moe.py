@@ -94,9 +94,21 @@ def moe_reference(x, router_weight, router_bias, top_k, gate_up, gate_up_bias, d
 # ----------------------------------------------------------------------------------------------------------------
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# (BM, BN, BK, GROUP_M, num_warps, num_stages); BK and BN are multiples of 32 (one MXFP4 scale group).
-_CFG = dict(BM=16, BN=32, BK=32, GROUP_M=2, num_warps=4, num_stages=1) if _INTERPRET else \
-    dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3)
+# BM is fixed (the tile table is built for it); BN and BK are multiples of 32 (one MXFP4 scale group) and are tuned
+# per GEMM shape on the GPU. The interpreter gets one small config.
+BM = 16 if _INTERPRET else 128
+GROUP_M = 2 if _INTERPRET else 8
+MIN_BN = 32
+_GEMM_CONFIGS = [triton.Config(dict(BN=32, BK=32), num_warps=4, num_stages=1)] if _INTERPRET else [
+    triton.Config(dict(BN=bn, BK=bk), num_warps=w, num_stages=st)
+    for bn, bk, w, st in ((128, 64, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3))
+]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    # the SwiGLU-backward epilogue holds a [BM, 2*BN] fp32 tile of h beside the accumulator: cap BN there
+    keep = [c for c in configs if not (kwargs.get("EPI") == 2 and c.kwargs["BN"] > 128)]
+    return keep or configs[:1]
 
 
 @triton.jit
@@ -157,6 +169,9 @@ def _tile(tile_expert, tile_row, offsets, pid_t, BM: tl.constexpr):
     return e, row0, row_end
 
 
+# reset_to_zero: configs with other BN write other DW partial columns; the winner must start from zeros
+@triton.autotune(configs=_GEMM_CONFIGS, key=["K", "N", "QUANT", "EPI", "HAS_LORA"], reset_to_zero=["DW"],
+                 prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _grouped_gemm_kernel(
     A, a_idx, s_am,                       # activation rows: A[a_idx[i]] (GATHER_A) or A[i]
@@ -374,12 +389,11 @@ def _gemm(a, a_idx, w_args, tables, out, *, c_idx=None, bias=None, lora=None, ro
     """Launch _grouped_gemm_kernel. lora = (L [S, r], LB, s_lbe, s_lbn, s_lbr, scaling)."""
     W, WS, quant, s_we, s_wk, s_wn, s_se, K, N = w_args
     _, _, offsets, tile_expert, tile_row = tables
-    cfg = _CFG
     num_tiles = tile_expert.numel()
     dummy = out
     L, LB, s_lbe, s_lbn, s_lbr, scaling = lora if lora is not None else (dummy, dummy, 0, 0, 0, 0.0)
     R = L.shape[1] if lora is not None else 1
-    grid = (num_tiles * triton.cdiv(N, cfg["BN"]),)
+    grid = lambda meta: (num_tiles * triton.cdiv(N, meta["BN"]),)  # noqa: E731
     _grouped_gemm_kernel[grid](
         a, a_idx if a_idx is not None else offsets, a.stride(0),
         W, WS, s_we, s_wk, s_wn, s_se,
@@ -393,8 +407,7 @@ def _gemm(a, a_idx, w_args, tables, out, *, c_idx=None, bias=None, lora=None, ro
         tile_expert, tile_row, offsets, num_tiles, K, N, float(limit), float(alpha),
         QUANT=quant, EPI=epi, GATHER_A=a_idx is not None, SCATTER_C=c_idx is not None,
         HAS_BIAS=bias is not None, HAS_LORA=lora is not None, ROWSCALE=rowscale is not None,
-        STORE_ACT=act is not None, R_PAD=_r_pad(R), BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"],
-        GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        STORE_ACT=act is not None, R_PAD=_r_pad(R), BM=BM, GROUP_M=GROUP_M,
     )
     return out
 
@@ -407,7 +420,7 @@ def _lowrank(p, p_idx, factor, tables, S):
     _lowrank_kernel[(tile_expert.numel(),)](
         p, p_idx if p_idx is not None else offsets, p.stride(0), F_, s_fe, s_fr, s_fk, out,
         tile_expert, tile_row, offsets, K, r, GATHER_P=p_idx is not None, R_PAD=_r_pad(r),
-        BM=_CFG["BM"], BK=64 if not _INTERPRET else 32, num_warps=4)
+        BM=BM, BK=64 if not _INTERPRET else 32, num_warps=4)
     return out
 
 
@@ -455,7 +468,7 @@ class _MoEExperts(torch.autograd.Function):
         k = index.shape[1]
         E = gu_b.shape[0]
         S = T * k
-        tables = _routing_tables(index, E, _CFG["BM"])
+        tables = _routing_tables(index, E, BM)
         row_token, pair, offsets = tables[:3]
         rowscale = weights.reshape(-1)[pair.long()].float()  # routing weight of each sorted row
         gu_args = _weight_args(gate_up, x.dtype, True)
@@ -500,8 +513,8 @@ class _MoEExperts(torch.autograd.Function):
         if A_d is not None:
             d_outB = _lowrank(d_out, row_token, _bt_factor(B_d, E), tables, S)
             lora_d = _a_epilogue(A_d, E, d_outB, ctx.s_d)
-        n_blocks = triton.cdiv(I, _CFG["BN"])
-        dw_part = torch.empty(S, n_blocks, device=x.device, dtype=torch.float32)
+        # one partial <g, act> per column block; sized for the smallest BN the autotuner may pick, zeros elsewhere
+        dw_part = torch.zeros(S, triton.cdiv(I, MIN_BN), device=x.device, dtype=torch.float32)
         act = torch.empty(S, I, device=x.device, dtype=x.dtype) if A_d is not None else None
         dh = torch.empty(S, 2 * I, device=x.device, dtype=x.dtype)
         _gemm(d_out, row_token, d_args, tables, dh, lora=lora_d, rowscale=rowscale, epi=2, aux=h, dw=dw_part,

@@ -188,9 +188,7 @@ def test_moe_gpu_gpt_oss_shape_bf16(quant):
     c = GPT_OSS
     torch.manual_seed(1)
     p = make_problem(2053, c["H"], c["I"], c["E"], c["k"], c["r"], quant, device="cuda", dtype=torch.bfloat16)
-    if quant:
-        p["gate_up"] = random_mxfp4(c["E"], 2 * c["I"], c["H"], "cuda", lo=124, hi=129)  # |gate_up| past 7
-    out, grads, ref, ref_grads = run_both(p, check_clamps=quant)
+    out, grads, ref, ref_grads = run_both(p)
     assert torch.isfinite(out).all()
     assert rel(out, ref) < 1e-2, rel(out, ref)
     errs = [rel(g, rg) for g, rg in zip(grads, ref_grads)]
