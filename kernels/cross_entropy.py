@@ -118,9 +118,12 @@ def _grad_view(buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return buf.view(dtype)[:, : buf.shape[1]]
 
 
-def _launch_rows(logits, grad, labels, loss_out, ignore_index, write_grad, block_v=None, num_warps=8):
+def _launch_rows(logits, grad, labels, loss_out, ignore_index, write_grad, block_v=None, num_warps=None):
     rows, V = logits.shape
-    block_v = block_v or min(4096, triton.next_power_of_2(V))
+    # One program streams a whole row (804 KB at V=201088) with only ~2 programs per SM (C=256 rows), so each needs
+    # many bytes in flight: 8192 fp32 per block over 16 warps = 32 KB per load step.
+    block_v = block_v or min(8192, triton.next_power_of_2(V))
+    num_warps = num_warps or (16 if block_v >= 8192 else 8 if block_v >= 2048 else 4)
     _lse_grad_kernel[(rows,)](
         logits, logits.stride(0), grad, grad.stride(0), labels, loss_out, V, ignore_index,
         WRITE_GRAD=write_grad, BLOCK_V=block_v, num_warps=num_warps,
@@ -145,7 +148,7 @@ def _accumulate_weight_grad(grad_w, grad_logits, h):
         grad_w.addmm_(grad_logits.t().float(), h.float())
 
 
-def _forward(hidden, weight, labels, ignore_index, need_dh, need_dw, chunk_rows=None, block_v=None, num_warps=8):
+def _forward(hidden, weight, labels, ignore_index, need_dh, need_dw, chunk_rows=None, block_v=None, num_warps=None):
     """Returns (loss_sum fp32, n_valid, grad_hidden | None, grad_weight fp32 | None); grads are unscaled sums."""
     T, H = hidden.shape
     V = weight.shape[0]
@@ -194,31 +197,30 @@ def _forward(hidden, weight, labels, ignore_index, need_dh, need_dw, chunk_rows=
 
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, reduction, need_dh, need_dw):
-        loss_sum, n_valid, grad_h, grad_w = _forward(hidden, weight, labels, ignore_index, need_dh, need_dw)
+    def forward(ctx, hidden, weight, labels, ignore_index, reduction, need_dh, need_dw, chunk_rows):
+        loss_sum, n_valid, grad_h, grad_w = _forward(hidden, weight, labels, ignore_index, need_dh, need_dw, chunk_rows)
         inv_n = 1.0 / n_valid.clamp(min=1).float() if reduction == "mean" else torch.ones((), device=hidden.device)
-        ctx.save_for_backward(grad_h, grad_w, inv_n)
-        ctx.weight_dtype = weight.dtype
-        ctx.used = False
+        # Kept as attributes, not saved tensors: backward drops them, so autograd can hand dH to .grad without a copy.
+        ctx.grads, ctx.inv_n, ctx.weight_dtype = (grad_h, grad_w), inv_n, weight.dtype
         return loss_sum * inv_n
 
     @staticmethod
     def backward(ctx, grad_out):
-        if ctx.used:  # the stored gradients are scaled in place, so a second backward would be wrong
+        if ctx.grads is None:  # the gradients were scaled in place and handed over by the first backward
             raise RuntimeError("fused_linear_cross_entropy supports one backward per forward (no retain_graph reuse)")
-        ctx.used = True
-        grad_h, grad_w, inv_n = ctx.saved_tensors
-        scale = grad_out.float() * inv_n
+        (grad_h, grad_w), ctx.grads = ctx.grads, None
+        scale = grad_out.float() * ctx.inv_n
         dh = grad_h.mul_(scale) if grad_h is not None else None
         dw = grad_w.mul_(scale).to(ctx.weight_dtype) if grad_w is not None else None
-        return dh, dw, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None
 
 
-def fused_linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduction="mean"):
+def fused_linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduction="mean", *, chunk_rows=None):
     """Cross-entropy of hidden [T, H] @ weight [V, H]^T against labels [T] -> fp32 scalar, never storing [T, V].
 
     "mean" averages over non-ignored labels (0 when all are ignored), "sum" sums them. Differentiable w.r.t. hidden,
     and w.r.t. weight only when it requires grad (a frozen lm_head costs no dW GEMM and no [V, H] buffer).
+    chunk_rows overrides the rows per chunk (default: what fits a 200 MiB fp32 logits buffer), for tuning.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
@@ -235,5 +237,5 @@ def fused_linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduct
     grad_on = torch.is_grad_enabled()
     return FusedLinearCrossEntropyFunction.apply(
         hidden.contiguous(), weight.contiguous(), labels.contiguous().long(), ignore_index, reduction,
-        grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
+        grad_on and hidden.requires_grad, grad_on and weight.requires_grad, chunk_rows,
     )

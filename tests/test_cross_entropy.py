@@ -80,6 +80,15 @@ def test_upstream_gradient_scales_and_frozen_weight_gets_none():
     assert weight.grad is None
 
 
+def test_second_backward_is_refused():
+    hidden, weight, labels = _inputs(5, 48, 40, torch.float32)
+    h = hidden.clone().requires_grad_()
+    loss = fused_linear_cross_entropy(h, weight, labels)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward"):
+        loss.backward()
+
+
 def test_all_ignored_gives_zero_loss_and_grads():
     hidden, weight, labels = _inputs(9, 48, 77, torch.bfloat16)
     labels[:] = -100

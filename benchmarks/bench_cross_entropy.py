@@ -1,0 +1,150 @@
+"""Fused linear cross-entropy fwd+bwd at GPT-OSS's lm_head (H=2880, V=201088, bf16, frozen weight): fastft against
+torch (bf16 matmul + fp32 cross_entropy) and Liger-Kernel's fused linear cross-entropy, one row per T.
+
+    python benchmarks/bench_cross_entropy.py              # T = 4096, 16384, 65536 (a few minutes on an H200)
+    python benchmarks/bench_cross_entropy.py --quick      # smoke run: T = 2048, few iterations, not recorded
+    python benchmarks/bench_cross_entropy.py --sweep      # also print fastft at other chunk sizes (tuning)
+
+Extra memory is the peak above inputs, less the [T, H] hidden grad every method returns. A rival that is missing
+(Liger not installed) or runs out of memory is recorded as null with a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import extra_peak_gib, record, time_ms  # noqa: E402
+from fastft.kernels import cross_entropy as ce  # noqa: E402
+from fastft.kernels.cross_entropy import fused_linear_cross_entropy  # noqa: E402
+
+
+def _torch_loss(hidden, weight, labels):
+    return F.cross_entropy((hidden @ weight.t()).float(), labels, ignore_index=-100)
+
+
+def _liger_loss():
+    """Liger's fused linear CE as fn(hidden, weight, labels) -> loss, or None with the reason."""
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy as fn
+    except ImportError:
+        try:
+            from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction as F_
+        except ImportError as e:
+            return None, f"liger-kernel not importable: {e}"
+        return (lambda h, w, y: _first(F_.apply(h, w, y))), None
+    return (lambda h, w, y: _first(fn(h, w, y, ignore_index=-100, reduction="mean"))), None
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _measure(loss_fn, hidden, weight, labels, warmup, iters):
+    """(median ms, extra GiB beyond the hidden grad, loss value) of loss + backward, or Nones on OOM."""
+    def step():
+        hidden.grad = None
+        loss = loss_fn(hidden, weight, labels)
+        loss.backward()
+        return loss
+
+    try:
+        loss = step().item()
+        ms = time_ms(step, warmup=warmup, iters=iters)
+        hidden.grad = None
+        gib = extra_peak_gib(step) - hidden.numel() * hidden.element_size() / 2**30
+        return ms, gib, loss, None
+    except torch.cuda.OutOfMemoryError as e:
+        return None, None, None, f"OOM: {str(e).splitlines()[0][:120]}"
+    finally:
+        hidden.grad = None
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def _sweep(hidden, weight, labels, warmup, iters):
+    """Tuning aid, printed only: whole op vs rows per chunk, then the row kernel alone vs its block and warps."""
+    T, V = hidden.shape[0], weight.shape[0]
+    for rows in (128, 192, 256, 384, 512):
+        fn = lambda h, w, y, rows=rows: fused_linear_cross_entropy(h, w, y, chunk_rows=rows)  # noqa: E731
+        ms, gib, _, err = _measure(fn, hidden, weight, labels, warmup, iters)
+        print(f"sweep T={T} chunk_rows={rows}: {ms} ms, extra {gib} GiB {err or ''}", flush=True)
+    rows = ce._chunk_rows(T, V, None)
+    logits = torch.randn(rows, V, device="cuda")
+    grad, loss = ce._grad_view(logits, torch.bfloat16), torch.empty(rows, device="cuda")
+    gbytes = rows * V * (4 + 4 + 2) / 1e9  # two fp32 reads and one bf16 write per logit
+    for block_v in (2048, 4096, 8192, 16384):
+        for warps in (4, 8, 16, 32):
+            ms = time_ms(lambda: ce._launch_rows(logits, grad, labels[:rows], loss, -100, True, block_v, warps))
+            print(f"sweep kernel rows={rows} block_v={block_v} warps={warps}: {ms:.3f} ms, "
+                  f"{gbytes / ms * 1e3:.0f} GB/s nominal", flush=True)
+    gemm1 = time_ms(lambda: ce._logits_fp32(hidden[:rows].detach(), weight, logits))
+    gemm2 = time_ms(lambda: torch.mm(grad, weight))
+    flop = 2 * rows * V * hidden.shape[1]
+    print(f"sweep gemms rows={rows}: logits {gemm1:.3f} ms ({flop / gemm1 / 1e9:.0f} TFLOP/s), "
+          f"dH {gemm2:.3f} ms ({flop / gemm2 / 1e9:.0f} TFLOP/s)", flush=True)
+
+
+def _ratio(a, b):
+    return round(a / b, 3) if a is not None and b is not None else None
+
+
+def _r(x, nd=3):
+    return round(x, nd) if x is not None else None
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run at T=2048, not recorded")
+    parser.add_argument("--sweep", action="store_true", help="also time fastft at other chunk sizes")
+    parser.add_argument("--tokens", type=int, nargs="*", default=None)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_cross_entropy needs a CUDA GPU")
+
+    H, V = 2880, 201088
+    tokens = args.tokens or ([2048] if args.quick else [4096, 16384, 65536])
+    warmup, iters = (1, 3) if args.quick else (3, 10)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    weight = (torch.randn(V, H, device="cuda", generator=gen) * 0.02).bfloat16()  # frozen lm_head
+    liger, liger_note = _liger_loss()
+
+    for T in tokens:
+        hidden = torch.randn(T, H, device="cuda", generator=gen).bfloat16().requires_grad_()
+        labels = torch.randint(0, V, (T,), device="cuda", generator=gen)
+        notes = []
+        ours = _measure(fused_linear_cross_entropy, hidden, weight, labels, warmup, iters)
+        ref = _measure(_torch_loss, hidden, weight, labels, warmup, iters)
+        lig = _measure(liger, hidden, weight, labels, warmup, iters) if liger else (None, None, None, liger_note)
+        for name, res in (("fastft", ours), ("torch", ref), ("liger", lig)):
+            if res[3]:
+                notes.append(f"{name}: {res[3]}")
+        metrics = {
+            "T": T, "H": H, "V": V, "dtype": "bf16",
+            "fastft_ms": _r(ours[0]), "torch_ms": _r(ref[0]), "liger_ms": _r(lig[0]),
+            "fastft_extra_gib": _r(ours[1]), "torch_extra_gib": _r(ref[1]), "liger_extra_gib": _r(lig[1]),
+            "speedup_vs_torch": _ratio(ref[0], ours[0]), "speedup_vs_liger": _ratio(lig[0], ours[0]),
+            "loss_rel_diff_vs_torch": (abs(ours[2] - ref[2]) / abs(ref[2]) if ours[2] is not None and ref[2] else None),
+            "tflops_fastft": _r(2 * 2 * T * H * V / ours[0] / 1e9, 1) if ours[0] else None,
+        }
+        if notes:
+            metrics["note"] = "; ".join(notes)
+        if args.quick:
+            print(metrics)
+        else:
+            record("cross_entropy", metrics)
+        if args.sweep:
+            _sweep(hidden, weight, labels, warmup, iters)
+        del hidden, labels
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
