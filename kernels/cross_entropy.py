@@ -84,9 +84,10 @@ if triton is not None:
         tl.store(loss_ptr + row, tl.where(ignored, 0.0, loss))
 
         if WRITE_GRAD:
-            # Pass 2 runs first to last: it starts on the blocks pass 1 read last (likely still in L2), and when the
-            # gradient aliases the logits (2-byte grad over the first half of the fp32 row) every store lands on
-            # bytes that this program has already loaded.
+            # Pass 2 runs first to last: it starts on the blocks pass 1 read last (likely still in L2). When the
+            # gradient aliases the logits (2-byte grad over the first half of the fp32 row), block k's stores land
+            # on logits of blocks <= k; the barrier makes every warp's reads of block k (and so of all earlier
+            # blocks) happen before any warp stores block k, since warps are not otherwise in step.
             keep = tl.where(in_range & (label != ignore_index), 1.0, 0.0)
             target = tl.where(in_range, label, -1)
             grad_row = grad_ptr + row * grad_stride
@@ -95,6 +96,7 @@ if triton is not None:
                 mask = offs < V
                 x = tl.load(logits_row + offs, mask=mask, other=0.0)
                 g = (tl.exp(x - lse) - tl.where(offs == target, 1.0, 0.0)) * keep
+                tl.debug_barrier()  # after g: each thread has its loaded values in hand before anyone stores
                 tl.store(grad_row + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
