@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 from transformers.utils import chat_template_utils
 
 from fastft.assets import resolve_model
-from fastft.data import IGNORE_INDEX, PINNED_DATE, UsageError, encode, harmony_segments, normalise
+from fastft.data import IGNORE_INDEX, PINNED_DATE, UsageError, encode, harmony_text, normalise, render, segments
 
 
 @pytest.fixture(scope="module")
@@ -122,16 +122,61 @@ def test_train_on_all_masks_only_first_token(tok):
     assert labels[0][0] == IGNORE_INDEX and labels[0][1:] == ids[0][1:]
 
 
+def test_builtin_renderer_equals_template(tok, pinned_template_date):
+    """harmony_text() (for tokenizers without a template) renders what gpt-oss's template does."""
+    rng = random.Random(7)
+    convs = [normalise(random_row(rng)).messages for _ in range(40)]
+    assert [harmony_text(c) for c in convs] == tok.apply_chat_template(convs, tokenize=False)
+
+
 def test_segments_structure():
-    segs = harmony_segments(normalise({"messages": [
-        {"role": "user", "content": "u"}, {"role": "assistant", "content": "a", "thinking": "t"}]}).messages,
-        reasoning_effort="high")
+    conv = normalise({"messages": [{"role": "user", "content": "u"},
+                                   {"role": "assistant", "content": "a", "thinking": "t"}]}).messages
+    segs = segments(harmony_text(conv, reasoning_effort="high"))
     text = "".join(s[0] for s in segs)
     assert text.startswith("<|start|>system<|message|>You are ChatGPT")
     assert "Reasoning: high" in text and "developer" not in text
     assert text.endswith("<|start|>user<|message|>u<|end|><|start|>assistant<|channel|>analysis<|message|>t<|end|>"
                          "<|start|>assistant<|channel|>final<|message|>a<|return|>")
     assert "".join(s[0] for s in segs if s[2]) == "t<|end|>a<|return|>"
+    assert all(s[1] == (s[0] in ("<|start|>", "<|message|>", "<|end|>", "<|channel|>", "<|return|>")) for s in segs)
+
+
+@pytest.fixture
+def tok_variant():
+    """A fresh tokenizer whose template the test may change."""
+    return AutoTokenizer.from_pretrained(resolve_model("tiny"))
+
+
+def test_follows_template_variants(tok_variant):
+    """Earlier gpt-oss templates: no blank line after the developer message, a tools line in the system message."""
+    t = tok_variant.chat_template
+    t = t.replace("{{ messages[0].content }}\n\n<|end|>", "{{ messages[0].content }}<|end|>")
+    t = t.replace("for every message.<|end|>", "for every message.\nCalls to these tools must go to the commentary "
+                                              "channel: 'functions'.<|end|>")
+    assert t != tok_variant.chat_template
+    tok_variant.chat_template = t
+    conv = normalise({"system": "Be kind.", "question": "q", "answer": "a"}).messages
+    text = render([conv], tok_variant)[0]
+    assert "Be kind.<|end|>" in text and "'functions'.<|end|>" in text and f"Current date: {PINNED_DATE}" in text
+    ids, labels = encode([conv], tok_variant)
+    assert tok_variant.decode([t for t, l in zip(ids[0], labels[0]) if l != IGNORE_INDEX]) == "a<|return|>"
+
+
+def test_foreign_template_is_a_usage_error(tok_variant):
+    tok_variant.chat_template = "{% for m in messages %}<|start|>{{ m.role }}<|message|>{{ m.content }}<|end|>" \
+                                "{% endfor %}"  # everything in harmony framing, but "assistant" without a channel
+    conv = normalise({"question": "q", "answer": "a"}).messages
+    assert encode([conv], tok_variant)[1][0][-2:] != [IGNORE_INDEX, IGNORE_INDEX]  # still harmony: trains "a<|end|>"
+    tok_variant.chat_template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+    with pytest.raises(UsageError, match="chat template"):
+        encode([conv], tok_variant)
+
+
+def test_template_failure_is_a_usage_error(tok_variant):
+    tok_variant.chat_template = "{{ raise_exception('nope') }}"
+    with pytest.raises(UsageError, match="nope"):
+        encode([normalise({"question": "q", "answer": "a"}).messages], tok_variant)
 
 
 def test_non_harmony_tokenizer_is_a_usage_error(tok):

@@ -51,19 +51,20 @@ collate(rows) -> {"input_ids", "labels", "position_ids": int64 [T], "cu_seqlens"
   so no position learns to predict across a document boundary.
 
 Accepted row shapes and their rules: fastft.data.shapes. Rendering and what is trained: fastft.data.render
-(assistant content + its <|end|>/<|return|>, and the final turn's thinking + <|end|>; the date is pinned).
+(the tokenizer's own chat template with the date pinned; trained: assistant content + its <|end|>/<|return|>,
+and the final turn's thinking + <|end|>).
 Packing: fastft.data.packing.
 """
 
 from .config import DataConfig, DataError, UsageError
 from .dataset import PreparedData, prepare, validate
 from .packing import PackedRow, best_fit_decreasing, collate, pack
-from .render import IGNORE_INDEX, PINNED_DATE, encode, harmony_segments
+from .render import IGNORE_INDEX, PINNED_DATE, encode, harmony_text, render, segments
 from .report import DataWarning, Issue, ValidationReport
 from .shapes import ACCEPTED, Conversation, RowProblem, normalise
 
 __all__ = [
     "ACCEPTED", "Conversation", "DataConfig", "DataError", "DataWarning", "IGNORE_INDEX", "Issue", "PINNED_DATE",
     "PackedRow", "PreparedData", "RowProblem", "UsageError", "ValidationReport", "best_fit_decreasing", "collate",
-    "encode", "harmony_segments", "normalise", "pack", "prepare", "validate",
+    "encode", "harmony_text", "normalise", "pack", "prepare", "render", "segments", "validate",
 ]

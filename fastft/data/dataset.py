@@ -13,7 +13,7 @@ from .. import __version__
 from .config import DataConfig, DataError, UsageError
 from .packing import PackedRow, pack, packing_efficiency
 from .reading import read_jsonl
-from .render import IGNORE_INDEX, RENDER_VERSION, encode, special_ids, tokenizer_fingerprint
+from .render import IGNORE_INDEX, RENDER_VERSION, encode, tokenizer_fingerprint
 from .report import DataWarning, Issue, ValidationReport
 from .shapes import Conversation, RowProblem, normalise
 
@@ -103,7 +103,8 @@ def _tokenise(checked: _Checked, cfg: DataConfig, tokenizer):
     n_full, cache file, cache hit)."""
     import datasets  # slow import, only needed here
 
-    special_ids(tokenizer)  # a UsageError now beats one per batch inside map
+    # A tokenizer or template fastft cannot use fails here with a UsageError, not inside datasets.map.
+    encode([checked.conversations[0].messages], tokenizer, cfg.train_on_all, cfg.reasoning_effort)
     cache_dir = cfg.resolved_cache_dir()
     cache_dir.mkdir(parents=True, exist_ok=True)
     key = _cache_key(cfg, tokenizer, checked.data_hashes)

@@ -45,13 +45,13 @@ def json_kind(value) -> str:
 def read_jsonl(path: str) -> FileRead:
     out = FileRead(path)
     p = Path(path)
-    if not p.exists():
-        out.issues.append(Issue(path, None, None, "no such file"))
-        return out
-    if p.is_dir():
-        out.issues.append(Issue(path, None, None, "is a directory; pass the .jsonl files in it instead"))
-        return out
     try:
+        if not p.exists():
+            out.issues.append(Issue(path, None, None, "no such file"))
+            return out
+        if p.is_dir():
+            out.issues.append(Issue(path, None, None, "is a directory; pass the .jsonl files in it instead"))
+            return out
         raw = p.read_bytes()
     except OSError as e:
         out.issues.append(Issue(path, None, None, f"cannot read: {e.strerror or e}"))
