@@ -125,7 +125,7 @@ if triton is not None:
             else:
                 w = tl.trans(_w_tile(w_ptr, aux_ptr, code_ptr, offs_n, k0, N_W, K_W, stride_wn, stride_wk,
                                      FMT, NF4_BS, BLOCK_N, BLOCK_K))
-            if IEEE:
+            if IEEE:  # fp32 inputs, and always in the interpreter (its bf16 dot is wrong)
                 acc = tl.dot(a.to(tl.float32), w, acc, input_precision="ieee")
             else:
                 acc = tl.dot(a, w.to(a.dtype), acc)
@@ -230,7 +230,7 @@ def _gemm(a, fields, trans_w, bias=None, p=None, q=None, scaling=0.0, mask=None,
         mask.stride(0) if mask is not None else 0, mask.stride(1) if mask is not None else 0,
         c.stride(0), c.stride(1),
         FMT=fmt, NF4_BS=nf4_bs, TRANS_W=trans_w, HAS_BIAS=bias is not None, HAS_LORA=p is not None,
-        HAS_MASK=mask is not None, IEEE=a.dtype == torch.float32, BLOCK_R=block_r, **fixed,
+        HAS_MASK=mask is not None, IEEE=a.dtype == torch.float32 or _interpreting(), BLOCK_R=block_r, **fixed,
     )
     return c
 

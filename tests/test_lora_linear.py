@@ -65,6 +65,26 @@ def test_forward_backward_cpu(fmt, T, in_f, out_f, r, with_bias):
             assert _rel(a, b) < 1e-5
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_bf16_io_cpu(fmt):
+    # bf16 loads/stores and the cast of the dequantised tile (the interpreter does the dot itself in fp32)
+    T, in_f, out_f, r = 21, 64, 48, 8
+    w = _weight(fmt, out_f, in_f, dtype=torch.bfloat16)
+    x = torch.randn(T, in_f, dtype=torch.bfloat16, requires_grad=True)
+    A = (torch.randn(r, in_f) * 0.1).requires_grad_()  # fp32 adapters, as PEFT often keeps them
+    B = (torch.randn(out_f, r) * 0.1).requires_grad_()
+    bias = torch.randn(out_f, dtype=torch.bfloat16).requires_grad_()
+    dy = torch.randn(T, out_f, dtype=torch.bfloat16)
+    y, g = _grads(lambda: lora_linear(x, w, bias, A, B, 2.0), x, A, B, bias, dy)
+    assert y.dtype == torch.bfloat16 and g[0].dtype == torch.bfloat16 and g[1].dtype == torch.float32
+    xf, Af, Bf, bf = (t.detach().float().requires_grad_() for t in (x, A, B, bias))
+    wd = w.dequantize(torch.float32) if fmt != "dense" else w.float()
+    y_ref, g_ref = _grads(lambda: xf @ wd.t() + bf + 2.0 * (xf @ Af.t()) @ Bf.t(), xf, Af, Bf, bf, dy.float())
+    assert _rel(y, y_ref) < 1e-2
+    for a, b in zip(g, g_ref):
+        assert _rel(a, b) < 1e-2
+
+
 @pytest.mark.parametrize("fmt", ["dense", "mxfp4"])
 def test_dropout_mask_cpu(fmt):
     T, in_f, out_f, r, p = 19, 64, 41, 4, 0.3
