@@ -94,7 +94,7 @@ if triton is not None:
         FMT: tl.constexpr, NF4_BS: tl.constexpr, TRANS_W: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_LORA: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-        GROUP_M: tl.constexpr,
+        GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr,
     ):
         """C[M, N_OUT] = A[M, K_RED] . op(W) (+ bias) + scaling * (P[M, R] . Q[R, N_OUT]) (* mask * inv_keep).
 
@@ -114,21 +114,36 @@ if triton is not None:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         a_rows = a_ptr + offs_m[:, None].to(tl.int64) * stride_am
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if SWAP_AB:  # C^T = op(W)^T . A^T: the dequantised tile is wgmma's A operand, which may stay in registers
+            acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K_RED, BLOCK_K):
             ks = k0 + offs_k
             a = tl.load(a_rows + ks[None, :] * stride_ak, mask=(offs_m[:, None] < M) & (ks[None, :] < K_RED),
                         other=0.0)
-            if TRANS_W:  # rows of W are the reduction: the tile W[k0:k0+BK, n-tile] is already [BK, BN]
+            if TRANS_W:  # rows of W are the reduction: the tile W[k0:k0+BK, n-tile] is op(W)'s [BK, BN]
                 w = _w_tile(w_ptr, aux_ptr, code_ptr, ks, pid_n * BLOCK_N, N_W, K_W, stride_wn, stride_wk,
                             FMT, NF4_BS, BLOCK_K, BLOCK_N)
-            else:
-                w = tl.trans(_w_tile(w_ptr, aux_ptr, code_ptr, offs_n, k0, N_W, K_W, stride_wn, stride_wk,
-                                     FMT, NF4_BS, BLOCK_N, BLOCK_K))
+                w_kn = w
+                w_nk = tl.trans(w)
+            else:  # W[n-tile, k0:k0+BK] is op(W)^T's [BN, BK]
+                w = _w_tile(w_ptr, aux_ptr, code_ptr, offs_n, k0, N_W, K_W, stride_wn, stride_wk,
+                            FMT, NF4_BS, BLOCK_N, BLOCK_K)
+                w_kn = tl.trans(w)
+                w_nk = w
             if IEEE:  # fp32 inputs, and always in the interpreter (its bf16 dot is wrong)
-                acc = tl.dot(a.to(tl.float32), w, acc, input_precision="ieee")
+                if SWAP_AB:
+                    acc_t = tl.dot(w_nk, tl.trans(a.to(tl.float32)), acc_t, input_precision="ieee")
+                else:
+                    acc = tl.dot(a.to(tl.float32), w_kn, acc, input_precision="ieee")
             else:
-                acc = tl.dot(a, w.to(a.dtype), acc)
+                if SWAP_AB:
+                    acc_t = tl.dot(w_nk.to(a.dtype), tl.trans(a), acc_t)
+                else:
+                    acc = tl.dot(a, w_kn.to(a.dtype), acc)
+        if SWAP_AB:
+            acc = tl.trans(acc_t)  # once per tile
 
         mask_mn = (offs_m[:, None] < M) & (offs_n[None, :] < N_OUT)
         if HAS_LORA:
@@ -158,31 +173,34 @@ def _interpreting() -> bool:
 
 
 def _gpu_configs():
-    # Hopper: big tiles amortise the per-tile dequantisation over more MMA work.
-    cfg = triton.Config
+    """Hopper candidates. In-loop dequantisation costs ALU per W element per M-tile, so tall M tiles (amortising it
+    over more MMA work) and the swapped orientation (dequantised tile as the register operand) are in the set; the
+    autotuner measures which wins for each shape, format and direction (~10 compiles per key, cached on disk)."""
+    def cfg(bm, bn, bk, warps, stages, swap=False):
+        return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "SWAP_AB": swap},
+                             num_warps=warps, num_stages=stages)
     return [
-        cfg({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        cfg({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
-        cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        cfg({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        cfg(128, 256, 64, 8, 3), cfg(256, 128, 64, 8, 3), cfg(128, 128, 64, 8, 4), cfg(128, 128, 64, 4, 4),
+        cfg(128, 128, 128, 8, 3), cfg(64, 128, 64, 4, 4),
+        cfg(256, 128, 64, 8, 3, True), cfg(128, 128, 64, 4, 4, True), cfg(256, 64, 64, 4, 4, True),
+        cfg(128, 64, 128, 4, 3, True),
     ]
 
 
+# Interpreter tiles: small so CPU tests stay fast (tests flip SWAP_AB to cover both orientations).
+INTERPRETER_META = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2, "SWAP_AB": False}
 _kernel_cache = {}
 
 
 def _kernel():
-    """The launcher: autotuned on GPU (keyed on the weight shape and format, not on T), fixed tiles in the
-    interpreter (small, so CPU tests stay fast)."""
+    """(launcher, fixed meta): autotuned on GPU (keyed on the weight shape, format and direction, not on T, so a
+    varying token count never re-tunes); fixed tiles in the interpreter."""
+    if _interpreting():
+        return _lora_gemm_kernel, INTERPRETER_META
     if "k" not in _kernel_cache:
-        if _interpreting():
-            _kernel_cache["k"] = (_lora_gemm_kernel, {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2})
-        else:
-            tuned = triton.autotune(_gpu_configs(), key=["N_OUT", "K_RED", "FMT", "TRANS_W", "HAS_LORA", "IEEE"])
-            _kernel_cache["k"] = (tuned(_lora_gemm_kernel), {})
-    return _kernel_cache["k"]
+        tuned = triton.autotune(_gpu_configs(), key=["N_OUT", "K_RED", "FMT", "TRANS_W", "HAS_LORA", "IEEE"])
+        _kernel_cache["k"] = tuned(_lora_gemm_kernel)
+    return _kernel_cache["k"], {}
 
 
 def _weight_fields(weight):

@@ -46,9 +46,17 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
+@pytest.fixture(params=[False, True], ids=["ab", "swap_ab"])
+def swap_ab(request, monkeypatch):
+    import fastft.kernels.lora_linear as mod
+
+    monkeypatch.setitem(mod.INTERPRETER_META, "SWAP_AB", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("T,in_f,out_f,r,with_bias", [(37, 96, 75, 5, True), (5, 160, 33, 16, False)])
-def test_forward_backward_cpu(fmt, T, in_f, out_f, r, with_bias):
+def test_forward_backward_cpu(fmt, T, in_f, out_f, r, with_bias, swap_ab):
     # in_f = 96 with NF4 makes bnb's 64-blocks straddle rows; out_f odd and T odd leave ragged tiles
     w = _weight(fmt, out_f, in_f)
     x = torch.randn(2, T, in_f, requires_grad=True)
@@ -66,7 +74,7 @@ def test_forward_backward_cpu(fmt, T, in_f, out_f, r, with_bias):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_bf16_io_cpu(fmt):
+def test_bf16_io_cpu(fmt, swap_ab):
     # bf16 loads/stores and the cast of the dequantised tile (the interpreter does the dot itself in fp32)
     T, in_f, out_f, r = 21, 64, 48, 8
     w = _weight(fmt, out_f, in_f, dtype=torch.bfloat16)
