@@ -233,7 +233,10 @@ def build_model(tokenizer, seed: int) -> GptOssForCausalLM:
         max_position_embeddings=131072, rope_parameters={
             "rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
             "truncate": False, "original_max_position_embeddings": 4096},
-        attention_bias=True, tie_word_embeddings=False, router_aux_loss_coef=0.9, initializer_range=0.02,
+        attention_bias=True, tie_word_embeddings=False, router_aux_loss_coef=0.9,
+        # gpt-oss's 0.02 suits hidden 2880; at hidden 64 it leaves activations so small that LoRA on a random model
+        # barely moves the loss (measured: 7.5 -> 7.1 vs 7.3 -> 5.4 with 0.1 over the same 6 epochs of the sample).
+        initializer_range=0.1,
         bos_token_id=ids("<|startoftext|>"), eos_token_id=ids("<|return|>"), pad_token_id=ids("<|endoftext|>"),
     )
     config.swiglu_limit = 7.0  # as gpt-oss-20b's config.json (HF hard-codes it; fastft's loader reads it)
