@@ -1,4 +1,4 @@
-"""Models shipped inside the package: ``--model tiny`` resolves to fastft/assets/tiny (see scripts/make_tiny_model.py)."""
+"""Models shipped inside the package: ``--model tiny`` is fastft/assets/tiny, made by scripts/make_tiny_model.py."""
 
 from __future__ import annotations
 

@@ -151,7 +151,8 @@ def test_bom_crlf_blank_lines_long_lines_gzip(tmp_path):
 
 
 def test_invalid_utf8_and_nul_bytes(tmp_path):
-    lines = [json.dumps(QA).encode(), b'{"question": "caf\xe9", "answer": "a"}', b'{"question": "q\x00", "answer": "a"}']
+    lines = [json.dumps(QA).encode(), b'{"question": "caf\xe9", "answer": "a"}',
+             b'{"question": "q\x00", "answer": "a"}']
     p = write(tmp_path, "bad.jsonl", b"\n".join(lines) + b"\n", raw=True)
     got = [str(i) for i in check(p).errors]
     assert got[0] == f"{p}:2:18: invalid UTF-8 (byte 0xe9); save the file as UTF-8"
@@ -177,6 +178,7 @@ def test_file_problems(tmp_path):
     assert f"{empty}: file is empty" in got and f"{blank}: file is empty" in got
     assert f"{bad}: no usable rows (all 2 rows have errors)" in got
     assert any(g.startswith(f"{badgz}: not a valid gzip file") for g in got)
+    assert "which --skip-invalid does not skip" in r.format()
     assert r.exit_code == 1
 
 
@@ -206,7 +208,7 @@ def test_report_counts_and_warnings(tmp_path):
     assert r.warning("dropped_thinking").where == [f"{p}:8"]
     text = r.format()
     assert f"{p}:7: unknown row shape" in text and "rows: 8 read, 7 valid, 1 with errors" in text
-    assert "FAILED with 1 errors" in text and "--skip-invalid" in text
+    assert "FAILED with 1 error;" in text and "--skip-invalid" in text
 
 
 def test_report_shows_first_20_errors(tmp_path):

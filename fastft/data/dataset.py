@@ -14,7 +14,7 @@ from .config import DataConfig, DataError, UsageError
 from .packing import PackedRow, pack, packing_efficiency
 from .reading import read_jsonl
 from .render import IGNORE_INDEX, RENDER_VERSION, encode, tokenizer_fingerprint
-from .report import DataWarning, Issue, ValidationReport
+from .report import DataWarning, Issue, ValidationReport, plural
 from .shapes import Conversation, RowProblem, normalise
 
 
@@ -71,13 +71,14 @@ def _check(cfg: DataConfig) -> _Checked:
         keys = sorted({k for _, ks in ignored_where for k in ks})
         shown = ", ".join(keys[:8]) + (", ..." if len(keys) > 8 else "")
         report.warnings.append(DataWarning(
-            "ignored_keys", len(ignored_where), f"{len(ignored_where):,} rows have keys fastft ignores ({shown})",
+            "ignored_keys", len(ignored_where), f"{plural(len(ignored_where), 'row')} with keys fastft ignores "
+                                                f"({shown})",
             [w for w, _ in ignored_where]))
     if thinking_where:
         report.warnings.append(DataWarning(
             "dropped_thinking", len(thinking_where),
-            f"{len(thinking_where):,} rows have thinking on an earlier assistant turn: not trained (as gpt-oss's "
-            f"template, only the final assistant turn keeps its thinking)", thinking_where))
+            f"{plural(len(thinking_where), 'row')} with thinking on an earlier assistant turn: not trained (as "
+            f"gpt-oss's template, only the final assistant turn keeps its thinking)", thinking_where))
     return out
 
 
@@ -164,7 +165,7 @@ def _apply_policies(checked: _Checked, cfg: DataConfig, offsets, labels, n_full)
         if cfg.drop_duplicates:
             keep[dups] = False
         action = "dropped (--drop-duplicates)" if cfg.drop_duplicates else "kept (--drop-duplicates drops them)"
-        report.warnings.append(DataWarning("duplicate", len(dups), f"{len(dups):,} duplicate rows: {action}",
+        report.warnings.append(DataWarning("duplicate", len(dups), f"{plural(len(dups), 'duplicate row')}: {action}",
                                            where(dups)))
 
     over = np.flatnonzero(n_full > cfg.max_seq_len)
@@ -175,16 +176,16 @@ def _apply_policies(checked: _Checked, cfg: DataConfig, offsets, labels, n_full)
         else:
             action = "truncated to their first tokens (--overlong drop drops them instead)"
         report.warnings.append(DataWarning(
-            "overlong", int(over.size), f"{over.size:,} rows longer than --max-seq-len {cfg.max_seq_len} tokens: "
-            f"{action}", where(over)))
+            "overlong", int(over.size), f"{plural(over.size, 'row')} longer than --max-seq-len {cfg.max_seq_len} "
+            f"tokens: {action}", where(over)))
 
     trained = np.add.reduceat(labels != IGNORE_INDEX, offsets[:-1]) if len(offsets) > 1 else np.zeros(0, int)
     untrainable = np.flatnonzero(keep & (trained == 0))
     if untrainable.size:
         keep[untrainable] = False
         report.warnings.append(DataWarning(
-            "untrainable", int(untrainable.size), f"{untrainable.size:,} rows have no assistant tokens left after "
-            f"truncation to {cfg.max_seq_len} tokens: dropped", where(untrainable)))
+            "untrainable", int(untrainable.size), f"{plural(untrainable.size, 'row')} with no assistant tokens left "
+            f"after truncation to {cfg.max_seq_len} tokens: dropped", where(untrainable)))
     return np.flatnonzero(keep)
 
 
@@ -281,7 +282,7 @@ def _build(cfg: DataConfig, tokenizer):
     report.n_trainable = int(trained[kept].sum())
     report.packing_efficiency, report.n_packed = packing_efficiency(lengths, cfg.max_seq_len)
     if not len(kept):
-        report.errors.append(Issue("data", None, None, "no rows left to train on after the policies above"))
+        report.errors.append(Issue("", None, None, "no rows left to train on after the warnings' policies"))
     splits = {}
     for name, docs in zip(("train", "eval"), _eval_split(checked, kept, cfg)):
         sids, slabels, soff = _gather(ids, labels, offsets, docs)
@@ -302,8 +303,7 @@ def prepare(cfg: DataConfig, tokenizer) -> PreparedData:
     themselves (missing, a directory, empty, no usable rows) are never skipped."""
     checked, built = _build(cfg, tokenizer)
     report = checked.report
-    row_errors = set(map(id, checked.row_errors))
-    fatal = [e for e in report.errors if id(e) not in row_errors]
+    fatal = [e for e in report.errors if not e.skippable]
     if report.errors and cfg.skip_invalid and not fatal:
         report.skipped = list(checked.row_errors)
     if fatal or (report.errors and not cfg.skip_invalid) or built is None:

@@ -15,9 +15,20 @@ class Issue:
     message: str
 
     def __str__(self) -> str:
+        if not self.path:  # about the data as a whole
+            return self.message
         where = self.path + (f":{self.line}" if self.line is not None else "") + \
             (f":{self.col}" if self.col is not None and self.line is not None else "")
         return f"{where}: {self.message}"
+
+    @property
+    def skippable(self) -> bool:
+        """A row's problem (--skip-invalid skips the row), not a file's or the whole data's."""
+        return self.line is not None
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n:,} {word}" + ("" if n == 1 else "s")
 
 
 @dataclass
@@ -91,16 +102,20 @@ class ValidationReport:
             out.append(f"  packing efficiency: {100 * self.packing_efficiency:.1f}% at --max-seq-len "
                        f"{self.max_seq_len} ({self.n_used:,} rows -> {self.n_packed:,} packed rows)")
         if self.skipped is not None:
-            out.append(f"  --skip-invalid: skipped {len(self.skipped):,} rows with errors"
+            out.append(f"  --skip-invalid: skipped {plural(len(self.skipped), 'row')} with errors"
                        + (f": {_locations(self.skipped)}" if self.skipped else ""))
+        fatal = sum(not e.skippable for e in self.errors)
         if self.ok:
             out.append("  result: OK")
         elif self.skipped is not None:
-            out.append(f"  result: {len(self.errors):,} errors; training on the {self.n_valid:,} valid rows "
-                       f"(--skip-invalid)")
+            out.append(f"  result: {plural(len(self.errors), 'error')}; training on the "
+                       f"{plural(self.n_used or self.n_valid, 'valid row')} (--skip-invalid)")
+        elif fatal:
+            out.append(f"  result: FAILED with {plural(len(self.errors), 'error')}; fix them ({fatal:,} of them "
+                       f"about files or the data as a whole, which --skip-invalid does not skip)")
         else:
-            out.append(f"  result: FAILED with {len(self.errors):,} errors; fix them, or pass --skip-invalid to "
-                       f"train on the {self.n_valid:,} valid rows")
+            out.append(f"  result: FAILED with {plural(len(self.errors), 'error')}; fix them, or pass "
+                       f"--skip-invalid to train on the {plural(self.n_valid, 'valid row')}")
         return "\n".join(out)
 
 
