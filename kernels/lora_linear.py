@@ -60,30 +60,75 @@ if triton is not None:
         return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * 16384.0
 
     @triton.jit
+    def _decode(b, scale, code_ptr, FMT: tl.constexpr):
+        """fp32 (first, second) elements of packed bytes b (int32), times scale (broadcastable to b)."""
+        if FMT == 1:
+            # one 8-byte gather per byte from the [256] pair table: low word = even element (bnb: high nibble)
+            pair = tl.load(code_ptr + b)
+            first = (pair & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True) * scale
+            second = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True) * scale
+        else:
+            first = _e2m1_to_f32(b & 15) * scale  # hub: even element in the low nibble
+            second = _e2m1_to_f32(b >> 4) * scale
+        return first, second
+
+    @triton.jit
+    def _scale(aux, FMT: tl.constexpr):
+        if FMT == 1:
+            return aux
+        # 2**(e - 127) built from its bits; e = 0 (2**-127, subnormal) reads as 0
+        return (aux.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _packed_grouped(w_ptr, aux_ptr, code_ptr, offs_n, k0, N, K,
+                        FMT: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+        # [ROWS, COLS/G, G/2] bytes: each scale (one per G elements of a row) is loaded once and broadcast
+        NG: tl.constexpr = COLS // G
+        GB: tl.constexpr = G // 2
+        offs_g = k0 // G + tl.arange(0, NG)
+        byte_col = offs_g[None, :, None] * GB + tl.arange(0, GB)[None, None, :]
+        rows = offs_n[:, None, None]
+        b = tl.load(w_ptr + rows * (K // 2) + byte_col, mask=(rows < N) & (byte_col < K // 2), other=0)
+        gmask = (offs_n[:, None] < N) & (offs_g[None, :] < K // G)
+        aux = tl.load(aux_ptr + offs_n[:, None] * (K // G) + offs_g[None, :], mask=gmask, other=0)
+        first, second = _decode(b.to(tl.int32), _scale(aux, FMT)[:, :, None], code_ptr, FMT)
+        return tl.reshape(tl.join(first, second), (ROWS, COLS))
+
+    @triton.jit
+    def _packed_flat(w_ptr, aux_ptr, code_ptr, offs_n, k0, N, K,
+                     FMT: tl.constexpr, NF4_BS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+        offs_p = k0 // 2 + tl.arange(0, COLS // 2)  # byte columns; K is even for both packed formats
+        mask = (offs_n[:, None] < N) & (offs_p[None, :] < K // 2)
+        byte = offs_n[:, None] * (K // 2) + offs_p[None, :]
+        b = tl.load(w_ptr + byte, mask=mask, other=0).to(tl.int32)
+        if FMT == 1:  # bnb's blocks run over the flat array and may straddle rows
+            aux = tl.load(aux_ptr + (byte * 2) // NF4_BS, mask=mask, other=0.0)
+        else:
+            aux = tl.load(aux_ptr + offs_n[:, None] * (K // 32) + offs_p[None, :] // 16, mask=mask, other=0)
+        first, second = _decode(b, _scale(aux, FMT), code_ptr, FMT)
+        return tl.reshape(tl.join(first, second), (ROWS, COLS))
+
+    @triton.jit
     def _w_tile(w_ptr, aux_ptr, code_ptr, offs_n, k0, N, K, stride_wn, stride_wk,
-                FMT: tl.constexpr, NF4_BS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
-        """fp32 W[offs_n, k0:k0+COLS] as [ROWS, COLS], zero outside W."""
+                FMT: tl.constexpr, NF4_BS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
+                GROUP: tl.constexpr):
+        """fp32 W[offs_n, k0:k0+COLS] as [ROWS, COLS], zero outside W. GROUP > 0: every row of W holds whole scale
+        groups of GROUP elements (and k0 is a multiple of COLS), so a tile whose COLS is a multiple of GROUP takes
+        the grouped read."""
         if FMT == 0:
             offs_k = k0 + tl.arange(0, COLS)
             mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
             w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk, mask=mask, other=0.0)
-            return w.to(tl.float32)
+            w = w.to(tl.float32)
         else:
-            offs_p = k0 // 2 + tl.arange(0, COLS // 2)  # byte columns; K is even for both packed formats
-            mask = (offs_n[:, None] < N) & (offs_p[None, :] < K // 2)
-            byte = offs_n[:, None] * (K // 2) + offs_p[None, :]
-            b = tl.load(w_ptr + byte, mask=mask, other=0).to(tl.int32)
-            if FMT == 1:
-                scale = tl.load(aux_ptr + (byte * 2) // NF4_BS, mask=mask, other=0.0)
-                first = tl.load(code_ptr + (b >> 4)) * scale  # bnb: even element in the high nibble
-                second = tl.load(code_ptr + (b & 15)) * scale
+            if GROUP > 0:
+                if COLS % GROUP == 0:
+                    w = _packed_grouped(w_ptr, aux_ptr, code_ptr, offs_n, k0, N, K, FMT, GROUP, ROWS, COLS)
+                else:
+                    w = _packed_flat(w_ptr, aux_ptr, code_ptr, offs_n, k0, N, K, FMT, NF4_BS, ROWS, COLS)
             else:
-                e = tl.load(aux_ptr + offs_n[:, None] * (K // 32) + offs_p[None, :] // 16, mask=mask, other=0)
-                # 2**(e - 127) built from its bits; e = 0 (2**-127, subnormal) reads as 0
-                scale = (e.to(tl.int32) << 23).to(tl.float32, bitcast=True)
-                first = _e2m1_to_f32(b & 15) * scale  # hub: even element in the low nibble
-                second = _e2m1_to_f32(b >> 4) * scale
-            return tl.reshape(tl.join(first, second), (ROWS, COLS))
+                w = _packed_flat(w_ptr, aux_ptr, code_ptr, offs_n, k0, N, K, FMT, NF4_BS, ROWS, COLS)
+        return w
 
     @triton.jit
     def _lora_gemm_kernel(
@@ -91,7 +136,7 @@ if triton is not None:
         M, N_OUT, K_RED, N_W, K_W, R, scaling, inv_keep,
         stride_am, stride_ak, stride_wn, stride_wk, stride_pm, stride_pr, stride_qr, stride_qn,
         stride_mm, stride_mn, stride_cm, stride_cn,
-        FMT: tl.constexpr, NF4_BS: tl.constexpr, TRANS_W: tl.constexpr, HAS_BIAS: tl.constexpr,
+        FMT: tl.constexpr, NF4_BS: tl.constexpr, GROUP: tl.constexpr, TRANS_W: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_LORA: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
         GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr,
@@ -124,12 +169,12 @@ if triton is not None:
                         other=0.0)
             if TRANS_W:  # rows of W are the reduction: the tile W[k0:k0+BK, n-tile] is op(W)'s [BK, BN]
                 w = _w_tile(w_ptr, aux_ptr, code_ptr, ks, pid_n * BLOCK_N, N_W, K_W, stride_wn, stride_wk,
-                            FMT, NF4_BS, BLOCK_K, BLOCK_N)
+                            FMT, NF4_BS, BLOCK_K, BLOCK_N, GROUP)
                 w_kn = w
                 w_nk = tl.trans(w)
             else:  # W[n-tile, k0:k0+BK] is op(W)^T's [BN, BK]
                 w = _w_tile(w_ptr, aux_ptr, code_ptr, offs_n, k0, N_W, K_W, stride_wn, stride_wk,
-                            FMT, NF4_BS, BLOCK_N, BLOCK_K)
+                            FMT, NF4_BS, BLOCK_N, BLOCK_K, GROUP)
                 w_kn = tl.trans(w)
                 w_nk = w
             if IEEE:  # fp32 inputs, and always in the interpreter (its bf16 dot is wrong)
@@ -202,6 +247,29 @@ def _kernel():
     return _kernel_cache["k"], {}
 
 
+def _group(fmt, nf4_bs, k_w):
+    """Scale-group size for the grouped tile read (0: per-byte scale gathers). FASTFT_LORA_GROUPED=0 forces the
+    per-byte path (A/B timing)."""
+    if fmt == FMT_DENSE or os.environ.get("FASTFT_LORA_GROUPED", "1") == "0":
+        return 0
+    g = nf4_bs if fmt == FMT_NF4 else 32
+    return g if k_w % g == 0 and g >= 2 and (g & (g - 1)) == 0 else 0
+
+
+_pair_cache = {}
+
+
+def _nf4_pair_table(code: torch.Tensor) -> torch.Tensor:
+    """[256] int64: for byte b, the fp32 bits of code[b >> 4] (bnb's even element) in the low word and of
+    code[b & 15] in the high word, so the kernel decodes both nibbles with one 8-byte gather."""
+    key = (code.device, code.data_ptr())
+    if key not in _pair_cache:
+        b = torch.arange(256, device=code.device)
+        bits = code.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
+        _pair_cache[key] = (code, (bits[b >> 4] & 0xFFFFFFFF) | (bits[b & 15] << 32))  # code pins the address
+    return _pair_cache[key][1]
+
+
 def _weight_fields(weight):
     """(FMT, data, aux, code, nf4_blocksize, out, in) for the kernel, or None when it cannot read this weight."""
     if isinstance(weight, torch.Tensor):
@@ -218,7 +286,8 @@ def _weight_fields(weight):
         if len(shape) != 2 or shape[1] % 2 or weight.blocksize % 2:
             return None
         code = weight.code.to(device=weight.device, dtype=torch.float32)
-        return FMT_NF4, weight.data.reshape(-1), weight.absmax_fp32(), code, weight.blocksize, shape[0], shape[1]
+        return (FMT_NF4, weight.data.reshape(-1), weight.absmax_fp32(), _nf4_pair_table(code), weight.blocksize,
+                shape[0], shape[1])
     return None
 
 
@@ -246,7 +315,7 @@ def _gemm(a, fields, trans_w, bias=None, p=None, q=None, scaling=0.0, mask=None,
         q.stride(0) if q is not None else 0, q.stride(1) if q is not None else 0,
         mask.stride(0) if mask is not None else 0, mask.stride(1) if mask is not None else 0,
         c.stride(0), c.stride(1),
-        FMT=fmt, NF4_BS=nf4_bs, TRANS_W=trans_w, HAS_BIAS=bias is not None, HAS_LORA=p is not None,
+        FMT=fmt, NF4_BS=nf4_bs, GROUP=_group(fmt, nf4_bs, k_w), TRANS_W=trans_w, HAS_BIAS=bias is not None, HAS_LORA=p is not None,
         HAS_MASK=mask is not None, IEEE=a.dtype == torch.float32 or _interpreting(), BLOCK_R=block_r, **fixed,
     )
     return c

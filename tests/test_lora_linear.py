@@ -73,6 +73,29 @@ def test_forward_backward_cpu(fmt, T, in_f, out_f, r, with_bias, swap_ab):
             assert _rel(a, b) < 1e-5
 
 
+@pytest.mark.parametrize("fmt", ["mxfp4", "nf4"])
+def test_grouped_scale_read_cpu(fmt, monkeypatch):
+    # 64-wide tiles: NF4's 64-blocks and MXFP4's 32-groups are whole per row, so both directions take the grouped
+    # read (one scale load per group, 3-D byte tile); in_f = 192 leaves a ragged last K tile in the forward
+    import fastft.kernels.lora_linear as mod
+
+    for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
+        monkeypatch.setitem(mod.INTERPRETER_META, key, 64)
+    T, in_f, out_f, r = 9, 192, 67, 4
+    assert mod._group(mod.FMT_NF4 if fmt == "nf4" else mod.FMT_MXFP4, 64, in_f) > 0
+    w = _weight(fmt, out_f, in_f)
+    x = torch.randn(T, in_f, requires_grad=True)
+    A = (torch.randn(r, in_f) * 0.1).requires_grad_()
+    B = (torch.randn(out_f, r) * 0.1).requires_grad_()
+    dy = torch.randn(T, out_f)
+    y, g = _grads(lambda: lora_linear(x, w, None, A, B, 2.0), x, A, B, None, dy)
+    y_ref, g_ref = _grads(lambda: lora_linear_reference(x, w, None, A, B, 2.0), x, A, B, None, dy)
+    assert _rel(y, y_ref) < 1e-5
+    for a, b in zip(g, g_ref):
+        if b is not None:
+            assert _rel(a, b) < 1e-5
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_bf16_io_cpu(fmt, swap_ab):
     # bf16 loads/stores and the cast of the dequantised tile (the interpreter does the dot itself in fp32)
