@@ -5,6 +5,8 @@ T tokens packed from lognormal documents (fixed seed) and as one document, for a
 The rival is flex_attention with a document + causal (+ window) BlockMask and sinks applied by LSE renormalisation,
 out * sigmoid(lse - sink), which is how transformers runs GPT-OSS on flex; BlockMask creation is not timed.
 TFLOP/s counts visible (i, j) pairs only: forward 4 * D FLOPs per pair per head, backward 2.5x the forward.
+Forward-only times are taken with grad enabled (a training forward), so flex compiles only its training graph, once
+per mask kind; a progress line is printed and each row appended to results.jsonl as soon as it is measured.
 
     python benchmarks/bench_attention.py            # T=16384
     python benchmarks/bench_attention.py --quick    # smoke run (T=4096, packed only)
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -24,6 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import extra_peak_gib, record, time_ms  # noqa: E402
 from fastft.kernels import attention  # noqa: E402
 from fastft.kernels.attention import varlen_attention  # noqa: E402
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: E402
+
+try:
+    from torch.nn.attention.flex_attention import AuxRequest  # torch >= 2.9; return_lse is deprecated there
+except ImportError:
+    AuxRequest = None
 
 HQ, HKV, D, WINDOW = 64, 8, 64, 128
 PEAK_TFLOPS = 790.0  # bf16 dense matmul measured on an H200
@@ -49,62 +58,81 @@ def visible_pairs(lengths: list[int], window: int | None) -> int:
     return pairs
 
 
-def make_flex(lengths: list[int], window: int | None, T: int):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    try:
-        from torch.nn.attention.flex_attention import AuxRequest
-        lse_kwargs = {"return_aux": AuxRequest(lse=True)}
-    except ImportError:
-        lse_kwargs = {"return_lse": True}
-
-    doc = torch.repeat_interleave(torch.arange(len(lengths), device="cuda"), torch.tensor(lengths, device="cuda"))
-
-    def mask_mod(b, h, qi, kj):
-        keep = (doc[qi] == doc[kj]) & (qi >= kj)
-        if window is not None:
-            keep = keep & (qi - kj < window)
-        return keep
-
-    block_mask = create_block_mask(mask_mod, None, None, T, T, device="cuda", _compile=True)
-
-    def attend(q, k, v, sinks):  # q [1, Hq, T, D], k/v [1, Hkv, T, D]
-        out = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True, **lse_kwargs)
-        out, lse = (out[0], out[1].lse) if "return_aux" in lse_kwargs else out
-        renorm = torch.sigmoid(lse - sinks.float().view(1, -1, 1))  # exp(lse) / (exp(lse) + exp(sink))
-        return out * renorm.unsqueeze(-1).to(out.dtype)
-
-    return torch.compile(attend, dynamic=False)
+def _flex_attend(q, k, v, sinks, block_mask):  # q [1, Hq, T, D], k/v [1, Hkv, T, D]
+    if AuxRequest is not None:
+        out, aux = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True, return_aux=AuxRequest(lse=True))
+        lse = aux.lse
+    else:
+        out, lse = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True, return_lse=True)
+    renorm = torch.sigmoid(lse - sinks.float().view(1, -1, 1))  # exp(lse) / (exp(lse) + exp(sink))
+    return out * renorm.unsqueeze(-1).to(out.dtype)
 
 
-def bench_case(T: int, layer: str, packed: bool, iters: int) -> dict:
+# One compiled function for every case: the block mask is an argument, so dynamo compiles once per mask_mod (one per
+# mask kind) and the packed and single-document cases of a kind reuse it. Every call runs with grad enabled, so no
+# second (inference) graph is compiled either.
+flex_attend = torch.compile(_flex_attend, dynamic=False)
+
+
+class FlexMask:
+    """Document + causal (+ window) BlockMask for one mask kind; the mask_mod (and so the compiled flex) is reused."""
+
+    def __init__(self, T: int, window: int | None, device: str):
+        self.T, self.device = T, device
+        self.doc = doc = torch.zeros(T, dtype=torch.int32, device=device)  # document id per token, refilled in place
+        if window is None:
+            def mask_mod(b, h, qi, kj):
+                return (doc[qi] == doc[kj]) & (qi >= kj)
+        else:
+            def mask_mod(b, h, qi, kj):
+                return (doc[qi] == doc[kj]) & (qi >= kj) & (qi - kj < window)
+        self.mask_mod = mask_mod
+
+    def block_mask(self, lengths: list[int]):
+        ids = torch.repeat_interleave(torch.arange(len(lengths), dtype=torch.int32), torch.tensor(lengths))
+        self.doc.copy_(ids)
+        # eager, not compiled: a few GiB of T x T temporaries at 16K for well under a second, versus one more compile
+        return create_block_mask(self.mask_mod, None, None, self.T, self.T, device=self.device)
+
+
+def log(t0: float, msg: str):
+    print(f"[bench_attention {time.perf_counter() - t0:6.1f}s] {msg}", flush=True)
+
+
+def bench_case(T: int, layer: str, packed: bool, iters: int, flex_mask: FlexMask, t0: float,
+               device: str = "cuda", dtype: torch.dtype = torch.bfloat16) -> dict:
     window = WINDOW if layer == "window" else None
     lengths = lognormal_lengths(T) if packed else [T]
-    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device="cuda")
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randn(T, HQ, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
-    k = torch.randn(T, HKV, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
-    v = torch.randn(T, HKV, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
-    sinks = torch.randn(HQ, device="cuda", dtype=torch.bfloat16, generator=g)
-    do = torch.randn(T, HQ, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    name = f"T={T} {layer} {'packed' if packed else 'one document'} ({len(lengths)} docs)"
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(T, HQ, D, device=device, dtype=dtype, generator=g).requires_grad_()
+    k = torch.randn(T, HKV, D, device=device, dtype=dtype, generator=g).requires_grad_()
+    v = torch.randn(T, HKV, D, device=device, dtype=dtype, generator=g).requires_grad_()
+    sinks = torch.randn(HQ, device=device, dtype=dtype, generator=g)
+    do = torch.randn(T, HQ, D, device=device, dtype=dtype, generator=g)
 
     # flex runs in [B, H, T, D]; its inputs are transposed once, outside the timed region
     qf, kf, vf = (x.detach().transpose(0, 1).unsqueeze(0).contiguous().requires_grad_() for x in (q, k, v))
     dof = do.transpose(0, 1).unsqueeze(0).contiguous()
-    flex = make_flex(lengths, window, T)
+    block_mask = flex_mask.block_mask(lengths)
 
+    # forwards run with grad enabled (as in training), so timing them reuses the compiled training graph
     fast_fwd = lambda: varlen_attention(q, k, v, cu, sinks, window)  # noqa: E731
-    flex_fwd = lambda: flex(qf, kf, vf, sinks)  # noqa: E731
+    flex_fwd = lambda: flex_attend(qf, kf, vf, sinks, block_mask)  # noqa: E731
     fast_step = lambda: torch.autograd.grad(fast_fwd(), (q, k, v), do)  # noqa: E731
     flex_step = lambda: torch.autograd.grad(flex_fwd(), (qf, kf, vf), dof)  # noqa: E731
 
-    with torch.no_grad():
-        ref = flex_fwd()[0].transpose(0, 1).float()
-        got = fast_fwd().float()
+    fast_step()
+    log(t0, f"{name}: fastft compiled and ran")
+    flex_step()
+    log(t0, f"{name}: flex compiled (or reused) and ran")
+    ref = flex_fwd().detach()[0].transpose(0, 1).float()
+    got = fast_fwd().detach().float()
     rel_err = ((got - ref).norm() / ref.norm()).item()
 
-    fast_ms, flex_ms = time_ms(fast_step, iters=iters), time_ms(flex_step, iters=iters)
-    with torch.no_grad():
-        fast_fwd_ms, flex_fwd_ms = time_ms(fast_fwd, iters=iters), time_ms(flex_fwd, iters=iters)
+    fast_ms, flex_ms = time_ms(fast_step, warmup=2, iters=iters), time_ms(flex_step, warmup=2, iters=iters)
+    fast_fwd_ms, flex_fwd_ms = time_ms(fast_fwd, warmup=2, iters=iters), time_ms(flex_fwd, warmup=2, iters=iters)
     flops_fwd = 4 * D * HQ * visible_pairs(lengths, window)
     return {
         "T": T, "layer": layer, "docs": len(lengths), "window": window,
@@ -164,13 +192,18 @@ def main():
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_attention needs a CUDA GPU")
+    sys.stdout.reconfigure(line_buffering=True)  # rows show up as they are recorded, even under a pipe + timeout
     if args.sweep:
         return sweep(4096 if args.quick else args.T, 5 if args.quick else 10)
+    t0 = time.perf_counter()
     T = 4096 if args.quick else args.T
-    iters = 5 if args.quick else 20
-    cases = [(True, "full"), (True, "window")] + ([] if args.quick else [(False, "full"), (False, "window")])
-    for packed, layer in cases:
-        record("attention", bench_case(T, layer, packed, iters))
+    iters = 5 if args.quick else 10
+    # grouped by mask kind, so each kind's flex compile is paid once; each row is appended as soon as it is measured
+    for layer in ("full", "window"):
+        flex_mask = FlexMask(T, WINDOW if layer == "window" else None, "cuda")
+        for packed in (True,) if args.quick else (True, False):
+            record("attention", bench_case(T, layer, packed, iters, flex_mask, t0))
+    log(t0, "done")
 
 
 if __name__ == "__main__":
