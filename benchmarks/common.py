@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import shlex
 import statistics
 import subprocess
@@ -21,6 +22,9 @@ RESULTS = Path(__file__).resolve().parent / "results.jsonl"
 
 
 def git_rev() -> str:
+    """HEAD of the checkout; on a machine that got the tree without .git, $FASTFT_GIT_REV (set by the caller)."""
+    if os.environ.get("FASTFT_GIT_REV"):
+        return os.environ["FASTFT_GIT_REV"]
     try:
         root = Path(__file__).resolve().parent.parent
         rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True)

@@ -119,6 +119,8 @@ def load(ckpt: Path, engine, named_params: dict, rank: int) -> dict:
     tensors = load_file(str(ckpt / "optimizer.safetensors"))
     base = _base_optimizer(engine)
     zero = safe_get_full_fp32_param(next(iter(named_params.values()))) is not None  # ZeRO keeps its own masters
+    if zero:
+        _ensure_adam_state(engine)
     for name, p in named_params.items():
         master = tensors[f"{name}.master"]
         m, v = tensors.get(f"{name}.exp_avg"), tensors.get(f"{name}.exp_avg_sq")
@@ -143,6 +145,20 @@ def load(ckpt: Path, engine, named_params: dict, rank: int) -> dict:
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
     return state
+
+
+def _ensure_adam_state(engine) -> None:
+    """Adam creates its state at the first step and ZeRO links its per-parameter views of it then; a resume
+    happens before any step, so create the (zero) state and link it now, to be overwritten by the checkpoint."""
+    base = _base_optimizer(engine)
+    for group in base.param_groups:
+        for flat in group["params"]:
+            if not base.state.get(flat):
+                base.state[flat] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(flat),
+                                    "exp_avg_sq": torch.zeros_like(flat)}
+    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:
+        link()
 
 
 def _barrier():

@@ -164,6 +164,10 @@ def parse_args(argv=None) -> TrainConfig:
             json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CliError(f"--deepspeed {cfg.deepspeed}: not valid JSON ({e})")
-    if cfg.lora_targets.strip() == "" or any(not t.strip() for t in cfg.lora_targets.split(",")):
-        raise CliError(f"--lora-targets {cfg.lora_targets!r}: give qv, attn, all or a comma list of module names")
+    from fastft.model.lora import resolve_targets
+
+    try:
+        resolve_targets(cfg.lora_targets)
+    except ValueError as e:
+        raise CliError(f"--lora-targets {cfg.lora_targets!r}: {e}")
     return cfg

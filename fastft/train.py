@@ -59,10 +59,16 @@ def data_config(cfg: TrainConfig):
 
 
 def validate_only(cfg: TrainConfig) -> int:
+    """The data report. Without a loadable tokenizer the structure is still checked, and the report says so."""
     from fastft.data import validate
-    from fastft.model import load_tokenizer
+    from fastft.model import ModelLoadError, load_tokenizer
 
-    report = validate(data_config(cfg), load_tokenizer(cfg.model))
+    try:
+        tokenizer = load_tokenizer(cfg.model)
+    except ModelLoadError as e:
+        print(f"fastft: note: {e}\nfastft: checking structure only (no token statistics)", file=sys.stderr)
+        tokenizer = None
+    report = validate(data_config(cfg), tokenizer)
     print(report.format())
     return report.exit_code
 
@@ -143,7 +149,7 @@ def train(cfg: TrainConfig) -> int:
     from fastft.backends import get_backend
     from fastft.data import collate, prepare
     from fastft.engine import deepspeed_config, init_distributed, resolve_dtype
-    from fastft.metadata import git_revision, sha256_file, versions
+    from fastft.metadata import git_revision, versions
     from fastft.model import LoraSettings, apply_lora, load_model, load_tokenizer, resolve_model_path, save_adapter
 
     t_start = time.time()
@@ -164,7 +170,7 @@ def train(cfg: TrainConfig) -> int:
     data = prepare(data_config(cfg), tokenizer)
     rows_per_epoch = len(data.packed_rows("train", epoch=0))
     plan = batch_plan(cfg, dist.world_size, rows_per_epoch)
-    say(f"fastft: {data.summary()}")
+    say(data.report.format())
 
     # ---- model + LoRA -------------------------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)  # identical LoRA init on every rank
@@ -223,7 +229,7 @@ def train(cfg: TrainConfig) -> int:
 
     def evaluate() -> float | None:
         rows = data.packed_rows("eval", epoch=0)[dist.rank::dist.world_size]
-        if not data.has_eval:
+        if data.num_eval_rows == 0:
             return None
         engine.eval()
         total, count = 0.0, 0
@@ -255,7 +261,7 @@ def train(cfg: TrainConfig) -> int:
         for i in range(0, len(mine), cfg.micro_batch_size):
             batch = to_device(collate(mine[i:i + cfg.micro_batch_size]))
             loss = engine(**batch)
-            loss_value = float(loss)
+            loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
                 last = checkpoint.latest_checkpoint(out)
                 raise TrainingError(f"the loss became {loss_value} at step {step + 1}; stopping. The last good "
@@ -309,7 +315,10 @@ def train(cfg: TrainConfig) -> int:
             "model": cfg.model, "model_path": str(model_path), "dtype": str(dtype).replace("torch.", ""),
             "kernels": {"backend": backend.name, **backend.sources},
             "world_size": dist.world_size, "zero_stage": ds_config["zero_optimization"]["stage"],
-            "data": {"files": {str(p): sha256_file(p) for p in cfg.data}, **data.stats()},
+            "data": {"files": data.data_hashes, "rows": data.num_rows, "eval_rows": data.num_eval_rows,
+                     "tokens": data.num_tokens, "trainable_tokens": data.num_trainable_tokens,
+                     "packed_rows": data.num_packed_rows, "packing_efficiency": data.packing_efficiency,
+                     "max_seq_len": cfg.max_seq_len},
             "steps": step, "plan": plan, "trainable_parameters": n_trainable,
             "wall_seconds": wall, "train_loop_seconds": loop_s,
             "tokens_per_s": tokens_done / loop_s if loop_s > 0 else None,

@@ -5,4 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/bootstrap.sh
+# The repo root must not be on sys.path: its kernels/ folder would shadow the HF `kernels` hub package.
+export PYTHONSAFEPATH=1
 python -m pytest "$@"

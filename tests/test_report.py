@@ -2,7 +2,14 @@
 
 import json
 
-from benchmarks import report
+import importlib.util
+from pathlib import Path
+
+# benchmarks/ is a folder of scripts, not an installed package: load the generator from its file.
+_spec = importlib.util.spec_from_file_location(
+    "benchmarks_report", Path(__file__).resolve().parent.parent / "benchmarks" / "report.py")
+report = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(report)
 
 
 def _row(bench, date, metrics, git="abc123"):

@@ -91,9 +91,10 @@ def test_adapter_reloads_in_stock_peft(trained):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from fastft.assets import tiny_model_path
     from fastft.backends import get_backend
-    from fastft.model import load_adapter, load_model
+    from fastft.model import load_adapter, load_model, resolve_model_path
+
+    tiny_model_path = lambda: str(resolve_model_path("tiny"))  # noqa: E731
 
     _, out, _ = trained
     ids = torch.randint(0, 500, (40,))
