@@ -48,6 +48,17 @@ def moe_reference(x, router_weight, router_bias, top_k, gate_up, gate_up_bias, d
                   gate_up_lora=None, down_lora=None, limit=7.0, alpha=1.702):
     """Loop over experts (tests, CPU). x [T, H] -> [T, H]."""
     weights, index = route(x, router_weight, router_bias, top_k)
+    return experts_reference(x, weights, index, gate_up, gate_up_bias, down, down_bias, gate_up_lora, down_lora,
+                             limit, alpha)
+
+
+def experts_reference(x, weights, index, gate_up, gate_up_bias, down, down_bias, gate_up_lora=None,
+                      down_lora=None, limit=7.0, alpha=1.702, h_dtype=None):
+    """The experts half of moe_reference, for given routing (weights [T, k], index [T, k]).
+
+    h_dtype: round the gate_up pre-activation to this dtype before the activation (straight-through gradient), as
+    a bf16 model stores it: the clamp masks then take the same decisions as in bf16 (tests of low-precision runs).
+    """
     W_gu, W_d = dense_weight(gate_up, x.dtype), dense_weight(down, x.dtype)
     E = W_gu.shape[0]
     lora_gu = expert_lora_factors(gate_up_lora, E) if gate_up_lora is not None else None
@@ -62,6 +73,8 @@ def moe_reference(x, router_weight, router_bias, top_k, gate_up, gate_up_bias, d
         if lora_gu is not None:
             A, B, s = lora_gu
             gu = gu + (h @ A[e].t().to(h.dtype)) @ B[e].t().to(h.dtype) * s
+        if h_dtype is not None:
+            gu = gu + (gu.to(h_dtype).to(gu.dtype) - gu).detach()
         act = clamped_swiglu(gu, limit, alpha)
         y = act @ W_d[e] + down_bias[e]
         if lora_d is not None:
@@ -229,7 +242,9 @@ def _grouped_gemm_kernel(
                      other=0.0)
         lb = tl.load(LB + e.to(tl.int64) * s_lbe + rr[:, None] * s_lbr + rn[None, :] * s_lbn,
                      mask=(rr[:, None] < R) & nmask[None, :], other=0.0)
-        acc += tl.dot(la.to(tl.float32), lb.to(tl.float32)) * lora_scale
+        # tf32x3 (~fp32): with plain tf32 the LoRA term's ~1e-3 error moves h across a bf16 rounding boundary
+        # next to the +-7 clamps often enough to flip ~1e-4 of the clamp masks, i.e. ~1% of dX
+        acc += tl.dot(la.to(tl.float32), lb.to(tl.float32), input_precision="tf32x3") * lora_scale
     if HAS_BIAS:
         acc += tl.load(bias + e * s_be + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
 
@@ -244,9 +259,11 @@ def _grouped_gemm_kernel(
                  mask=mmask[:, None] & nmask[None, :])
     elif EPI == 1:
         rm64 = rm.to(tl.int64)
-        tl.store(AUX + rm64[:, None] * s_xm + rn[None, :], acc.to(AUX.dtype.element_ty),
-                 mask=mmask[:, None] & nmask[None, :])
-        gate, up = tl.split(tl.reshape(acc, (BM, BN // 2, 2)))
+        h = acc.to(AUX.dtype.element_ty)
+        tl.store(AUX + rm64[:, None] * s_xm + rn[None, :], h, mask=mmask[:, None] & nmask[None, :])
+        # the activation reads h as saved (rounded to x's dtype, as HF's bf16 gate_up output is): backward's clamp
+        # masks, computed from the saved h, then belong to the same function the forward evaluated
+        gate, up = tl.split(tl.reshape(h.to(tl.float32), (BM, BN // 2, 2)))
         gate = tl.minimum(gate, limit)
         up = tl.minimum(tl.maximum(up, -limit), limit)
         act = (up + 1.0) * (gate * tl.sigmoid(gate * alpha))
@@ -298,7 +315,7 @@ def _lowrank_kernel(P, p_idx, s_pm, F, s_fe, s_fr, s_fk, O, tile_expert, tile_ro
         p = tl.load(P + prow[:, None] * s_pm + rk[None, :], mask=mmask[:, None] & (rk[None, :] < K), other=0.0)
         f = tl.load(F + e.to(tl.int64) * s_fe + rr[None, :] * s_fr + rk[:, None] * s_fk,
                     mask=(rr[None, :] < R) & (rk[:, None] < K), other=0.0)
-        acc = tl.dot(p.to(tl.float32), f.to(tl.float32), acc)
+        acc = tl.dot(p.to(tl.float32), f.to(tl.float32), acc, input_precision="tf32x3")  # see the LoRA epilogue
     tl.store(O + rm[:, None].to(tl.int64) * R + rr[None, :], acc, mask=mmask[:, None] & (rr[None, :] < R))
 
 
