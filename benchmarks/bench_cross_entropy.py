@@ -3,7 +3,9 @@ torch (bf16 matmul + fp32 cross_entropy) and Liger-Kernel's fused linear cross-e
 
     python benchmarks/bench_cross_entropy.py              # T = 4096, 16384, 65536 (a few minutes on an H200)
     python benchmarks/bench_cross_entropy.py --quick      # smoke run: T = 2048, few iterations, not recorded
-    python benchmarks/bench_cross_entropy.py --sweep      # also print fastft at other chunk sizes (tuning)
+    python benchmarks/bench_cross_entropy.py --sweep      # also print fastft at other block/slab/chunk sizes
+    python benchmarks/bench_cross_entropy.py --method rows  # the row-chunk path (A/B; the default is "auto" =
+                                                            # slabs for the frozen lm_head)
 
 Extra memory is the peak above inputs, less the [T, H] hidden grad every method returns. A rival that is missing
 (Liger not installed) or runs out of memory is recorded as null with a note.
@@ -68,13 +70,26 @@ def _measure(loss_fn, hidden, weight, labels, warmup, iters):
         torch.cuda.empty_cache()
 
 
+def _sweep_slabs(hidden, weight, labels, warmup, iters):
+    """Tuning aid, printed only: the slabs path vs rows per block and columns per slab (extra memory beside)."""
+    T = hidden.shape[0]
+    for block_rows in (1024, 2048, 3072, 4096):
+        for slab_cols in (8192, 12288, 16384, 24576, 32768):
+            fn = lambda h, w, y, b=block_rows, c=slab_cols: fused_linear_cross_entropy(  # noqa: E731
+                h, w, y, method="slabs", block_rows=b, slab_cols=c)
+            ms, gib, _, err = _measure(fn, hidden, weight, labels, warmup, iters)
+            print(f"sweep slabs T={T} block_rows={block_rows} slab_cols={slab_cols}: {_r(ms)} ms, "
+                  f"extra {_r(gib)} GiB {err or ''}", flush=True)
+
+
 def _sweep(hidden, weight, labels, warmup, iters):
     """Tuning aid, printed only: whole op vs rows per chunk, then the row kernel alone vs its block and warps."""
+    _sweep_slabs(hidden, weight, labels, warmup, iters)
     T, V = hidden.shape[0], weight.shape[0]
     for rows in (128, 192, 256, 384, 512):
-        fn = lambda h, w, y, rows=rows: fused_linear_cross_entropy(h, w, y, chunk_rows=rows)  # noqa: E731
+        fn = lambda h, w, y, rows=rows: fused_linear_cross_entropy(h, w, y, method="rows", chunk_rows=rows)  # noqa: E731,E501
         ms, gib, _, err = _measure(fn, hidden, weight, labels, warmup, iters)
-        print(f"sweep T={T} chunk_rows={rows}: {ms} ms, extra {gib} GiB {err or ''}", flush=True)
+        print(f"sweep rows T={T} chunk_rows={rows}: {ms} ms, extra {gib} GiB {err or ''}", flush=True)
     rows = ce._chunk_rows(T, V, None)
     logits = torch.randn(rows, V, device="cuda")
     grad, loss = ce._grad_view(logits, torch.bfloat16), torch.empty(rows, device="cuda")
@@ -104,6 +119,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="smoke run at T=2048, not recorded")
     parser.add_argument("--sweep", action="store_true", help="also time fastft at other chunk sizes")
     parser.add_argument("--tokens", type=int, nargs="*", default=None)
+    parser.add_argument("--method", choices=("auto", "slabs", "rows"), default="auto",
+                        help="fastft path (auto: slabs, since the benchmarked lm_head is frozen)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_cross_entropy needs a CUDA GPU")
@@ -114,19 +131,22 @@ def main():
     gen = torch.Generator(device="cuda").manual_seed(0)
     weight = (torch.randn(V, H, device="cuda", generator=gen) * 0.02).bfloat16()  # frozen lm_head
     liger, liger_note = _liger_loss()
+    method = "slabs" if args.method == "auto" else args.method  # what auto picks for a frozen weight
+    print(f"fastft method: {method}", flush=True)
+    ours_fn = lambda h, w, y: fused_linear_cross_entropy(h, w, y, method=method)  # noqa: E731
 
     for T in tokens:
         hidden = torch.randn(T, H, device="cuda", generator=gen).bfloat16().requires_grad_()
         labels = torch.randint(0, V, (T,), device="cuda", generator=gen)
         notes = []
-        ours = _measure(fused_linear_cross_entropy, hidden, weight, labels, warmup, iters)
+        ours = _measure(ours_fn, hidden, weight, labels, warmup, iters)
         ref = _measure(_torch_loss, hidden, weight, labels, warmup, iters)
         lig = _measure(liger, hidden, weight, labels, warmup, iters) if liger else (None, None, None, liger_note)
         for name, res in (("fastft", ours), ("torch", ref), ("liger", lig)):
             if res[3]:
                 notes.append(f"{name}: {res[3]}")
         metrics = {
-            "T": T, "H": H, "V": V, "dtype": "bf16",
+            "T": T, "H": H, "V": V, "dtype": "bf16", "fastft_method": method,
             "fastft_ms": _r(ours[0]), "torch_ms": _r(ref[0]), "liger_ms": _r(lig[0]),
             "fastft_extra_gib": _r(ours[1]), "torch_extra_gib": _r(ref[1]), "liger_extra_gib": _r(lig[1]),
             "speedup_vs_torch": _ratio(ref[0], ours[0]), "speedup_vs_liger": _ratio(lig[0], ours[0]),

@@ -9,6 +9,20 @@ the forward computes the gradients too, and the backward only scales them. Rows 
     dH[c]             = G @ W              cuBLAS; dW += G^T @ h_c (fp32) only when the weight needs a grad
 
 so the op costs the two T*H*V GEMMs plus one streaming kernel (no recomputation GEMM), and the backward is a scale.
+This "rows" path serves a trainable weight (dW) and A/B runs. Its GEMMs have M=C=256, ~600 TFLOP/s on an H200.
+
+The frozen-weight default, "slabs", runs the GEMMs at M=2048 rows (near peak) by walking the vocabulary in slabs
+of ~16k columns with an online softmax, as flash attention walks keys. Per block of S rows, per slab [v0, v1):
+
+    z[S, w] fp32   = h_b @ W[v0:v1]^T                     cuBLAS, one reused buffer
+    m, s, t, alpha = _slab_kernel                         running max m, sum of exp(z - m) without the target s,
+                                                          the exact fp32 target logit t, alpha = exp(m_old - m);
+                                                          P = exp(z - m) (target column zeroed) over z, in bf16
+    acc[S, H] fp32 = alpha * acc + P @ W[v0:v1]           in-place row scale, then cuBLAS addmm with fp32 output
+
+and at the end of the block, with s_all = s + exp(t - m): loss = m + log(s_all) - t and
+dH = acc / s_all - (s / s_all) * W[label], i.e. softmax - onehot with the target's p - 1 = -s / s_all never rounded.
+Memory: S * w * 4 (128 MiB at S=2048, w=16384) + acc S * H * 4 (22.5 MiB) + the W[label] gather (11 MiB).
 
 Precision: the logits are never rounded to bf16, so the loss is fp32-exact up to the GEMM's own accumulation (it
 meets 1e-4 relative against fp64 even for peaked softmaxes, where bf16 logits miss by 1e-3). G is unscaled (values
@@ -37,6 +51,11 @@ except ImportError:  # CPU-only installs without triton fall back to the referen
     triton = None
 
 _BUFFER_BYTES = 200 * 2**20
+# Slab path: rows per block (GEMMs with M=2048 run near peak) and the fp32 [block, slab] logits buffer's budget:
+# 2048 x 16384 x 4 B = 128 MiB (a power-of-two slab fits the LSE kernel's one-block case); with acc 2048 x 2880 x 4 B
+# = 22.5 MiB and the W[label] gather (11.3 MiB bf16) the extra peak is ~165 MiB at any T.
+_BLOCK_ROWS = 2048
+_SLAB_BYTES = 128 * 2**20
 
 
 def linear_cross_entropy_reference(hidden, weight, labels, ignore_index=-100, reduction="mean"):
@@ -100,6 +119,62 @@ if triton is not None:
                 tl.store(grad_row + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
+    @triton.jit
+    def _slab_kernel(
+        z_ptr, z_stride,  # [rows, width] fp32 logits of vocabulary columns [col0, col0 + width)
+        p_ptr, p_stride,  # [rows, width] exp(z - m_new), target column zeroed; may alias z (see _grad_view)
+        labels_ptr, m_ptr, s_ptr, t_ptr, alpha_ptr,  # [rows]: labels; running max, sum-exp (no target), target logit
+        col0, width, ignore_index,
+        FIRST: tl.constexpr, WRITE_P: tl.constexpr, BLOCK_V: tl.constexpr, ONE_BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        label = tl.load(labels_ptr + row)
+        tcol = tl.where(label == ignore_index, -1, label - col0)  # the target's column in this slab, if any
+        in_slab = (tcol >= 0) & (tcol < width)
+        z_row = z_ptr + row * z_stride
+        p_row = p_ptr + row * p_stride
+        # The target logit is read before any P store can overwrite it (P aliases the front of the fp32 row).
+        t_here = tl.load(z_row + tl.where(in_slab, tcol, 0))
+        if FIRST:
+            m_old = tl.full([], float("-inf"), tl.float32)
+            s_old = tl.full([], 0.0, tl.float32)
+            t_old = tl.full([], 0.0, tl.float32)
+        else:
+            m_old = tl.load(m_ptr + row)
+            s_old = tl.load(s_ptr + row)
+            t_old = tl.load(t_ptr + row)
+        if ONE_BLOCK:  # the whole slab row in registers: one read of the logits
+            offs = tl.arange(0, BLOCK_V)
+            mask = offs < width
+            x = tl.load(z_row + offs, mask=mask, other=float("-inf"))
+            m_new = tl.maximum(m_old, tl.max(x, 0))
+            e = tl.where(offs == tcol, 0.0, tl.exp(x - m_new))
+            s_new = s_old * tl.exp(m_old - m_new) + tl.sum(e, 0)
+            if WRITE_P:
+                tl.debug_barrier()  # every warp has read its logits before anyone stores over them
+                tl.store(p_row + offs, e.to(p_ptr.dtype.element_ty), mask=mask)
+        else:  # two passes: slab max, then exp / sum / store (same aliasing argument as _lse_grad_kernel)
+            m_new = m_old
+            for start in range(0, width, BLOCK_V):
+                offs = start + tl.arange(0, BLOCK_V)
+                x = tl.load(z_row + offs, mask=offs < width, other=float("-inf"))
+                m_new = tl.maximum(m_new, tl.max(x, 0))
+            s_new = s_old * tl.exp(m_old - m_new)
+            for start in range(0, width, BLOCK_V):
+                offs = start + tl.arange(0, BLOCK_V)
+                mask = offs < width
+                x = tl.load(z_row + offs, mask=mask, other=float("-inf"))
+                e = tl.where(offs == tcol, 0.0, tl.exp(x - m_new))
+                s_new += tl.sum(e, 0)
+                if WRITE_P:
+                    tl.debug_barrier()
+                    tl.store(p_row + offs, e.to(p_ptr.dtype.element_ty), mask=mask)
+        tl.store(m_ptr + row, m_new)
+        tl.store(s_ptr + row, s_new)
+        tl.store(t_ptr + row, tl.where(in_slab, t_here, t_old))
+        tl.store(alpha_ptr + row, tl.exp(m_old - m_new))
+
+
 def _use_triton(t: torch.Tensor) -> bool:
     if triton is None:
         return False
@@ -150,21 +225,25 @@ def _accumulate_weight_grad(grad_w, grad_logits, h):
         grad_w.addmm_(grad_logits.t().float(), h.float())
 
 
-def _forward(hidden, weight, labels, ignore_index, need_dh, need_dw, chunk_rows=None, block_v=None, num_warps=None):
-    """Returns (loss_sum fp32, n_valid, grad_hidden | None, grad_weight fp32 | None); grads are unscaled sums."""
-    T, H = hidden.shape
-    V = weight.shape[0]
+def _check_labels(hidden, labels, V, ignore_index):
+    """(n_valid device scalar, rows): rows is None (every row, in order) or the indices of the non-ignored rows.
+    One host sync validates the labels, skipped under CUDA graph capture (then rows is None)."""
     valid = labels != ignore_index
     n_valid = valid.sum()
-    rows = None  # None: every row, in order; else the indices of the non-ignored rows
-    capturing = hidden.is_cuda and torch.cuda.is_current_stream_capturing()
-    if not capturing:
-        n_bad, n = torch.stack([(valid & ((labels < 0) | (labels >= V))).sum(), n_valid]).tolist()
-        if n_bad:
-            bad = labels[valid & ((labels < 0) | (labels >= V))][:5].tolist()
-            raise ValueError(f"{n_bad} labels outside [0, {V}) that are not ignore_index={ignore_index}, e.g. {bad}")
-        if n < T:
-            rows = valid.nonzero().squeeze(1)
+    if hidden.is_cuda and torch.cuda.is_current_stream_capturing():
+        return n_valid, None
+    n_bad, n = torch.stack([(valid & ((labels < 0) | (labels >= V))).sum(), n_valid]).tolist()
+    if n_bad:
+        bad = labels[valid & ((labels < 0) | (labels >= V))][:5].tolist()
+        raise ValueError(f"{n_bad} labels outside [0, {V}) that are not ignore_index={ignore_index}, e.g. {bad}")
+    return n_valid, (valid.nonzero().squeeze(1) if n < labels.numel() else None)
+
+
+def _forward(hidden, weight, labels, ignore_index, need_dh, need_dw, chunk_rows=None, block_v=None, num_warps=None):
+    """Row-chunk path. Returns (loss_sum fp32, n_valid, grad_hidden | None, grad_weight fp32 | None), unscaled."""
+    T, H = hidden.shape
+    V = weight.shape[0]
+    n_valid, rows = _check_labels(hidden, labels, V, ignore_index)
     n_rows = T if rows is None else rows.numel()
 
     write_grad = need_dh or need_dw
@@ -197,10 +276,106 @@ def _forward(hidden, weight, labels, ignore_index, need_dh, need_dw, chunk_rows=
     return loss_rows.sum(), n_valid, grad_h, grad_w
 
 
+def _slab_plan(n_rows, vocab, block_rows, slab_cols):
+    """(rows per block, columns per slab): blocks and slabs balanced so the last ones are not slivers."""
+    block_rows = max(1, min(block_rows or _BLOCK_ROWS, n_rows))
+    block_rows = -(-n_rows // -(-n_rows // block_rows))
+    if slab_cols is None:  # the fp32 [block, slab] logits buffer is the big allocation
+        slab_cols = max(128, _SLAB_BYTES // (block_rows * 4) // 128 * 128)
+    slab_cols = max(1, min(slab_cols, vocab))
+    slab_cols = -(-vocab // -(-vocab // slab_cols))
+    if slab_cols >= 128:  # 512-byte aligned fp32 rows for cuBLAS; rounding up never adds a slab
+        slab_cols = min(-(-slab_cols // 128) * 128, vocab)
+    return block_rows, slab_cols
+
+
+def _forward_slabs(hidden, weight, labels, ignore_index, need_dh, block_rows=None, slab_cols=None, block_v=None,
+                   num_warps=None):
+    """Frozen-weight path (online softmax over vocabulary slabs). Returns (loss_sum, n_valid, grad_hidden | None)."""
+    T, H = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    n_valid, rows = _check_labels(hidden, labels, V, ignore_index)
+    n_rows = T if rows is None else rows.numel()
+    grad_h = None
+    if need_dh:
+        grad_h = torch.empty_like(hidden) if rows is None else torch.zeros_like(hidden)
+    loss_rows = torch.empty(n_rows, dtype=torch.float32, device=dev)
+    if n_rows == 0:
+        return loss_rows.sum(), n_valid, grad_h
+
+    S, W = _slab_plan(n_rows, V, block_rows, slab_cols)
+    block_v = block_v or min(16384, triton.next_power_of_2(W))
+    num_warps = num_warps or (16 if block_v >= 8192 else 8 if block_v >= 2048 else 4)
+    one_block = block_v >= W
+    buf = torch.empty(S, W, dtype=torch.float32, device=dev)
+    pbuf = _grad_view(buf, hidden.dtype)
+    acc = torch.empty(S, H, dtype=torch.float32, device=dev) if need_dh else None
+    stats = torch.empty(4, S, dtype=torch.float32, device=dev)  # running max, sum-exp without target, target, alpha
+    for start in range(0, n_rows, S):
+        end = min(start + S, n_rows)
+        r = end - start
+        if rows is None:
+            h, y = hidden[start:end], labels[start:end]
+        else:
+            idx = rows[start:end]
+            h, y = hidden.index_select(0, idx), labels.index_select(0, idx)
+        m, s, t, alpha = stats[:, :r]
+        a = acc[:r] if need_dh else None
+        for col0 in range(0, V, W):
+            w_slab = weight[col0:col0 + W]
+            width = w_slab.shape[0]
+            z, p = buf[:r, :width], pbuf[:r, :width]
+            _logits_fp32(h, w_slab, z)
+            _slab_kernel[(r,)](
+                z, z.stride(0), p, p.stride(0), y, m, s, t, alpha, col0, width, ignore_index,
+                FIRST=col0 == 0, WRITE_P=need_dh, BLOCK_V=block_v, ONE_BLOCK=one_block, num_warps=num_warps,
+            )
+            if need_dh:
+                if col0 == 0:
+                    _mm_fp32(p, w_slab, a)
+                else:  # acc rows were summed against an older max: rescale by exp(m_old - m_new) first
+                    a.mul_(alpha.unsqueeze(1))
+                    _mm_fp32(p, w_slab, a, accumulate=True)
+        # softmax - onehot without rounding p_target - 1: the target's coefficient is -s_excl / s, exactly.
+        in_range = (y >= 0) & (y < V)
+        keep = (in_range & (y != ignore_index)).float()
+        s_all = s + torch.exp(t - m)
+        loss = torch.where(in_range, m + torch.log(s_all) - t, float("nan"))
+        loss_rows[start:end] = torch.where(y == ignore_index, 0.0, loss)
+        if need_dh:
+            a.mul_((keep / s_all).unsqueeze(1))
+            a.addcmul_((-keep * s / s_all).unsqueeze(1), weight.index_select(0, torch.where(in_range, y, 0)))
+            if rows is None:
+                grad_h[start:end] = a
+            else:
+                grad_h.index_copy_(0, idx, a.to(grad_h.dtype))
+    return loss_rows.sum(), n_valid, grad_h
+
+
+def _mm_fp32(a, b, out, accumulate=False):
+    """out (+)= a @ b in fp32 from bf16/fp16/fp32 operands."""
+    if a.dtype == torch.float32 or not a.is_cuda:
+        a, b = a.float(), b.float()
+        if accumulate:
+            out.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=out)
+    elif accumulate:
+        torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+    else:
+        torch.mm(a, b, out_dtype=torch.float32, out=out)
+
+
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, reduction, need_dh, need_dw, chunk_rows):
-        loss_sum, n_valid, grad_h, grad_w = _forward(hidden, weight, labels, ignore_index, need_dh, need_dw, chunk_rows)
+    def forward(ctx, hidden, weight, labels, ignore_index, reduction, need_dh, need_dw, method, tune):
+        if method == "slabs":
+            loss_sum, n_valid, grad_h = _forward_slabs(hidden, weight, labels, ignore_index, need_dh, **tune)
+            grad_w = None
+        else:
+            loss_sum, n_valid, grad_h, grad_w = _forward(hidden, weight, labels, ignore_index, need_dh, need_dw,
+                                                         **tune)
         inv_n = 1.0 / n_valid.clamp(min=1).float() if reduction == "mean" else torch.ones((), device=hidden.device)
         # Kept as attributes, not saved tensors: backward drops them, so autograd can hand dH to .grad without a copy.
         ctx.grads, ctx.inv_n, ctx.weight_dtype = (grad_h, grad_w), inv_n, weight.dtype
@@ -214,18 +389,23 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         scale = grad_out.float() * ctx.inv_n
         dh = grad_h.mul_(scale) if grad_h is not None else None
         dw = grad_w.mul_(scale).to(ctx.weight_dtype) if grad_w is not None else None
-        return dh, dw, None, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None, None
 
 
-def fused_linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduction="mean", *, chunk_rows=None):
+def fused_linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduction="mean", *, method="auto",
+                               chunk_rows=None, block_rows=None, slab_cols=None):
     """Cross-entropy of hidden [T, H] @ weight [V, H]^T against labels [T] -> fp32 scalar, never storing [T, V].
 
     "mean" averages over non-ignored labels (0 when all are ignored), "sum" sums them. Differentiable w.r.t. hidden,
     and w.r.t. weight only when it requires grad (a frozen lm_head costs no dW GEMM and no [V, H] buffer).
-    chunk_rows overrides the rows per chunk (default: what fits a 200 MiB fp32 logits buffer), for tuning.
+    method: "slabs" (blocks of rows, online softmax over vocabulary slabs; frozen weight only), "rows" (row chunks
+    over the whole vocabulary; also computes dW), "auto" (slabs unless the weight needs a grad).
+    chunk_rows (rows path), block_rows and slab_cols (slabs path) override the defaults, for tuning.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
+    if method not in ("auto", "slabs", "rows"):
+        raise ValueError(f"method must be 'auto', 'slabs' or 'rows', not {method!r}")
     if hidden.dim() != 2 or weight.dim() != 2 or labels.dim() != 1:
         raise ValueError(f"expected hidden [T, H], weight [V, H], labels [T]; got {tuple(hidden.shape)}, "
                          f"{tuple(weight.shape)}, {tuple(labels.shape)}")
@@ -237,7 +417,13 @@ def fused_linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduct
     if hidden.dtype != weight.dtype:  # cast the small operand; autograd casts its grad back
         hidden = hidden.to(weight.dtype)
     grad_on = torch.is_grad_enabled()
+    need_dh, need_dw = grad_on and hidden.requires_grad, grad_on and weight.requires_grad
+    if method == "slabs" and need_dw:
+        raise ValueError("method='slabs' has no weight gradient; use 'rows' or 'auto' when the weight requires grad")
+    if method == "auto":
+        method = "rows" if need_dw else "slabs"
+    tune = dict(block_rows=block_rows, slab_cols=slab_cols) if method == "slabs" else dict(chunk_rows=chunk_rows)
     return FusedLinearCrossEntropyFunction.apply(
         hidden.contiguous(), weight.contiguous(), labels.contiguous().long(), ignore_index, reduction,
-        grad_on and hidden.requires_grad, grad_on and weight.requires_grad, chunk_rows,
+        need_dh, need_dw, method, tune,
     )
