@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import record  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "gpt-oss-20b.json"
-N_ACTIVE = 3.607e9  # attention 0.637e9 + four active experts 2.389e9 + lm_head 0.579e9 + router
 
 
 def token_stream(rows: int, row_len: int, vocab: int, seed: int = 0):
@@ -49,6 +48,16 @@ def token_stream(rows: int, row_len: int, vocab: int, seed: int = 0):
     return out
 
 
+def active_params(cfg: dict) -> float:
+    """Parameters a token passes through: 3.607e9 for gpt-oss-20b (attention 0.637e9 + four experts 2.389e9 +
+    lm_head 0.579e9 + router)."""
+    H, D, I, E, k = cfg["hidden_size"], cfg["head_dim"], cfg["intermediate_size"], cfg["num_local_experts"], \
+        cfg["num_experts_per_tok"]
+    attn = 2 * H * cfg["num_attention_heads"] * D + 2 * H * cfg["num_key_value_heads"] * D
+    experts = k * 3 * H * I
+    return cfg["num_hidden_layers"] * (attn + experts + H * E) + cfg["vocab_size"] * H
+
+
 def flops_per_token(cfg: dict, cu: torch.Tensor) -> float:
     """4 N_active (forward + input-gradient backward; frozen base) + 3x forward attention score/value FLOPs."""
     D, Hq, W = cfg["head_dim"], cfg["num_attention_heads"], cfg["sliding_window"]
@@ -58,7 +67,7 @@ def flops_per_token(cfg: dict, cu: torch.Tensor) -> float:
     window = sum(sum(min(i + 1, W) for i in range(n)) for n in lengths)
     per_layer_pairs = {"full_attention": full, "sliding_attention": window}
     attn = sum(3 * 4 * D * Hq * per_layer_pairs[t] for t in cfg["layer_types"]) / T
-    return 4 * N_ACTIVE + attn
+    return 4 * active_params(cfg) + attn
 
 
 def matmul_tflops() -> float:
@@ -211,7 +220,7 @@ def measure(step_fn, model, rows, cfg, steps: int, warmup: int) -> dict:
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return {"step_s": statistics.median(times), "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "loss": float(loss)}
+            "loss": float(loss.detach())}
 
 
 def free(*objs):
