@@ -223,11 +223,21 @@ def measure(step_fn, model, rows, cfg, steps: int, warmup: int) -> dict:
             "loss": float(loss.detach())}
 
 
-def free(*objs):
-    for o in objs:
-        del o
+def run_one(build, step_fn, cfg, workload, rows, steps, warmup) -> dict:
+    """Builds, measures and drops one model; the next one starts from an empty GPU (checked, and reported)."""
     gc.collect()
     torch.cuda.empty_cache()
+    leftover = torch.cuda.memory_allocated() / 2**30
+    built = build(cfg, workload)
+    model, extra = (built if isinstance(built, tuple) else (built, None))
+    result = measure(step_fn, model, rows, cfg, steps, warmup)
+    result["leftover_gib_before_build"] = leftover
+    if extra is not None:
+        result["sources"] = extra.sources
+    del model, built
+    gc.collect()  # PEFT models hold reference cycles: without this their weights outlive them
+    torch.cuda.empty_cache()
+    return result
 
 
 def main():
@@ -251,19 +261,16 @@ def main():
         ref_cell = "W1-qv" if workload == "W1-qv-qlora-ref" else workload
         fast = {}
         if workload != "W1-qv-qlora-ref":
-            model, backend = build_fastft(cfg, ref_cell)
-            fast = measure(fastft_step, model, rows, cfg, args.steps, args.warmup)
-            fast["sources"] = backend.sources
-            free(model)
+            fast = run_one(build_fastft, fastft_step, cfg, ref_cell, rows, args.steps, args.warmup)
             print(workload, "fastft", fast, flush=True)
         ref = {}
         if not args.skip_reference:
             try:
-                model = build_reference(cfg, workload)
-                ref = measure(reference_step, model, rows, cfg, args.steps, args.warmup)
+                ref = run_one(build_reference, reference_step, cfg, workload, rows, args.steps, args.warmup)
             except torch.OutOfMemoryError as e:
                 ref = {"error": f"OOM: {e}"[:200]}
-            free(model) if "model" in dir() else None
+                gc.collect()
+                torch.cuda.empty_cache()
             print(workload, "reference", ref, flush=True)
         tok = args.row_len
         m = {"workload": workload, "tokens_per_row": tok, "layers": cfg["num_hidden_layers"],
@@ -271,10 +278,11 @@ def main():
         if fast:
             m.update(fastft_tok_s=tok / fast["step_s"], fastft_s_per_step=fast["step_s"], peak_gib=fast["peak_gib"],
                      mfu=tok / fast["step_s"] * fpt / (ceiling * 1e12), kernels=fast["sources"],
-                     fastft_loss=fast["loss"])
+                     fastft_loss=fast["loss"], fastft_leftover_gib=fast["leftover_gib_before_build"])
         if ref.get("step_s"):
             m.update(reference_tok_s=tok / ref["step_s"], reference_s_per_step=ref["step_s"],
-                     reference_peak_gib=ref["peak_gib"], reference_loss=ref["loss"])
+                     reference_peak_gib=ref["peak_gib"], reference_loss=ref["loss"],
+                     reference_leftover_gib=ref["leftover_gib_before_build"])
         elif ref:
             m["reference_error"] = ref.get("error")
         if fast and ref.get("step_s"):
