@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/bootstrap.sh
-python fastft/train.py examples/sample.jsonl --model tiny --output-dir out/demo --overwrite "$@"
+python fastft/train.py examples/sample.jsonl --model tiny --output-dir out/demo --overwrite \
+  --max-seq-len 512 --batch-size 4 --epochs 4 --learning-rate 5e-3 --lora-targets attn "$@"
