@@ -174,7 +174,11 @@ def train(cfg: TrainConfig) -> int:
 
     # ---- model + LoRA -------------------------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)  # identical LoRA init on every rank
-    model = load_model(model_path, dtype=dtype, device=dist.device, backend=backend)
+    # The fast path keeps a hub checkpoint's MXFP4 experts 4-bit (the kernels read them as stored).
+    from fastft.model.loading import weight_map
+
+    keep_mxfp4 = backend.sources["moe"] == "triton" and any(k.endswith("_blocks") for k in weight_map(model_path))
+    model = load_model(model_path, dtype=dtype, device=dist.device, backend=backend, keep_mxfp4=keep_mxfp4)
     apply_lora(model, LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                                    targets=cfg.lora_targets))
     model.enable_gradient_checkpointing(cfg.gradient_checkpointing)
