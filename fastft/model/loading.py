@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from fastft.assets import BUILTIN_MODELS
 from fastft.backends import Backend
 from fastft.model.config import ModelConfig
 from fastft.model.gpt_oss import Experts, GptOssForTraining
@@ -42,11 +43,11 @@ class CheckpointError(ModelLoadError, ValueError):
 def resolve_model_path(name_or_path: str | Path) -> Path:
     """A local model directory, the built-in ``tiny`` model, or a hub id already in the local HF cache."""
     name = str(name_or_path)
-    if name == "tiny":
-        tiny = Path(__file__).resolve().parent.parent / "assets" / "tiny"
-        if not (tiny / "config.json").is_file():
-            raise ModelNotFoundError(f"the built-in tiny model is missing ({tiny}); reinstall fastft")
-        return tiny
+    if name in BUILTIN_MODELS:
+        builtin = BUILTIN_MODELS[name]
+        if not (builtin / "config.json").is_file():
+            raise ModelNotFoundError(f"the built-in {name} model is missing ({builtin}); reinstall fastft")
+        return builtin
     path = Path(name).expanduser()
     if path.is_dir():
         return path
