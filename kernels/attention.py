@@ -87,6 +87,14 @@ if triton is not None:
         return lo, k_start, last + 1, n_full_lo, n_full_hi
 
     @triton.jit
+    def _kv_block(kb, vb, offs_n, offs_nb, offs_d, stride_kt, stride_vt, T, HEAD_DIM: tl.constexpr):
+        """One [BLOCK_N, D] block of K and V from the block bases kb / vb (rows past T read as 0)."""
+        kv_mask = (offs_n < T)[:, None] & (offs_d[None, :] < HEAD_DIM)
+        k = tl.load(kb + offs_nb[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(vb + offs_nb[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        return k, v
+
+    @triton.jit
     def _fwd_loop(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kt, stride_vt, offs_m, lo, offs_nb, offs_d,
                   n_begin, n_end, n_full_lo, n_full_hi, T, qk_scale,
                   BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -95,9 +103,7 @@ if triton is not None:
         vb = v_ptr + n_begin.to(tl.int64) * stride_vt
         for n in range(n_begin, n_end, BLOCK_N):
             offs_n = n + offs_nb
-            kv_mask = (offs_n < T)[:, None] & (offs_d[None, :] < HEAD_DIM)
-            k = tl.load(kb + offs_nb[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(vb + offs_nb[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+            k, v = _kv_block(kb, vb, offs_n, offs_nb, offs_d, stride_kt, stride_vt, T, HEAD_DIM)
             kb += BLOCK_N * stride_kt
             vb += BLOCK_N * stride_vt
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
@@ -170,9 +176,7 @@ if triton is not None:
         vb = v_ptr + n_begin.to(tl.int64) * stride_vt
         for n in range(n_begin, n_end, BLOCK_N):
             offs_n = n + offs_nb
-            kv_mask = (offs_n < T)[:, None] & (offs_d[None, :] < HEAD_DIM)
-            k = tl.load(kb + offs_nb[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(vb + offs_nb[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+            k, v = _kv_block(kb, vb, offs_n, offs_nb, offs_d, stride_kt, stride_vt, T, HEAD_DIM)
             kb += BLOCK_N * stride_kt
             vb += BLOCK_N * stride_vt
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
