@@ -49,6 +49,18 @@ class LoraLinear(nn.Module):
         self.lora_A = self.lora_B = None
         self.scaling, self.dropout = 0.0, 0.0
 
+    def set_quantized(self, q):
+        """Holds the frozen base weight 4-bit (an NF4Tensor or MXFP4Tensor, [out, in]) instead of a Parameter; the
+        lora_linear kernel reads it packed, the reference dequantises it."""
+        if tuple(q.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"quantized weight {tuple(q.shape)} != ({self.out_features}, {self.in_features})")
+        self._parameters.pop("weight", None)
+        self.weight = q
+
+    @property
+    def quantized(self) -> bool:
+        return not isinstance(self.weight, torch.Tensor)
+
     def add_lora(self, r: int, alpha: float, dropout: float, dtype=torch.float32):
         device = self.weight.device
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=device))
@@ -208,6 +220,7 @@ class GptOssForTraining(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
+        self._host_embedding = None  # set by offload_embedding
         self._inv_freq, self.attention_scaling = rope_frequencies(cfg)
         self._inv_freq_by_device = {}  # kept off the module's buffers so .to(dtype) can never round it
 
@@ -240,6 +253,33 @@ class GptOssForTraining(nn.Module):
                 p.data = p.data.to(dtype)
         return self
 
+    def offload_embedding(self):
+        """Moves the frozen input embedding (0.58 B parameters, 1.16 GB bf16 for gpt-oss-20b) to host memory.
+
+        A step touches only its T rows: they are gathered on the host and copied over (T x H x 2 bytes, 23.6 MB for
+        4096 tokens), which costs far less than the GPU memory it frees. The tensor leaves the module's parameters,
+        so ``.to(device)`` (DeepSpeed's included) cannot move it back. Tied or trainable embeddings stay put."""
+        emb = self.model.embed_tokens
+        if self._host_embedding is not None or "weight" not in emb._parameters:
+            return self
+        if self.config.tie_word_embeddings or emb.weight.requires_grad:
+            raise ValueError("only a frozen, untied input embedding can be offloaded")
+        host = emb.weight.detach().to("cpu")
+        if torch.cuda.is_available():
+            host = host.pin_memory()
+        del emb._parameters["weight"]
+        self._host_embedding = host
+        return self
+
+    def embed(self, input_ids):
+        host = self._host_embedding
+        if host is None:
+            return self.model.embed_tokens(input_ids)
+        rows = F.embedding(input_ids.cpu(), host)
+        if input_ids.device.type == "cpu":
+            return rows
+        return rows.pin_memory().to(input_ids.device, non_blocking=True)
+
     def enable_gradient_checkpointing(self, enabled: bool = True):
         self.gradient_checkpointing = enabled
 
@@ -262,7 +302,7 @@ class GptOssForTraining(nn.Module):
                              f"{tuple(position_ids.shape)}")
         if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
             raise ValueError("cu_seqlens must be a 1-D int32 tensor")
-        h = self.model.embed_tokens(input_ids)
+        h = self.embed(input_ids)
         cos, sin = self.rope(position_ids, h.dtype)
         for layer in self.model.layers:
             if self.gradient_checkpointing and torch.is_grad_enabled():

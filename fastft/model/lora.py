@@ -87,7 +87,11 @@ def count_parameters(model: GptOssForTraining) -> tuple[int, int]:
     """(trainable, total); 4-bit expert weights count by their logical number of values."""
     trainable = sum(p.numel() for _, p in trainable_parameters(model))
     total = sum(p.numel() for p in model.parameters())
+    if getattr(model, "_host_embedding", None) is not None:
+        total += model._host_embedding.numel()
     for m in model.modules():
+        if getattr(m, "quantized", False):  # a LoraLinear holding its weight 4-bit
+            total += math.prod(m.weight.shape)
         if isinstance(m, Experts):
             total += sum(math.prod(m.weight_shape(w)) for w in Experts.WEIGHTS if w not in m._parameters)
     return trainable, total
