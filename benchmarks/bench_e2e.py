@@ -151,7 +151,11 @@ def reference_step(model, opt, row, cfg):
     return out.loss
 
 
-def build_fastft(cfg: dict, workload: str):
+def build_fastft(cfg: dict, workload: str, attention: str = "nf4", offload_embedding: bool = True,
+                 offload_activations: bool = False):
+    """fastft as the trainer runs it on CUDA: MXFP4 experts, NF4 attention projections (bitsandbytes' quantiser), the
+    input embedding in host memory, lm_head bf16. attention="bf16" / offload_embedding=False give the layout of the
+    first measurements; offload_activations keeps checkpointed layer inputs in host memory (long context)."""
     from fastft.backends import get_backend
     from fastft.model import LoraSettings, apply_lora
     from fastft.model.config import ModelConfig
@@ -188,10 +192,23 @@ def build_fastft(cfg: dict, workload: str):
                 blocks.copy_(q.blocks)
                 getattr(ex, f"{name}_scales").copy_(q.scales)
                 del w, q
+    if attention == "nf4":
+        from fastft.quant import quantize_nf4
+
+        for layer in model.model.layers:
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                proj = getattr(layer.self_attn, name)
+                proj.set_quantized(quantize_nf4(proj.weight.detach()))
+        torch.cuda.empty_cache()
     targets = "all" if workload == "W1-all" else "qv"
     apply_lora(model, LoraSettings(targets=targets, r=16, alpha=32, dropout=0.0 if workload == "W1-all" else 0.1,
                                    dtype=torch.bfloat16))
-    model.enable_gradient_checkpointing(True)
+    if offload_embedding:
+        model.offload_embedding()
+    if offload_activations:
+        model.enable_gradient_checkpointing(True, offload=True)
+    else:
+        model.enable_gradient_checkpointing(True)
     model.train()
     return model, backend
 
@@ -248,7 +265,10 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--row-len", type=int, default=4096)
     ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--build", default="{}", help='JSON options for build_fastft, e.g. {"attention": "bf16"}')
     args = ap.parse_args()
+    build_kw = {"attention": "nf4", "offload_embedding": True, "offload_activations": False,
+                **json.loads(args.build)}
     cfg = json.loads(CONFIG.read_text())
     if args.quick:
         cfg["num_hidden_layers"], cfg["layer_types"] = 2, cfg["layer_types"][:2]
@@ -261,7 +281,8 @@ def main():
         ref_cell = "W1-qv" if workload == "W1-qv-qlora-ref" else workload
         fast = {}
         if workload != "W1-qv-qlora-ref":
-            fast = run_one(build_fastft, fastft_step, cfg, ref_cell, rows, args.steps, args.warmup)
+            fast = run_one(lambda c, w: build_fastft(c, w, **build_kw), fastft_step, cfg, ref_cell, rows, args.steps,
+                           args.warmup)
             print(workload, "fastft", fast, flush=True)
         ref = {}
         if not args.skip_reference:
@@ -274,7 +295,7 @@ def main():
             print(workload, "reference", ref, flush=True)
         tok = args.row_len
         m = {"workload": workload, "tokens_per_row": tok, "layers": cfg["num_hidden_layers"],
-             "matmul_tflops": ceiling, "flops_per_token": fpt}
+             "matmul_tflops": ceiling, "flops_per_token": fpt, "build": build_kw}
         if fast:
             m.update(fastft_tok_s=tok / fast["step_s"], fastft_s_per_step=fast["step_s"], peak_gib=fast["peak_gib"],
                      mfu=tok / fast["step_s"] * fpt / (ceiling * 1e12), kernels=fast["sources"],

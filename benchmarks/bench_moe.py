@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import extra_peak_gib, record, time_ms  # noqa: E402
 from fastft.kernels.moe import moe  # noqa: E402
+import fastft.kernels.moe as moe_module  # noqa: E402
 from fastft.mxfp4 import MXFP4Tensor  # noqa: E402
 
 H = I = 2880
@@ -152,6 +153,7 @@ def main():
             gmm_ms, gmm_gib = results["grouped_mm"]
             record("moe", {
                 "T": T, "H": H, "I": I, "E": E, "top_k": K, "r": R, "lora": lora, "experts": expert_format,
+                "bm": moe_module.BM,
                 "fastft_ms": round(ms, 3), "grouped_mm_peft_ms": peft_ms and round(peft_ms, 3),
                 "grouped_mm_ms": gmm_ms and round(gmm_ms, 3),
                 "speedup_vs_rival": ratio(peft_ms if lora else gmm_ms, ms),

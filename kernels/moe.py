@@ -109,18 +109,23 @@ def experts_reference(x, weights, index, gate_up, gate_up_bias, down, down_bias,
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # BM is fixed (the tile table is built for it); BN and BK are multiples of 32 (one MXFP4 scale group) and are tuned
 # per GEMM shape on the GPU. The interpreter gets one small config.
-BM = 16 if _INTERPRET else 128
+# FASTFT_MOE_BM=256 halves the in-loop dequantisation per MMA (each decoded W tile feeds twice the rows) at the cost of
+# more padding in each expert's last tile; read once per process (A/B runs use two processes).
+BM = 16 if _INTERPRET else int(os.environ.get("FASTFT_MOE_BM", "128"))
 GROUP_M = 2 if _INTERPRET else 8
 MIN_BN = 32
 _GEMM_CONFIGS = [triton.Config(dict(BN=32, BK=32), num_warps=4, num_stages=1)] if _INTERPRET else [
     triton.Config(dict(BN=bn, BK=bk), num_warps=w, num_stages=st)
-    for bn, bk, w, st in ((128, 64, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3))
+    for bn, bk, w, st in ((128, 64, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4))
 ]
 
 
 def _prune_configs(configs, named_args, **kwargs):
     # the SwiGLU-backward epilogue holds a [BM, 2*BN] fp32 tile of h beside the accumulator: cap BN there
-    keep = [c for c in configs if not (kwargs.get("EPI") == 2 and c.kwargs["BN"] > 128)]
+    # and a BM=256 tile's accumulator alone is 128 registers per thread at BN=128 over 8 warps
+    epi2_cap = 128 if BM < 256 else 64
+    keep = [c for c in configs if not (kwargs.get("EPI") == 2 and c.kwargs["BN"] > epi2_cap)
+            and not (BM >= 256 and c.kwargs["BN"] * BM > 128 * 256)]
     return keep or configs[:1]
 
 
