@@ -1,10 +1,23 @@
 """Linear with an unmerged LoRA term, over dense or 4-bit weights: y = x W^T + b + s * (dropout(x) A^T) B^T.
 
-One Triton GEMM serves both directions; W is dequantised tile by tile inside its main loop and is never densified:
+Two execution paths behind one autograd Function (same saved tensors); ``lora_path(T)`` picks one per call:
+
+fused (T < SLAB_MIN_T = 1024, memory-bound): one Triton GEMM serves both directions; W is dequantised tile by tile
+inside its main loop and is never densified, so W costs 4 bits per weight of HBM traffic:
   forward  Y[T, out] = X[T, in]  . W^T  (+ b)  + s * XA[T, r] . B^T       XA = dropout(x) A^T, done first in torch
   backward dX[T, in] = dY[T, out] . W          + s * (dY B)[T, r] . A  (* dropout mask / keep)
 The LoRA term is an extra K=r dot in the epilogue, so the [T, out] LoRA output never round-trips through memory.
-dA = s (dY B)^T dropout(x) and dB = s dY^T XA are [r, *] GEMMs over T, left to cuBLAS.
+
+slabs (T >= 1024, compute-bound: in-loop dequantisation then costs ALU that cuBLAS does not pay): a small Triton
+kernel decodes ONE SLAB of W at a time (the same ``_w_tile`` decode as the fused GEMM, so bit-exact with it) into a
+reused scratch buffer of at most SLAB_BYTES = 8 MiB, and cuBLAS consumes the slab. W is never dense whole.
+  forward  y = b + s * XA . B^T (one addmm, K=r); then per slab of output features y[:, n0:n1] += X . W[n0:n1]^T
+  backward dX = s * (dY B) . A (* mask / keep); then per block of input features dX[:, k0:k1] += dY . W[:, k0:k1]
+Each slab GEMM writes a column block of the row-major y / dX in place (a valid cuBLAS matrix with ld = out / in,
+which torch passes without a copy); this keeps each output element a single full-K reduction, so no fp32 accumulator
+over K-slabs is needed. Dense weights skip the decode (cuBLAS reads them directly) unless their dtype differs from x.
+
+dA = s (dY B)^T dropout(x) and dB = s dY^T XA are [r, *] GEMMs over T, left to cuBLAS on both paths.
 
 Weight formats read in-kernel (W's stored orientation is [out, in], ``in`` contiguous in all three):
   dense  bf16/fp16/fp32 tensor;
@@ -14,7 +27,8 @@ Weight formats read in-kernel (W's stored orientation is [out, in], ``in`` conti
 A packed tile is unpacked into its two nibble halves [rows, cols/2] and interleaved back with join+reshape.
 
 Memory: forward saves x (and a bool dropout mask when dropout is on) plus XA [T, r]; no [T, out] LoRA temporaries;
-backward allocates dX and, with dropout, one transient dropout(x) [T, in] for dA.
+backward allocates dX and, with dropout, one transient dropout(x) [T, in] for dA. The slab path adds the scratch
+(<= 8 MiB) in each direction and nothing else.
 """
 
 from __future__ import annotations
@@ -212,6 +226,22 @@ if triton is not None:
         c = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
         tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask_mn)
 
+    @triton.jit
+    def _decode_slab_kernel(
+        w_ptr, aux_ptr, code_ptr, out_ptr, n0, k0, SLAB_ROWS, SLAB_COLS, N_W, K_W, stride_wn, stride_wk, stride_on,
+        FMT: tl.constexpr, NF4_BS: tl.constexpr, GROUP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        """out[SLAB_ROWS, SLAB_COLS] (row-major, leading dim stride_on) = W[n0:, k0:] in out's dtype, through the same
+        _w_tile decode as the GEMM. k0 is a multiple of BLOCK_C, so the grouped scale read stays valid."""
+        pid_r = tl.program_id(0)
+        pid_c = tl.program_id(1)
+        r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        w = _w_tile(w_ptr, aux_ptr, code_ptr, n0 + r, k0 + pid_c * BLOCK_C, N_W, K_W, stride_wn, stride_wk,
+                    FMT, NF4_BS, BLOCK_R, BLOCK_C, GROUP)
+        dst = out_ptr + r[:, None].to(tl.int64) * stride_on + c[None, :]
+        tl.store(dst, w.to(out_ptr.dtype.element_ty), mask=(r[:, None] < SLAB_ROWS) & (c[None, :] < SLAB_COLS))
+
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -321,6 +351,116 @@ def _gemm(a, fields, trans_w, bias=None, p=None, q=None, scaling=0.0, mask=None,
     return c
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Slab path (large T): one slab of W at a time is decoded into a reused scratch buffer and consumed by cuBLAS.
+
+# Scratch bound, bytes. Memory math (bf16): q_proj's W is 4096 x 2880 x 2 B = 23.6 MB dense; 8 MiB holds 1408 of its
+# 2880-wide rows (8.1 MB, ~1/3), so q/o split into 3 slabs per direction and k/v (2.9 MB) into one. Each slab is a
+# GEMM of T x (>= 1024) x (>= 2880), large enough for cuBLAS to run at full rate once T >= SLAB_MIN_T.
+SLAB_BYTES = 8 << 20
+SLAB_MIN_T = 1024
+# Decode tiles. Slabs along ``in`` are cut at multiples of BLOCK_C, so every tile starts on a scale-group boundary
+# (the grouped read's precondition) and every slab on a 16-byte-aligned address.
+DECODE_META = {"BLOCK_R": 64, "BLOCK_C": 128}
+INTERPRETER_DECODE_META = {"BLOCK_R": 16, "BLOCK_C": 64}
+
+
+def lora_path(num_tokens: int) -> str:
+    """The path a call over num_tokens rows takes: "fused" (in-loop dequant, reads 4 bits per weight: wins while
+    memory-bound) or "slabs" (cuBLAS: wins once compute-bound). FASTFT_LORA_PATH=fused|slabs forces one (A/B timing);
+    otherwise slabs from FASTFT_LORA_SLAB_MIN_T tokens up (default SLAB_MIN_T)."""
+    forced = os.environ.get("FASTFT_LORA_PATH", "auto")
+    if forced in ("fused", "slabs"):
+        return forced
+    if forced != "auto":
+        raise ValueError(f"FASTFT_LORA_PATH must be auto, fused or slabs, not {forced!r}")
+    return "slabs" if num_tokens >= int(os.environ.get("FASTFT_LORA_SLAB_MIN_T", SLAB_MIN_T)) else "fused"
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _slab_len(total: int, other: int, elt: int, quantum: int) -> int:
+    """Length of the slabs cutting `total` (each slab spans all of `other`): as few as SLAB_BYTES allows, of
+    near-equal length rounded up to `quantum`. When even one quantum exceeds SLAB_BYTES it is used anyway."""
+    cap = max(quantum, SLAB_BYTES // (other * elt) // quantum * quantum)
+    return min(cap, _cdiv(_cdiv(total, _cdiv(total, cap)), quantum) * quantum)
+
+
+def _slabs(fields, dtype, along_in: bool):
+    """Yields (s0, s1, slab): W[s0:s1, :] as [s1-s0, in] (along_in False) or W[:, s0:s1] as [out, s1-s0] (along_in
+    True), row-major in dtype. A dense weight already in dtype comes whole (cuBLAS reads it as it is). Every other
+    slab is decoded into the same scratch buffer, so its consumer must be done with it before the next one is
+    asked for; it is, since decode and GEMM run in one stream's order."""
+    fmt, w, aux, code, nf4_bs, n_w, k_w = fields
+    total, other = (k_w, n_w) if along_in else (n_w, k_w)
+    if fmt == FMT_DENSE and w.dtype == dtype:
+        yield 0, total, w
+        return
+    meta = INTERPRETER_DECODE_META if _interpreting() else DECODE_META
+    step = _slab_len(total, other, torch.finfo(dtype).bits // 8, meta["BLOCK_C"])
+    scratch = torch.empty(step * other, device=w.device, dtype=dtype)
+    sw = (w.stride(0), w.stride(1)) if fmt == FMT_DENSE else (0, 0)
+    group = _group(fmt, nf4_bs, k_w)
+    for s0 in range(0, total, step):
+        s1 = min(total, s0 + step)
+        rows, cols = (n_w, s1 - s0) if along_in else (s1 - s0, k_w)
+        slab = scratch[: rows * cols].view(rows, cols)
+        grid = (triton.cdiv(rows, meta["BLOCK_R"]), triton.cdiv(cols, meta["BLOCK_C"]))
+        _decode_slab_kernel[grid](
+            w, aux, code, slab, 0 if along_in else s0, s0 if along_in else 0, rows, cols, n_w, k_w, sw[0], sw[1],
+            slab.stride(0), FMT=fmt, NF4_BS=nf4_bs, GROUP=group, **meta,
+        )
+        yield s0, s1, slab
+
+
+def dequantize_slabs(weight, dtype=torch.float32, along_in=False) -> torch.Tensor:
+    """The whole [out, in] W assembled from the slab path's slabs (tests: bit-exactness of the slab decode)."""
+    fields = _weight_fields(weight)
+    n_w, k_w = fields[5], fields[6]
+    out = torch.empty(n_w, k_w, device=fields[1].device, dtype=dtype)
+    for s0, s1, slab in _slabs(fields, dtype, along_in):
+        (out[:, s0:s1] if along_in else out[s0:s1]).copy_(slab)
+    return out
+
+
+def _forward_slabs(x2d, fields, bias, xa, B, scaling):
+    """y = x W^T + b + s xa B^T: y starts as the K=r LoRA GEMM (+ b), then each slab of output features adds its
+    y[:, n0:n1] += x . Wslab^T in place. A column block of the row-major y is a valid cuBLAS C (ld = out), and torch
+    hands it over without a copy (its strides pass addmm's ld checks: stride 1 along columns, out >= block width)."""
+    T, n_w = x2d.shape[0], fields[5]
+    if xa is not None:
+        if bias is not None:
+            y = torch.addmm(bias.to(x2d.dtype), xa, B.t(), alpha=scaling)
+        else:
+            y = torch.empty(T, n_w, device=x2d.device, dtype=x2d.dtype).addmm_(xa, B.t(), beta=0, alpha=scaling)
+    elif bias is not None:
+        y = bias.to(x2d.dtype).expand(T, n_w).contiguous()
+    else:
+        y = torch.empty(T, n_w, device=x2d.device, dtype=x2d.dtype)
+    beta = 0 if xa is None and bias is None else 1
+    for n0, n1, w in _slabs(fields, x2d.dtype, along_in=False):
+        y[:, n0:n1].addmm_(x2d, w.t(), beta=beta)
+    return y
+
+
+def _dx_slabs(dy, fields, g, A, scaling, mask, inv_keep):
+    """dX = dY W + s (dY B) A (* mask / keep): the LoRA term first (K=r), then per column block of W (all its rows,
+    in-features [k0:k1]) dX[:, k0:k1] += dY . Wcols, again into a column block of the row-major dX."""
+    T, k_w = dy.shape[0], fields[6]
+    dx = torch.empty(T, k_w, device=dy.device, dtype=dy.dtype)
+    beta = 0
+    if g is not None:
+        dx.addmm_(g, A, beta=0, alpha=scaling * inv_keep)
+        if mask is not None:
+            dx.mul_(mask)
+        beta = 1
+    for k0, k1, w in _slabs(fields, dy.dtype, along_in=True):
+        dx[:, k0:k1].addmm_(dy, w, beta=beta)
+    return dx
+
+
 class LoRALinearFunction(torch.autograd.Function):
     """x2d [T, in]; weight frozen (tensor or 4-bit holder); mask: bool [T, in] dropout keep-mask or None."""
 
@@ -333,7 +473,11 @@ class LoRALinearFunction(torch.autograd.Function):
             A, B = lora_A.to(x2d.dtype), lora_B.to(x2d.dtype)
             xd = x2d if mask is None else x2d * mask * inv_keep
             xa = xd @ A.t()  # [T, r]: tiny, so the epilogue can add s * xa B^T
-        y = _gemm(x2d, fields, False, bias=bias, p=xa, q=B.t() if B is not None else None, scaling=scaling)
+        ctx.slabs = lora_path(x2d.shape[0]) == "slabs"
+        if ctx.slabs:
+            y = _forward_slabs(x2d, fields, bias, xa, B, scaling)
+        else:
+            y = _gemm(x2d, fields, False, bias=bias, p=xa, q=B.t() if B is not None else None, scaling=scaling)
         ctx.save_for_backward(x2d if lora_A is not None else None, mask, xa, A, B)
         ctx.weight, ctx.scaling, ctx.inv_keep = weight, scaling, inv_keep
         ctx.lora_dtypes = (lora_A.dtype, lora_B.dtype) if lora_A is not None else None
@@ -347,7 +491,11 @@ class LoRALinearFunction(torch.autograd.Function):
         g = dy @ B if B is not None else None  # [T, r]
         dx = d_bias = dA = dB = None
         if ctx.needs_input_grad[0]:
-            dx = _gemm(dy, _weight_fields(ctx.weight), True, p=g, q=A, scaling=s, mask=mask, inv_keep=ctx.inv_keep)
+            fields = _weight_fields(ctx.weight)
+            if ctx.slabs:
+                dx = _dx_slabs(dy, fields, g, A, s, mask, ctx.inv_keep)
+            else:
+                dx = _gemm(dy, fields, True, p=g, q=A, scaling=s, mask=mask, inv_keep=ctx.inv_keep)
         if ctx.needs_input_grad[2]:
             d_bias = dy.float().sum(0).to(dy.dtype)
         if ctx.needs_input_grad[3]:

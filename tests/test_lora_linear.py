@@ -1,13 +1,18 @@
-"""fastft.kernels.lora_linear: the fused dequant + LoRA GEMM against the dequantise-then-matmul reference.
+"""fastft.kernels.lora_linear: both paths (fused dequant + LoRA GEMM; slab decode + cuBLAS) against the
+dequantise-then-matmul reference.
 
-CPU: Triton interpreter, fp32, small odd shapes, all three weight formats, forward and backward (dX, dA, dB, db).
-GPU (-m gpu): bf16 at gpt-oss shapes; dequantisation bit-exact vs bitsandbytes and transformers.
+CPU: Triton interpreter, fp32, small odd shapes, all three weight formats, forward and backward (dX, dA, dB, db);
+the slab path with a shrunk SLAB_BYTES so slabs are several and do not divide out / in.
+GPU (-m gpu): bf16 at gpt-oss shapes on both paths; dequantisation bit-exact vs bitsandbytes and transformers; the
+slab GEMMs write column blocks in place (no hidden copies).
 """
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from fastft.kernels.lora_linear import LoRALinearFunction, lora_linear, lora_linear_reference
+import fastft.kernels.lora_linear as mod
+from fastft.kernels.lora_linear import LoRALinearFunction, dequantize_slabs, lora_linear, lora_linear_reference, lora_path
 from fastft.mxfp4 import MXFP4Tensor
 from fastft.quant import quantize_mxfp4
 
@@ -46,10 +51,15 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
+@pytest.fixture(autouse=True)
+def _auto_path(monkeypatch):
+    # tests choose the path themselves; a developer's exported override must not flip them
+    monkeypatch.delenv("FASTFT_LORA_PATH", raising=False)
+    monkeypatch.delenv("FASTFT_LORA_SLAB_MIN_T", raising=False)
+
+
 @pytest.fixture(params=[False, True], ids=["ab", "swap_ab"])
 def swap_ab(request, monkeypatch):
-    import fastft.kernels.lora_linear as mod
-
     monkeypatch.setitem(mod.INTERPRETER_META, "SWAP_AB", request.param)
     return request.param
 
@@ -77,8 +87,6 @@ def test_forward_backward_cpu(fmt, T, in_f, out_f, r, with_bias, swap_ab):
 def test_grouped_scale_read_cpu(fmt, monkeypatch):
     # 64-wide tiles: NF4's 64-blocks and MXFP4's 32-groups are whole per row, so both directions take the grouped
     # read (one scale load per group, 3-D byte tile); in_f = 192 leaves a ragged last K tile in the forward
-    import fastft.kernels.lora_linear as mod
-
     for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
         monkeypatch.setitem(mod.INTERPRETER_META, key, 64)
     T, in_f, out_f, r = 9, 192, 67, 4
@@ -149,6 +157,133 @@ def test_no_lora_and_fallbacks_cpu():
     # a trainable dense weight and a 3-D holder go to the reference (autograd), still correct
     wt = torch.randn(24, 64, requires_grad=True)
     assert torch.allclose(lora_linear(x, wt), x @ wt.t())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Slab path (CPU). The interpreter's decode tiles are 64 wide, so slabs come in multiples of 64; SLAB_BYTES is shrunk
+# per case so each direction cuts W into several slabs, the last one short.
+
+
+def _slab_counts(out_f, in_f, elt=4):
+    q = mod.INTERPRETER_DECODE_META["BLOCK_C"]
+    return (-(-out_f // mod._slab_len(out_f, in_f, elt, q)), -(-in_f // mod._slab_len(in_f, out_f, elt, q)))
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nf4"])
+def test_slab_decode_bit_exact_cpu(fmt, monkeypatch):
+    # every slab, both orientations, equals the holder's own dequantisation bit for bit (out 75 -> 64 + 11 rows;
+    # in 192 -> 128 + 64 columns, NF4 and MXFP4 both on the grouped read)
+    monkeypatch.setattr(mod, "SLAB_BYTES", 128 * 75 * 4)
+    assert _slab_counts(75, 192) == (2, 2)
+    w = _weight(fmt, 75, 192)
+    ref = w.dequantize(torch.float32)
+    assert torch.equal(dequantize_slabs(w, torch.float32, along_in=False), ref)
+    assert torch.equal(dequantize_slabs(w, torch.float32, along_in=True), ref)
+
+
+# (T, in, out, r, bias, slab_bytes): 192/75 -> 2 + 2 slabs on the grouped read; 96/130 -> 3 row slabs (64, 64, 2)
+# and 2 column slabs (64, 32), NF4 blocks straddling rows (flat read), T = 1
+SLAB_CASES = [(37, 192, 75, 5, True, 128 * 75 * 4), (1, 96, 130, 16, False, 64 * 96 * 4)]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("T,in_f,out_f,r,with_bias,slab_bytes", SLAB_CASES)
+def test_slabs_forward_backward_cpu(fmt, T, in_f, out_f, r, with_bias, slab_bytes, monkeypatch):
+    monkeypatch.setenv("FASTFT_LORA_PATH", "slabs")
+    monkeypatch.setattr(mod, "SLAB_BYTES", slab_bytes)
+    assert min(_slab_counts(out_f, in_f)) >= 2
+    w = _weight(fmt, out_f, in_f)
+    x = torch.randn(T, in_f, requires_grad=True)
+    A = (torch.randn(r, in_f) * 0.1).requires_grad_()
+    B = (torch.randn(out_f, r) * 0.1).requires_grad_()
+    bias = torch.randn(out_f).requires_grad_() if with_bias else None
+    dy = torch.randn(T, out_f)
+    y, g = _grads(lambda: lora_linear(x, w, bias, A, B, 2.0), x, A, B, bias, dy)
+    y_ref, g_ref = _grads(lambda: lora_linear_reference(x, w, bias, A, B, 2.0), x, A, B, bias, dy)
+    assert _rel(y, y_ref) < 1e-5
+    for a, b in zip(g, g_ref):
+        if b is not None:
+            assert _rel(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("fmt", ["dense", "mxfp4"])
+def test_slabs_dropout_and_no_lora_cpu(fmt, monkeypatch):
+    monkeypatch.setenv("FASTFT_LORA_PATH", "slabs")
+    monkeypatch.setattr(mod, "SLAB_BYTES", 64 * 96 * 4)
+    T, in_f, out_f, r, p = 19, 96, 130, 4, 0.3
+    w = _weight(fmt, out_f, in_f)
+    x = torch.randn(T, in_f, requires_grad=True)
+    A = (torch.randn(r, in_f) * 0.1).requires_grad_()
+    B = (torch.randn(out_f, r) * 0.1).requires_grad_()
+    bias = torch.randn(out_f)
+    mask = torch.rand(T, in_f) >= p
+    dy = torch.randn(T, out_f)
+    wd = w.dequantize() if fmt != "dense" else w
+    y, g = _grads(lambda: LoRALinearFunction.apply(x, w, bias, A, B, 1.5, mask, p), x, A, B, None, dy)
+    y_ref, g_ref = _grads(lambda: x @ wd.t() + bias + 1.5 * ((x * mask / (1 - p)) @ A.t()) @ B.t(), x, A, B, None, dy)
+    assert _rel(y, y_ref) < 1e-5
+    for a, b in zip(g[:3], g_ref[:3]):
+        assert _rel(a, b) < 1e-5
+    # no LoRA: bias only (y starts as b) and neither (the first write of each block overwrites)
+    for b in (bias, None):
+        y, g = _grads(lambda: lora_linear(x, w, b), x, None, None, None, dy)
+        y_ref, g_ref = _grads(lambda: F.linear(x, wd, b), x, None, None, None, dy)
+        assert _rel(y, y_ref) < 1e-5 and _rel(g[0], g_ref[0]) < 1e-5
+
+
+@pytest.mark.parametrize("fmt", ["dense", "nf4"])
+def test_slabs_bf16_io_cpu(fmt, monkeypatch):
+    # bf16 x with an fp32 dense weight: the dense weight goes through the decode kernel too (a cast per slab)
+    monkeypatch.setenv("FASTFT_LORA_PATH", "slabs")
+    monkeypatch.setattr(mod, "SLAB_BYTES", 64 * 128 * 2)
+    T, in_f, out_f, r = 21, 128, 75, 8
+    w = _weight(fmt, out_f, in_f, dtype=torch.float32 if fmt == "dense" else torch.bfloat16)
+    x = torch.randn(T, in_f, dtype=torch.bfloat16, requires_grad=True)
+    A = (torch.randn(r, in_f) * 0.1).requires_grad_()
+    B = (torch.randn(out_f, r) * 0.1).requires_grad_()
+    bias = torch.randn(out_f, dtype=torch.bfloat16).requires_grad_()
+    dy = torch.randn(T, out_f, dtype=torch.bfloat16)
+    y, g = _grads(lambda: lora_linear(x, w, bias, A, B, 2.0), x, A, B, bias, dy)
+    assert y.dtype == torch.bfloat16 and g[0].dtype == torch.bfloat16 and g[1].dtype == torch.float32
+    xf, Af, Bf, bf = (t.detach().float().requires_grad_() for t in (x, A, B, bias))
+    wd = w.dequantize(torch.float32) if fmt != "dense" else w.float()
+    y_ref, g_ref = _grads(lambda: xf @ wd.t() + bf + 2.0 * (xf @ Af.t()) @ Bf.t(), xf, Af, Bf, bf, dy.float())
+    assert _rel(y, y_ref) < 1e-2
+    for a, b in zip(g, g_ref):
+        assert _rel(a, b) < 1e-2
+
+
+def test_path_choice_cpu(monkeypatch):
+    assert lora_path(1023) == "fused" and lora_path(1024) == "slabs"
+    monkeypatch.setenv("FASTFT_LORA_SLAB_MIN_T", "8")
+    assert lora_path(7) == "fused" and lora_path(8) == "slabs"
+    monkeypatch.setenv("FASTFT_LORA_PATH", "fused")
+    assert lora_path(10**6) == "fused"
+    monkeypatch.setenv("FASTFT_LORA_PATH", "slabs")
+    assert lora_path(1) == "slabs"
+    monkeypatch.setenv("FASTFT_LORA_PATH", "cublas")
+    with pytest.raises(ValueError):
+        lora_path(1)
+    # the auto choice reaches the autograd Function: T = 9 >= 8 runs the slabs forward and backward
+    monkeypatch.delenv("FASTFT_LORA_PATH")
+    calls = []
+    for name in ("_forward_slabs", "_dx_slabs"):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _real=real, _n=name: calls.append(_n) or _real(*a))
+    x = torch.randn(9, 64, requires_grad=True)
+    lora_linear(x, _weight("dense", 24, 64)).sum().backward()
+    assert calls == ["_forward_slabs", "_dx_slabs"]
+
+
+def test_slab_memory_math():
+    # gpt-oss projections in bf16: scratch <= 8 MiB (<= 1/3 of q_proj's dense 23.6 MB), <= 3 slabs per direction,
+    # every slab start a multiple of the GPU decode tile width
+    q = mod.DECODE_META["BLOCK_C"]
+    for in_f, out_f in GPT_OSS_SHAPES.values():
+        for total, other in ((out_f, in_f), (in_f, out_f)):
+            step = mod._slab_len(total, other, 2, q)
+            assert step * other * 2 <= mod.SLAB_BYTES == 8 << 20
+            assert step % q == 0 and -(-total // step) <= 3
 
 
 # ---------------------------------------------------------------------------------------------------------------------
