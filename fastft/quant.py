@@ -1,17 +1,22 @@
 """4-bit base weights: which tensors fastft quantises, to what, and the holders the kernels read.
 
-Policy (gpt-oss-20b, 20.9 B parameters; the goal is training on a 24 GB card):
-  * MoE experts (``mlp.experts.gate_up_proj`` / ``down_proj``, 19.1 B parameters): MXFP4, the checkpoint's own
-    format, kept bit-exact when the checkpoint ships it (4.25 bits/weight, ~10.15 GB). From a bf16 checkpoint they are
-    quantised here with ``quantize_mxfp4`` (OCP MX rules), or with NF4 when ``--experts nf4`` asks for it.
-  * Attention projections (q/k/v/o, 0.64 B parameters): NF4 made by bitsandbytes' own ``quantize_4bit`` (blocksize 64,
-    double-quantised absmax: ~4.13 bits/weight, ~0.33 GB instead of 1.27 GB bf16). fastft writes no NF4 quantiser.
-  * Embeddings and lm_head (2 x 0.58 B parameters, 2 x 1.16 GB in bf16): kept in bf16. The embedding is a gather that
-    touches only T rows per step, so it can be offloaded to host memory when a card is tight; lm_head is streamed by
-    the fused linear-cross-entropy kernel, which reads a dense weight. Neither is quantised: 4-bit logits cost accuracy
-    for ~1.7 GB that the 24 GB budget does not need.
-  * Router, sinks, norms and biases: tiny, kept in their checkpoint dtype.
-Total resident weights ~12.8 GB, leaving the rest of a 24 GB card to activations and LoRA state.
+Policy (gpt-oss-20b, 20.9 B parameters, 41.8 GB in bf16; the goal is training on a 24 GB card). What the trainer
+loads on CUDA (``load_model(..., experts="mxfp4", linears="nf4", offload_embedding=True)``), resident on the GPU:
+  * MoE experts (``mlp.experts.gate_up_proj`` / ``down_proj``, 19.11 B parameters): MXFP4, the checkpoint's own
+    format, kept bit-exact when the checkpoint ships it (4.25 bits/weight): 10.15 GB (9.46 GiB). From a bf16
+    checkpoint they are quantised here with ``quantize_mxfp4`` (OCP MX rules), or with NF4 when ``experts="nf4"``
+    asks for it (the moe kernel reads MXFP4 packed; NF4 expert stacks are dequantised per call).
+  * Attention projections (q/k/v/o weights, 0.637 B parameters): NF4 made by bitsandbytes' own ``quantize_4bit``
+    (blocksize 64, double-quantised absmax: ~4.13 bits/weight): 0.33 GB (0.31 GiB) instead of 1.27 GB in bf16.
+    fastft writes no NF4 quantiser.
+  * lm_head (0.579 B parameters): bf16, 1.16 GB (1.08 GiB). The fused linear-cross-entropy kernel streams a dense
+    weight, and 4-bit logits would cost accuracy for ~0.85 GB that the budget does not need.
+  * Input embedding (0.579 B parameters, 1.16 GB bf16): offloaded to pinned host memory
+    (``GptOssForTraining.offload_embedding``); a step gathers only its T rows there and copies them over. Not
+    quantised, and 0 bytes on the GPU.
+  * Router, sinks, norms (fp32) and biases (9.2 M parameters): kept dense, 0.019 GB.
+Total resident weights 11.66 GB = 10.86 GiB (issue #6 bar: <= 11 GiB), leaving the rest of a 24 GB card to
+activations, LoRA weights and their optimizer state. ``weight_bytes(model)`` measures this breakdown on a loaded model.
 
 Holders expose ``.dequantize(dtype)`` (the model's layout), ``.shape``, ``.device``, ``.to(device)`` and ``.nbytes()``,
 so pure-torch references work on them unchanged; kernels read the packed fields directly.
@@ -189,7 +194,7 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = NF4_BLOCKSIZE) -> NF4Tensor:
 _EXPERT_SUFFIXES = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 _ATTN_SUFFIXES = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
                   "self_attn.o_proj.weight")
-SCHEMES = ("mxfp4", "nf4", "none")
+SCHEMES = ("mxfp4", "nf4", "none")  # "dense" (the loader's word) means "none"
 
 
 def scheme_for(name: str, experts: str = "mxfp4", linears: str = "nf4") -> str:
@@ -210,6 +215,8 @@ def quantize_weight(name: str, tensor: torch.Tensor, scheme: str = "auto", exper
     """
     if scheme == "auto":
         scheme = scheme_for(name, experts, linears)
+    if scheme == "dense":
+        scheme = "none"
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantisation scheme {scheme!r} for {name}; choose from {SCHEMES}")
     if scheme == "mxfp4":
@@ -217,3 +224,33 @@ def quantize_weight(name: str, tensor: torch.Tensor, scheme: str = "auto", exper
     if scheme == "nf4":
         return quantize_nf4(tensor)
     return tensor
+
+
+def _nbytes(w) -> int:
+    return w.numel() * w.element_size() if isinstance(w, torch.Tensor) else w.nbytes()
+
+
+def weight_bytes(model) -> dict[str, int]:
+    """Bytes of a GptOssForTraining's base weights by kind, as the policy above groups them: ``experts`` (expert
+    weights, 4-bit or dense), ``attention`` (q/k/v/o weights), ``lm_head``, ``embedding`` (on the model's device),
+    ``embedding_host`` (offloaded), ``other`` (router, sinks, norms, biases). LoRA weights are not counted."""
+    from fastft.model.gpt_oss import Experts, LoraLinear  # here: fastft.model's loader imports this module
+
+    out = dict.fromkeys(("experts", "attention", "lm_head", "embedding", "embedding_host", "other"), 0)
+    seen = set()
+    for mname, module in model.named_modules():
+        if isinstance(module, Experts):  # dense, MXFP4 buffers or a holder
+            for w in module.WEIGHTS:
+                out["experts"] += _nbytes(module.weight(w))
+                seen.update(f"{mname}.{w}{s}" for s in ("", "_blocks", "_scales"))
+        elif isinstance(module, LoraLinear) and module.quantized:
+            out["attention"] += _nbytes(module.weight)
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if name in seen or "lora_" in name:
+            continue
+        kind = ("embedding" if name == "model.embed_tokens.weight" else "lm_head" if name == "lm_head.weight" else
+                "attention" if name.endswith(_ATTN_SUFFIXES) else "other")
+        out[kind] += _nbytes(t)
+    host = getattr(model, "_host_embedding", None)
+    out["embedding_host"] = _nbytes(host) if host is not None else 0
+    return out

@@ -8,9 +8,10 @@ import torch
 from safetensors.torch import save_file
 
 from fastft.model import CheckpointError, ModelLoadError, ModelNotFoundError, load_model, resolve_model_path
-from fastft.model.gpt_oss import Experts
+from fastft.model.gpt_oss import Experts, GptOssForTraining, LoraLinear
 from fastft.model.testing import hf_model, packed_batch, tiny_config
 from fastft.mxfp4 import MXFP4Tensor, dequantize_expert_param
+from fastft.quant import NF4Tensor, quantize_mxfp4, quantize_nf4
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -195,6 +196,182 @@ def test_builtin_tiny_model_loads():
     assert torch.isfinite(loss)
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# 4-bit while streaming: experts MXFP4 / NF4, attention projections NF4, embedding offloaded
+
+QCFG = dict(hidden_size=64, intermediate_size=32)  # MXFP4 needs expert in-features divisible by 32
+ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def _experts_hold_nf4() -> bool:
+    with torch.device("meta"):
+        ex = Experts(tiny_config(**QCFG))
+    try:
+        ex.set_quantized("down_proj", NF4Tensor.__new__(NF4Tensor))
+        return True
+    except (AttributeError, TypeError):
+        return False
+
+
+needs_nf4_experts = pytest.mark.skipif(not _experts_hold_nf4(), reason="Experts.set_quantized holds only MXFP4 "
+                                                                        "(fastft/model/gpt_oss.py)")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A hub MXFP4 checkpoint and a dense bf16 one (save_pretrained names), both sharded so that the blocks and
+    scales of one weight sit in different files."""
+    cfg = tiny_config(**QCFG)
+    root = tmp_path_factory.mktemp("ckpt")
+    tensors, hf = mxfp4_checkpoint(cfg, seed=3)
+    write_sharded(tensors, root / "hub", hub_config(cfg), n_shards=3)
+    dense = {k: v.detach().to(torch.bfloat16) for k, v in hf.state_dict().items()}
+    write_sharded(dense, root / "bf16", cfg.to_hf_dict(), n_shards=2)
+    return cfg, root / "hub", root / "bf16", tensors
+
+
+def quantised_after_loading(path, experts, linears):
+    """The reference: load dense (fp32), then quantise the loaded weights the way the loader is asked to."""
+    model = load_model(path)
+    for module in model.modules():
+        if isinstance(module, Experts) and experts != "dense":
+            for w in Experts.WEIGHTS:
+                dense = module.weight(w).detach()
+                module.set_quantized(w, quantize_mxfp4(dense) if experts == "mxfp4" else quantize_nf4(dense))
+        elif isinstance(module, LoraLinear) and linears == "nf4":
+            module.set_quantized(quantize_nf4(module.weight.detach()))
+    return model
+
+
+def assert_same_4bit(a, b):
+    if isinstance(a, MXFP4Tensor):
+        assert isinstance(b, MXFP4Tensor) and torch.equal(a.blocks, b.blocks) and torch.equal(a.scales, b.scales)
+    elif isinstance(a, NF4Tensor):
+        assert isinstance(b, NF4Tensor) and torch.equal(a.data, b.data)
+        assert torch.equal(a.absmax_fp32(), b.absmax_fp32()) and a.shape == b.shape and a.dtype == b.dtype
+    else:
+        assert torch.equal(a, b)
+
+
+COMBOS = [("mxfp4", "dense"), ("mxfp4", "nf4"), ("dense", "nf4"),
+          pytest.param("nf4", "dense", marks=needs_nf4_experts), pytest.param("nf4", "nf4", marks=needs_nf4_experts)]
+
+
+@pytest.mark.parametrize("source", ["hub", "bf16"])
+@pytest.mark.parametrize("experts,linears", COMBOS)
+def test_quantised_while_streaming_equals_quantised_after(checkpoints, source, experts, linears):
+    cfg, hub, bf16, _ = checkpoints
+    path = hub if source == "hub" else bf16
+    got = load_model(path, experts=experts, linears=linears)
+    want = quantised_after_loading(path, experts, linears)
+    params = dict(got.named_parameters())
+    for i, layer in enumerate(got.model.layers):
+        ref = want.model.layers[i]
+        for w in Experts.WEIGHTS:
+            assert (f"model.layers.{i}.mlp.experts.{w}" in params) == (experts == "dense")
+            if not (source == "hub" and experts == "mxfp4"):  # hub bytes: checked bit-exact below
+                assert_same_4bit(layer.mlp.experts.weight(w), ref.mlp.experts.weight(w))
+        for p in ATTN:
+            assert (f"model.layers.{i}.self_attn.{p}.weight" in params) == (linears == "dense")
+            assert_same_4bit(getattr(layer.self_attn, p).weight, getattr(ref.self_attn, p).weight)
+    assert torch.equal(logits_of(got, cfg), logits_of(want, cfg))
+
+
+@pytest.mark.parametrize("linears", ["dense", "nf4"])
+def test_hub_mxfp4_kept_bit_exact(checkpoints, linears):
+    cfg, hub, _, tensors = checkpoints
+    for kw in (dict(experts="mxfp4"), dict(keep_mxfp4=True)):
+        model = load_model(hub, linears=linears, **kw)
+        for name, buf in model.named_buffers():
+            if name.endswith(("_blocks", "_scales")):
+                assert buf.dtype == torch.uint8 and torch.equal(buf, tensors[name]), name
+        assert not any(n.endswith(Experts.WEIGHTS) for n, _ in model.named_parameters())
+
+
+def test_no_dense_placeholder_for_4bit_weights(checkpoints):
+    # the swap happens on the meta model, before to_empty allocates anything
+    from fastft.model.loading import _place_4bit, weight_map
+
+    cfg, _, bf16, _ = checkpoints
+    with torch.device("meta"):
+        model = GptOssForTraining(cfg)
+    _place_4bit(model, weight_map(bf16), "mxfp4", "nf4", require_hub=False)
+    dense = {n for n, _ in model.named_parameters()}
+    assert not {n for n in dense if n.endswith(("experts.gate_up_proj", "experts.down_proj", "proj.weight"))}
+    assert "model.embed_tokens.weight" in dense and "lm_head.weight" in dense
+
+
+def test_offload_embedding_on_load(checkpoints):
+    cfg, hub, _, _ = checkpoints
+    model = load_model(hub, experts="mxfp4", linears="nf4", offload_embedding=True)
+    assert model._host_embedding is not None and "model.embed_tokens.weight" not in dict(model.named_parameters())
+    torch.testing.assert_close(model._host_embedding, load_model(hub).model.embed_tokens.weight.detach(),
+                               rtol=0, atol=0)
+    assert torch.equal(logits_of(model, cfg), logits_of(load_model(hub, experts="mxfp4", linears="nf4"), cfg))
+
+
+def test_bad_arguments(checkpoints):
+    _, hub, bf16, _ = checkpoints
+    with pytest.raises(ValueError, match="contradicts"):
+        load_model(hub, keep_mxfp4=True, experts="nf4")
+    with pytest.raises(ValueError, match="experts must be one of"):
+        load_model(hub, experts="int8")
+    with pytest.raises(ValueError, match="linears must be|one of"):
+        load_model(hub, linears="mxfp4")
+    with pytest.raises(CheckpointError, match="MXFP4"):
+        load_model(bf16, keep_mxfp4=True)
+    with pytest.raises(ModelLoadError, match="divisible by 32"):
+        small = tiny_config()  # intermediate 24: down_proj in-features are not whole MXFP4 blocks
+        with torch.device("meta"):
+            from fastft.model.loading import _place_4bit
+            _place_4bit(GptOssForTraining(small), {}, "mxfp4", "dense", require_hub=False)
+
+
+def _dense_tensors(cfg, seed=0):
+    return {k: v.detach().to(torch.bfloat16) for k, v in hf_model(cfg, seed).state_dict().items()}
+
+
+@pytest.mark.parametrize("experts,linears", [("mxfp4", "nf4"), pytest.param("nf4", "dense", marks=needs_nf4_experts)])
+def test_errors_on_the_quantising_paths(tmp_path, experts, linears):
+    cfg = tiny_config(**QCFG)
+    kw = dict(experts=experts, linears=linears)
+    # a dense expert stack of the wrong shape
+    t = _dense_tensors(cfg)
+    t["model.layers.1.mlp.experts.down_proj"] = torch.zeros(4, 32, 60, dtype=torch.bfloat16)
+    write_sharded(t, tmp_path / "shape", cfg.to_hf_dict(), n_shards=2)
+    with pytest.raises(CheckpointError, match=r"model-0000\d-of-00002\.safetensors: tensor "
+                                              r"model\.layers\.1\.mlp\.experts\.down_proj has shape \[4, 32, 60\]"):
+        load_model(tmp_path / "shape", **kw)
+    # a missing attention projection, and a projection stored as integers
+    t = _dense_tensors(cfg)
+    del t["model.layers.0.self_attn.k_proj.weight"]
+    write_sharded(t, tmp_path / "missing", cfg.to_hf_dict(), n_shards=2)
+    with pytest.raises(CheckpointError, match=r"missing tensor\(s\) model\.layers\.0\.self_attn\.k_proj\.weight"):
+        load_model(tmp_path / "missing", **kw)
+    t = _dense_tensors(cfg)
+    t["model.layers.0.mlp.experts.gate_up_proj"] = torch.zeros(4, 64, 64, dtype=torch.int8)
+    write_sharded(t, tmp_path / "int", cfg.to_hf_dict(), n_shards=2)
+    with pytest.raises(CheckpointError, match=r"tensor model\.layers\.0\.mlp\.experts\.gate_up_proj is torch\.int8"):
+        load_model(tmp_path / "int", **kw)
+    # a truncated shard
+    write_sharded(_dense_tensors(cfg), tmp_path / "trunc", cfg.to_hf_dict(), n_shards=2)
+    shard = tmp_path / "trunc" / "model-00001-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="model-00001-of-00002.safetensors"):
+        load_model(tmp_path / "trunc", **kw)
+
+
+def test_hub_scales_of_wrong_dtype_named(tmp_path):
+    cfg = tiny_config(**QCFG)
+    tensors, _ = mxfp4_checkpoint(cfg)
+    tensors["model.layers.0.mlp.experts.gate_up_proj_scales"] = tensors[
+        "model.layers.0.mlp.experts.gate_up_proj_scales"].to(torch.int16)
+    write_sharded(tensors, tmp_path, hub_config(cfg))
+    for kw in (dict(experts="mxfp4"), dict(experts="dense")):
+        with pytest.raises(CheckpointError, match=r"gate_up_proj_scales is torch\.int16, expected torch\.uint8"):
+            load_model(tmp_path, **kw)
+
+
 @pytest.mark.gpu
 def test_mxfp4_load_on_cuda_bf16(tmp_path):
     cfg = tiny_config(hidden_size=64, intermediate_size=64)
@@ -205,3 +382,44 @@ def test_mxfp4_load_on_cuda_bf16(tmp_path):
         got = model.state_dict()[name]
         assert got.device.type == "cuda"
         torch.testing.assert_close(got.float().cpu(), p.to(got.dtype).float(), rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("source", ["hub", "bf16"])
+def test_trainer_layout_on_cuda(checkpoints, source):
+    """What the trainer loads on CUDA: MXFP4 experts, NF4 attention (bnb's CUDA quantiser), embedding on the host;
+    equal to loading dense and quantising on the same device, and the triton backend runs it."""
+    from fastft.backends import get_backend
+
+    cfg, hub, bf16, tensors = checkpoints
+    path = hub if source == "hub" else bf16
+    got = load_model(path, dtype=torch.bfloat16, device="cuda", experts="mxfp4", linears="nf4",
+                     offload_embedding=True)
+    want = load_model(path, dtype=torch.bfloat16, device="cuda")
+    for module in want.modules():
+        if isinstance(module, Experts):
+            for w in Experts.WEIGHTS:
+                module.set_quantized(w, quantize_mxfp4(module.weight(w).detach()))
+        elif isinstance(module, LoraLinear):
+            module.set_quantized(quantize_nf4(module.weight.detach()))
+    for i, layer in enumerate(got.model.layers):
+        for w in Experts.WEIGHTS:
+            q = layer.mlp.experts.weight(w)
+            assert q.device.type == "cuda"
+            if source == "hub":
+                assert torch.equal(q.blocks.cpu(), tensors[f"model.layers.{i}.mlp.experts.{w}_blocks"])
+            else:
+                assert_same_4bit(q, want.model.layers[i].mlp.experts.weight(w))
+        for p in ATTN:
+            q = getattr(layer.self_attn, p).weight
+            assert isinstance(q, NF4Tensor) and q.device.type == "cuda"
+            assert_same_4bit(q, getattr(want.model.layers[i].self_attn, p).weight)
+    assert got._host_embedding.device.type == "cpu" and got._host_embedding.is_pinned()
+    g = torch.Generator().manual_seed(5)
+    ids, pos, cu = packed_batch([6, 9], cfg.vocab_size, device="cuda", generator=g)
+    with torch.no_grad():
+        ref = want.logits(ids, pos, cu).float()
+        assert torch.equal(got.logits(ids, pos, cu).float(), ref)
+        got.set_backend(get_backend("triton", "cuda"))
+        fast = got.logits(ids, pos, cu).float()
+    assert ((fast - ref).norm() / ref.norm()) < 2e-2

@@ -130,3 +130,32 @@ def test_policy():
         assert isinstance(quantize_weight("x.self_attn.q_proj.weight", t), NF4Tensor)
     with pytest.raises(ValueError):
         quantize_weight("x", t, scheme="int3")
+
+
+@needs_bnb
+def test_weight_bytes_breakdown():
+    from fastft.model import GptOssForTraining
+    from fastft.model.testing import tiny_config
+    from fastft.quant import weight_bytes
+
+    cfg = tiny_config(hidden_size=64, intermediate_size=32)
+    model = GptOssForTraining.from_config(cfg, dtype=torch.bfloat16)
+    dense = weight_bytes(model)
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert sum(dense.values()) == total and dense["embedding_host"] == 0
+    assert dense["lm_head"] == dense["embedding"] == 61 * 64 * 2
+    assert dense["attention"] == 2 * 2 * (64 * 64 + 32 * 64) * 2  # 2 layers x (q, o: 64x64; k, v: 32x64), bf16
+    for layer in model.model.layers:
+        ex = layer.mlp.experts
+        for w in ex.WEIGHTS:
+            ex.set_quantized(w, quantize_mxfp4(ex.weight(w).detach()))
+        for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            proj = getattr(layer.self_attn, p)
+            proj.set_quantized(quantize_nf4(proj.weight.detach()))
+    model.model.embed_tokens.weight.requires_grad_(False)
+    model.offload_embedding()
+    q = weight_bytes(model)
+    E, H, I = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
+    assert q["experts"] == 2 * E * (H * 2 * I + I * H) * 17 // 32  # 4.25 bits per weight
+    assert 0 < q["attention"] < dense["attention"] and q["embedding"] == 0
+    assert q["embedding_host"] == dense["embedding"] and q["other"] == dense["other"] and q["lm_head"] == dense["lm_head"]
