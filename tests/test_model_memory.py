@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from fastft.model import GptOssForTraining, LoraSettings, apply_lora, count_parameters
+from fastft.model.gpt_oss import _RMSNormFunction
 from fastft.model.testing import packed_batch, tiny_config
 from fastft.quant import quantize_mxfp4
 
@@ -58,3 +59,132 @@ def test_quantized_projection_matches_its_dequantized_weight():
     torch.testing.assert_close(proj(x), want)
     with pytest.raises(ValueError):
         model.model.layers[0].self_attn.k_proj.set_quantized(q)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Long-context memory: lean RMSNorm, chunked MoE, checkpointed layer inputs offloaded to host memory.
+
+def hf_rmsnorm(x, weight, eps):
+    """The formula RMSNorm replaces (HF's GptOssRMSNorm), computed in fp64 when x is fp64."""
+    h = x.to(torch.promote_types(x.dtype, torch.float32))
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * h).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weight_grad", [True, False])
+@pytest.mark.parametrize("shape", [(37, 33), (3, 5, 33), (1, 7)])
+def test_rmsnorm_matches_autograd_of_hf_formula(monkeypatch, dtype, weight_grad, shape):
+    monkeypatch.setattr(_RMSNormFunction, "BLOCK_ELEMS", 100)  # 3 rows of 33 per block: the last block is partial
+    eps = 1e-5
+    x = (3 * torch.randn(shape, dtype=torch.float64) + 0.5).to(dtype).requires_grad_()
+    w_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    w = (1 + 0.3 * torch.randn(shape[-1], dtype=w_dtype)).requires_grad_(weight_grad)
+    dy = torch.randn(shape, dtype=torch.float64).to(dtype)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = _RMSNormFunction.apply(x, w, eps)
+    # only x (its own dtype), the weight and rstd [rows] are kept for backward
+    rows = x.numel() // shape[-1]
+    assert [(t.dtype, tuple(t.shape)) for t in saved] == [
+        (dtype, shape), (w_dtype, (shape[-1],)), (torch.promote_types(dtype, torch.float32), (rows,))]
+    y_ref = hf_rmsnorm(x, w, eps)
+    assert y.dtype == dtype and torch.equal(y, y_ref)
+    gx, *gw = torch.autograd.grad(y, [x, w] if weight_grad else [x], dy)
+    gx_ref, *gw_ref = torch.autograd.grad(y_ref, [x, w] if weight_grad else [x], dy)
+    tol = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-5),
+           torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}[dtype]
+    torch.testing.assert_close(gx, gx_ref, **tol)
+    if weight_grad:
+        assert gw[0].dtype == w_dtype
+        torch.testing.assert_close(gw[0], gw_ref[0], **tol)
+
+
+def _lora_model(cfg, state, targets="all", dropout=0.0, checkpointing=False, offload=False, chunk=None):
+    model = GptOssForTraining.from_config(cfg)
+    model.load_state_dict(state)
+    apply_lora(model, LoraSettings(targets=targets, r=2, dropout=dropout))
+    with torch.no_grad():  # LoRA B starts at zero: give every adapter a non-zero gradient path
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.sin(torch.arange(p.numel(), dtype=p.dtype)).view_as(p))
+    model.enable_gradient_checkpointing(checkpointing, offload=offload)
+    model.moe_chunk_tokens = chunk
+    if offload:
+        model._activation_offload.page_bytes = 7 * cfg.hidden_size * 4  # 7-row pages: every input spans pages
+    return model.train()
+
+
+def _step(model, batch, seed=3):
+    torch.manual_seed(seed)  # same dropout masks in every model
+    loss = model(*batch, batch[0])
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    state = GptOssForTraining.from_config(cfg).state_dict()
+    batch = packed_batch([5, 1, 9, 8], cfg.vocab_size, generator=torch.Generator().manual_seed(1))
+    return cfg, state, batch
+
+
+def _assert_grads(got, want, exact):
+    assert got.keys() == want.keys() and got
+    for n in want:
+        if exact:
+            assert torch.equal(got[n], want[n]), n
+        else:
+            torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_offloaded_checkpointing_equals_plain_checkpointing(tiny, dropout):
+    cfg, state, batch = tiny
+    targets = "qv" if dropout else "all"
+    plain = _lora_model(cfg, state, targets, dropout, checkpointing=True)
+    off = _lora_model(cfg, state, targets, dropout, checkpointing=True, offload=True)
+    assert off.offload_activations and not plain.offload_activations
+    for _ in range(2):  # a second step starts a fresh chain of layer inputs and accumulates into .grad
+        want, got = _step(plain, batch), _step(off, batch)
+        assert torch.equal(got[0], want[0])
+        _assert_grads(got[1], want[1], exact=True)
+    # every layer input went to host memory, in pages, chained for prefetch
+    torch.manual_seed(3)
+    loss = off(*batch, batch[0])
+    chain, handle = [], off._activation_offload._last
+    while handle is not None:
+        chain.append(handle)
+        handle = handle.prev
+    T = batch[0].numel()
+    assert len(chain) == cfg.num_hidden_layers
+    assert all(h.shape == (T, cfg.hidden_size) and len(h.pages) == -(-T // 7) for h in chain)
+    loss.backward()
+    # without grad (evaluation) nothing is checkpointed or offloaded
+    with torch.no_grad():
+        torch.manual_seed(4)
+        got = off.logits(*batch)
+        torch.manual_seed(4)
+        assert torch.equal(got, plain.logits(*batch))
+
+
+def test_chunked_moe_equals_unchunked(tiny):
+    cfg, state, batch = tiny
+    want = _step(_lora_model(cfg, state), batch)
+    model = _lora_model(cfg, state, chunk=4)  # 23 tokens: chunks of 4, 4, 4, 4, 4, 3
+    assert all(layer.mlp.chunk_tokens == 4 for layer in model.model.layers)
+    got = _step(model, batch)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
+    _assert_grads(got[1], want[1], exact=False)
+    with pytest.raises(ValueError):
+        model.moe_chunk_tokens = 0
+
+
+def test_offload_chunking_and_checkpointing_together_equal_plain(tiny):
+    cfg, state, batch = tiny
+    want = _step(_lora_model(cfg, state), batch)
+    got = _step(_lora_model(cfg, state, checkpointing=True, offload=True, chunk=5), batch)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
+    _assert_grads(got[1], want[1], exact=False)

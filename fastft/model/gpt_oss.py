@@ -8,6 +8,7 @@ the documents and ``position_ids`` restart at 0 in each.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -17,9 +18,58 @@ from torch.utils.checkpoint import checkpoint
 
 from fastft.backends import Backend, get_backend
 from fastft.model.config import ModelConfig, rope_frequencies
+from fastft.model.offload import HostOffload
 from fastft.mxfp4 import MXFP4Tensor
 
 IGNORE_INDEX = -100
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """HF's GPT-OSS RMSNorm, (weight * x.float() * rsqrt(mean(x^2) + eps)).to(x.dtype), with lean memory.
+
+    Autograd of that formula keeps fp32 [T, H] copies (x.float(), the normalised x: 1.5 GB each at 128K tokens for
+    gpt-oss); this saves only x in its own dtype and rstd [T] (fp32; fp64 for an fp64 x) and recomputes the normalised
+    rows in backward. Rows go in blocks of ~2**24 elements, so the fp32 temporaries of either pass stay ~64 MB."""
+
+    BLOCK_ELEMS = 1 << 24
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        compute = torch.promote_types(x.dtype, torch.float32)
+        x2 = x.reshape(-1, x.shape[-1])
+        y = torch.empty_like(x2)
+        rstd = torch.empty(x2.shape[0], dtype=compute, device=x.device)
+        for s in _row_blocks(x2, _RMSNormFunction.BLOCK_ELEMS):
+            xf = x2[s].to(compute)
+            r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+            y[s] = (weight * (xf * r)).to(x.dtype)
+            rstd[s] = r.squeeze(-1)
+        ctx.save_for_backward(x, weight, rstd)
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[:2]
+        x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, x.shape[-1])
+        w = weight.to(rstd.dtype)
+        dx = torch.empty_like(x2) if need_x else None
+        dw = torch.zeros_like(w) if need_w else None
+        for s in _row_blocks(x2, _RMSNormFunction.BLOCK_ELEMS):
+            r = rstd[s, None]
+            xhat = x2[s].to(r.dtype) * r
+            g = dy2[s].to(r.dtype)
+            if need_w:
+                dw += (g * xhat).sum(0)
+            if need_x:
+                gw = g * w  # d(loss)/d(xhat); rstd's own dependence on x gives the projection term
+                dx[s] = (r * (gw - xhat * (gw * xhat).mean(-1, keepdim=True))).to(x.dtype)
+        return (dx.view(x.shape) if need_x else None), (dw.to(weight.dtype) if need_w else None), None
+
+
+def _row_blocks(x2, block_elems):
+    rows = max(1, block_elems // max(1, x2.shape[1]))
+    return [slice(s, s + rows) for s in range(0, x2.shape[0], rows)]
 
 
 class RMSNorm(nn.Module):
@@ -31,9 +81,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight * h).to(x.dtype)
+        return _RMSNormFunction.apply(x, self.weight, self.eps)
 
 
 class LoraLinear(nn.Module):
@@ -166,8 +214,17 @@ class MLP(nn.Module):
         self.experts = Experts(cfg)
         self.top_k, self.limit = cfg.num_experts_per_tok, cfg.swiglu_limit
         self.backend = backend
+        self.chunk_tokens = None  # set through GptOssForTraining.moe_chunk_tokens
 
     def forward(self, x):
+        n = self.chunk_tokens
+        if n and torch.is_grad_enabled() and x.shape[0] > n:
+            # The MoE keeps [top_k * T, 2I] intermediates for backward (6 GB per layer at 128K tokens): run it per
+            # chunk under non-reentrant checkpoint so only one chunk's exist at a time, each recomputed in backward.
+            return torch.cat([checkpoint(self._moe, c, use_reentrant=False) for c in x.split(n)])
+        return self._moe(x)
+
+    def _moe(self, x):
         e = self.experts
         return self.backend.moe(x, self.router.weight, self.router.bias, self.top_k,
                                 e.weight("gate_up_proj"), e.gate_up_proj_bias, e.weight("down_proj"), e.down_proj_bias,
@@ -220,6 +277,8 @@ class GptOssForTraining(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
+        self._activation_offload = None  # a HostOffload while enable_gradient_checkpointing(offload=True)
+        self.moe_chunk_tokens = 16384
         self._host_embedding = None  # set by offload_embedding
         self._inv_freq, self.attention_scaling = rope_frequencies(cfg)
         self._inv_freq_by_device = {}  # kept off the module's buffers so .to(dtype) can never round it
@@ -280,8 +339,28 @@ class GptOssForTraining(nn.Module):
             return rows
         return rows.pin_memory().to(input_ids.device, non_blocking=True)
 
-    def enable_gradient_checkpointing(self, enabled: bool = True):
+    def enable_gradient_checkpointing(self, enabled: bool = True, offload: bool = False):
+        """Checkpoints every decoder layer (torch.utils.checkpoint, non-reentrant); with offload, the layer inputs it
+        keeps for backward live in host memory (see fastft.model.offload)."""
         self.gradient_checkpointing = enabled
+        self._activation_offload = HostOffload() if enabled and offload else None
+
+    @property
+    def offload_activations(self) -> bool:
+        return self._activation_offload is not None
+
+    @property
+    def moe_chunk_tokens(self) -> int | None:
+        """With grad enabled, the MoE block runs over chunks of this many tokens (None: never chunked)."""
+        return self._moe_chunk_tokens
+
+    @moe_chunk_tokens.setter
+    def moe_chunk_tokens(self, n: int | None):
+        if n is not None and n < 1:
+            raise ValueError(f"moe_chunk_tokens must be >= 1 or None, not {n}")
+        self._moe_chunk_tokens = n
+        for layer in self.model.layers:
+            layer.mlp.chunk_tokens = n
 
     def set_backend(self, backend: Backend):
         for m in self.modules():
@@ -304,11 +383,16 @@ class GptOssForTraining(nn.Module):
             raise ValueError("cu_seqlens must be a 1-D int32 tensor")
         h = self.embed(input_ids)
         cos, sin = self.rope(position_ids, h.dtype)
+        checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
+        offload = self._activation_offload if checkpointing else None
+        if offload is not None:
+            offload.begin()
         for layer in self.model.layers:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                h = checkpoint(layer, h, cos, sin, cu_seqlens, use_reentrant=False)
-            else:
+            if not checkpointing:
                 h = layer(h, cos, sin, cu_seqlens)
+                continue
+            with offload.saving(h) if offload is not None else contextlib.nullcontext():
+                h = checkpoint(layer, h, cos, sin, cu_seqlens, use_reentrant=False)
         return self.model.norm(h)
 
     def logits(self, input_ids, position_ids, cu_seqlens):
