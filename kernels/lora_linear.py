@@ -497,7 +497,7 @@ class LoRALinearFunction(torch.autograd.Function):
             else:
                 dx = _gemm(dy, fields, True, p=g, q=A, scaling=s, mask=mask, inv_keep=ctx.inv_keep)
         if ctx.needs_input_grad[2]:
-            d_bias = dy.float().sum(0).to(dy.dtype)
+            d_bias = dy.sum(0, dtype=torch.float32).to(dy.dtype)  # fp32 accumulation without an fp32 copy of dY
         if ctx.needs_input_grad[3]:
             xd = x2d if mask is None else x2d * mask * ctx.inv_keep
             dA = (g.t() @ xd).mul_(s).to(ctx.lora_dtypes[0])
