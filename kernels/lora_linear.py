@@ -355,8 +355,8 @@ def _gemm(a, fields, trans_w, bias=None, p=None, q=None, scaling=0.0, mask=None,
 # Slab path (large T): one slab of W at a time is decoded into a reused scratch buffer and consumed by cuBLAS.
 
 # Scratch bound, bytes. Memory math (bf16): q_proj's W is 4096 x 2880 x 2 B = 23.6 MB dense; 8 MiB holds 1408 of its
-# 2880-wide rows (8.1 MB, ~1/3), so q/o split into 3 slabs per direction and k/v (2.9 MB) into one. Each slab is a
-# GEMM of T x (>= 1024) x (>= 2880), large enough for cuBLAS to run at full rate once T >= SLAB_MIN_T.
+# 2880-wide rows (8.1 MB, ~1/3), so q/o split into 3 slabs per direction (GEMMs of T x 832..1408 x 2880..4096, big
+# enough for cuBLAS to run at full rate once T >= SLAB_MIN_T) and k/v (2.9 MB) into one.
 SLAB_BYTES = 8 << 20
 SLAB_MIN_T = 1024
 # Decode tiles. Slabs along ``in`` are cut at multiples of BLOCK_C, so every tile starts on a scale-group boundary
