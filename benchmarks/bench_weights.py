@@ -3,8 +3,8 @@
 A checkpoint in the exact hub layout (tensor names, dtypes, shapes, several shards + model.safetensors.index.json;
 MXFP4 experts as uint8 ``*_blocks`` / ``*_scales`` with random content, bf16 everything else) is written to a temp
 dir by a child process, one tensor at a time (its host memory stays ~1.2 GB: the largest tensor, the embedding).
-This process then runs ``load_model(..., device="cuda", experts="mxfp4", linears="nf4", offload_embedding=True)`` and
-records one ``weights_memory`` row:
+A second child process runs ``load_model(..., device="cuda", experts="mxfp4", linears="nf4", offload_embedding=True)``
+and measures it; this one records a ``weights_memory`` row:
   resident_gib        torch.cuda.memory_allocated() after the load (issue #6 bar: <= 11 GiB)
   load_peak_host_gib  peak anonymous RSS (/proc/self/status RssAnon, sampled every ~10 ms by a thread) above the
                       pre-load baseline; file-backed mmap pages are page cache and not counted (bar: <= 4 GiB)
@@ -123,7 +123,7 @@ def _write_safetensors(path: Path, entries: list, make) -> None:
 
 
 def write_checkpoint(out: Path, cfg: dict, dense_experts: bool = False, shards: int = 3, seed: int = 0,
-                     device="cpu") -> int:
+                     device="cpu", log=None) -> int:
     """Writes config.json, model.safetensors.index.json and ``shards`` shards of about equal size; returns bytes."""
     out.mkdir(parents=True, exist_ok=True)
     layout = hub_layout(cfg, dense_experts)
@@ -135,11 +135,13 @@ def write_checkpoint(out: Path, cfg: dict, dense_experts: bool = False, shards: 
         groups[-1].append(entry)
         acc += n
     seeds = {name: seed * 100_003 + i for i, (name, _, _) in enumerate(layout)}
-    weight_map = {}
+    weight_map, t0 = {}, time.perf_counter()
     for k, group in enumerate(groups):
         fname = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
         _write_safetensors(out / fname, group, lambda n, s, d: synthetic_tensor(n, s, d, seeds[n], device))
         weight_map.update({name: fname for name, _, _ in group})
+        if log:
+            log(f"{fname}: {(out / fname).stat().st_size / 1e9:.2f} GB, {time.perf_counter() - t0:.1f} s")
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
@@ -189,7 +191,9 @@ class AnonPeak(threading.Thread):
         return self.peak
 
 
-def measure_load(path: Path) -> tuple[dict, object]:
+def measure_load(path: Path, device: str = "cuda") -> dict:
+    """Loads ``path`` as the trainer does on CUDA and measures it (in a fresh process: see ``_child``). device="cpu"
+    is for the smoke test only (nothing is resident on a GPU there)."""
     import gc
 
     import bitsandbytes  # noqa: F401  (its CUDA libraries load here, not inside the measured window)
@@ -198,43 +202,46 @@ def measure_load(path: Path) -> tuple[dict, object]:
     from fastft.model import load_model
     from fastft.quant import weight_bytes
 
-    backend = get_backend("triton", "cuda")
-    torch.zeros(1, device="cuda")  # CUDA context and allocator up before the baseline
+    cuda = device == "cuda"
+    backend = get_backend("triton" if cuda else "torch", device)
+    allocated = torch.cuda.memory_allocated if cuda else (lambda: 0)
+    if cuda:
+        torch.zeros(1, device="cuda")  # CUDA context and allocator up before the baseline
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     gc.collect()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base_alloc = torch.cuda.memory_allocated()
+    base_alloc = allocated()
     base_anon, base_shmem = _status_kib("RssAnon"), _status_kib("RssShmem")
     sampler = AnonPeak()
     sampler.start()
     t0 = time.perf_counter()
-    model = load_model(path, dtype=torch.bfloat16, device="cuda", backend=backend, experts="mxfp4", linears="nf4",
+    model = load_model(path, dtype=torch.bfloat16, device=device, backend=backend, experts="mxfp4", linears="nf4",
                        offload_embedding=True)
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     peak_anon = sampler.stop()
     parts = weight_bytes(model)
-    resident = torch.cuda.memory_allocated() - base_alloc
+    resident = allocated() - base_alloc
     metrics = {
         "resident_gib": round(resident / GIB, 3),
         "load_peak_host_gib": round((peak_anon - base_anon) / 2**20, 3),
         "load_seconds": round(seconds, 2),
-        "load_peak_gpu_gib": round((torch.cuda.max_memory_allocated() - base_alloc) / GIB, 3),
+        "load_peak_gpu_gib": round((torch.cuda.max_memory_allocated() - base_alloc) / GIB, 3) if cuda else 0.0,
         **{f"{k}_gib": round(v / GIB, 3) for k, v in parts.items()},
         "host_after_load_gib": round((_status_kib("RssAnon") + _status_kib("RssShmem") - base_anon - base_shmem)
                                      / 2**20, 3),
+        # allocator rounding and anything the breakdown misses
         "unaccounted_gib": round((resident - sum(v for k, v in parts.items() if k != "embedding_host")) / GIB, 3),
     }
-    return metrics, model
+    return metrics
 
 
-def _run_writer(out: Path, layers: int | None, dense_experts: bool, shards: int) -> float:
-    """The writer runs in a child process, so its allocations never sit in this one's baseline or heap."""
-    cmd = [sys.executable, __file__, "--write-only", str(out), "--shards", str(shards)]
-    cmd += ["--layers", str(layers)] if layers is not None else []
-    cmd += ["--dense-experts"] if dense_experts else []
+def _child(*args: str) -> float:
+    """Runs this script in a child process: the writer's allocations and each load's CUDA context, pinned-memory cache
+    and heap stay out of every other measurement. Returns its wall time."""
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True)
+    subprocess.run([sys.executable, __file__, *args], check=True)
     return time.perf_counter() - t0
 
 
@@ -246,18 +253,19 @@ def bench(args, root: Path, dense_experts: bool):
     path = root / f"gpt-oss-20b-{kind}"
     shards = max(3, round(sum(_nbytes(s, d) for _, s, d in hub_layout(hub_config(layers), dense_experts)) / 5e9))
     print(f"[weights] writing the synthetic {kind} checkpoint to {path} ({shards} shards)", flush=True)
-    write_s = _run_writer(path, layers, dense_experts, shards)
+    write = ["--write-only", str(path), "--shards", str(shards)]
+    write += ["--layers", str(layers)] if layers is not None else []
+    write_s = _child(*write, *(["--dense-experts"] if dense_experts else []))
     if args.cold:
         _evict(path)
     ckpt_gb = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 1e9
     print(f"[weights] wrote {ckpt_gb:.2f} GB in {write_s:.1f} s; loading", flush=True)
-    metrics, model = measure_load(path)
-    cfg = model.config
-    del model
-    torch.cuda.empty_cache()
-    metrics.update(checkpoint=kind, layers=cfg.num_hidden_layers, checkpoint_gb=round(ckpt_gb, 2),
-                   page_cache="cold" if args.cold else "warm", experts="mxfp4", linears="nf4",
-                   offload_embedding=True, quick=args.quick)
+    out = root / f"metrics-{kind}.json"
+    _child("--measure", str(path), "--metrics-out", str(out))
+    metrics = json.loads(out.read_text())
+    metrics.update(checkpoint=kind, layers=layers or hub_config()["num_hidden_layers"], checkpoint_gb=round(ckpt_gb, 2),
+                   write_seconds=round(write_s, 1), page_cache="cold" if args.cold else "warm", experts="mxfp4",
+                   linears="nf4", offload_embedding=True, quick=args.quick)
     if not args.quick:
         metrics["resident_le_11gib"] = metrics["resident_gib"] <= 11.0
         metrics["host_peak_le_4gib"] = metrics["load_peak_host_gib"] <= 4.0
@@ -273,7 +281,9 @@ def main():
     ap.add_argument("--cold", action="store_true", help="drop the checkpoint from the page cache before loading")
     ap.add_argument("--dir", type=Path, default=None, help="where to write the checkpoint (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the written checkpoints")
-    ap.add_argument("--write-only", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--write-only", type=Path, default=None, help=argparse.SUPPRESS)  # child modes
+    ap.add_argument("--measure", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--metrics-out", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--layers", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--dense-experts", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--shards", type=int, default=3, help=argparse.SUPPRESS)
@@ -281,12 +291,16 @@ def main():
     if args.write_only is not None:
         cfg = hub_config(args.layers, mxfp4=not args.dense_experts)
         device = "cuda" if torch.cuda.is_available() else "cpu"  # the GPU generates random bytes far faster
-        write_checkpoint(args.write_only, cfg, args.dense_experts, args.shards, device=device)
+        write_checkpoint(args.write_only, cfg, args.dense_experts, args.shards, device=device,
+                         log=lambda m: print(f"[weights]   {m}", flush=True))
+        return
+    if args.measure is not None:
+        args.metrics_out.write_text(json.dumps(measure_load(args.measure)))
         return
     if not torch.cuda.is_available():
         sys.exit("bench_weights needs a CUDA GPU")
     root = Path(tempfile.mkdtemp(prefix="fastft-weights-", dir=args.dir))
-    need = 14e9 if not args.bf16 else 42e9
+    need = (14e9 + 42e9 if args.keep else 42e9) if args.bf16 else 14e9
     free = shutil.disk_usage(root).free
     if not args.quick and free < need:
         sys.exit(f"{root}: {free / 1e9:.0f} GB free, the checkpoint needs {need / 1e9:.0f} GB (pass --dir)")

@@ -82,3 +82,12 @@ def test_anon_sampler_sees_a_transient_allocation():
     del t
     peak = sampler.stop()
     assert peak - base >= 48 * 1024  # KiB
+
+
+def test_measure_load_runs_on_cpu(tmp_path):
+    bw.write_checkpoint(tmp_path, _cfg(), shards=2)
+    m = bw.measure_load(tmp_path, device="cpu")
+    for key in ("resident_gib", "load_peak_host_gib", "load_seconds", "experts_gib", "attention_gib", "lm_head_gib",
+                "other_gib", "embedding_gib", "embedding_host_gib"):
+        assert key in m and m[key] >= 0, key
+    assert m["embedding_gib"] == 0 and m["load_seconds"] > 0
