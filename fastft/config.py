@@ -38,6 +38,11 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 42
     gradient_checkpointing: bool = True
+    offload_activations: bool = False
+    # base weights (auto: the 4-bit fast path on CUDA with the triton kernels, as loaded elsewhere)
+    experts: str = "auto"
+    linears: str = "auto"
+    embedding: str = "auto"
     # LoRA
     lora_r: int = 16
     lora_alpha: float = 32.0
@@ -131,6 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-grad-norm", type=_float_in(0.0, 1e6), default=d.max_grad_norm, help="0 disables clipping")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
+    g.add_argument("--offload-activations", action="store_true",
+                   help="keep checkpointed layer inputs in host memory (long sequences on small cards)")
+    g = p.add_argument_group("base weights")
+    g.add_argument("--experts", choices=("auto", "dense", "mxfp4", "nf4"), default=d.experts,
+                   help="expert storage; auto = mxfp4 on CUDA with the triton kernels, the checkpoint's dtype elsewhere")
+    g.add_argument("--linears", choices=("auto", "dense", "nf4"), default=d.linears,
+                   help="attention projections; auto = nf4 (bitsandbytes) on CUDA with the triton kernels")
+    g.add_argument("--embedding", choices=("auto", "device", "host"), default=d.embedding,
+                   help="input embedding placement; auto = host memory on CUDA (a step reads only its own rows)")
     g = p.add_argument_group("LoRA")
     g.add_argument("--lora-r", type=_positive_int, default=d.lora_r)
     g.add_argument("--lora-alpha", type=_float_in(0.0, 1e6, lo_open=True), default=d.lora_alpha)

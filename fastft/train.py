@@ -141,6 +141,18 @@ class StopRequest:
               file=sys.stderr)
 
 
+def weight_layout(cfg: TrainConfig, backend, device) -> dict:
+    """Where and how the base weights live. auto = the fast path when the triton kernels run on CUDA (MXFP4 experts,
+    NF4 attention projections, input embedding in host memory: ~10.9 GiB resident for gpt-oss-20b, see
+    fastft.quant); elsewhere the checkpoint's own layout, which the torch reference reads directly."""
+    fast = torch.device(device).type == "cuda" and backend.sources["moe"] == "triton"
+    return {
+        "experts": cfg.experts if cfg.experts != "auto" else ("mxfp4" if fast else "dense"),
+        "linears": cfg.linears if cfg.linears != "auto" else ("nf4" if fast else "dense"),
+        "embedding": cfg.embedding if cfg.embedding != "auto" else ("host" if fast else "device"),
+    }
+
+
 def train(cfg: TrainConfig) -> int:
     import deepspeed
     import torch.distributed as dist_
@@ -174,18 +186,19 @@ def train(cfg: TrainConfig) -> int:
 
     # ---- model + LoRA -------------------------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)  # identical LoRA init on every rank
-    # The fast path keeps a hub checkpoint's MXFP4 experts 4-bit (the kernels read them as stored).
-    from fastft.model.loading import weight_map
-
-    keep_mxfp4 = backend.sources["moe"] == "triton" and any(k.endswith("_blocks") for k in weight_map(model_path))
-    model = load_model(model_path, dtype=dtype, device=dist.device, backend=backend, keep_mxfp4=keep_mxfp4)
+    layout = weight_layout(cfg, backend, dist.device)
+    model = load_model(model_path, dtype=dtype, device=dist.device, backend=backend, experts=layout["experts"],
+                       linears=layout["linears"])
     apply_lora(model, LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                                    targets=cfg.lora_targets))
-    model.enable_gradient_checkpointing(cfg.gradient_checkpointing)
+    if layout["embedding"] == "host":
+        model.offload_embedding()  # after apply_lora: only a frozen embedding can move
+    model.enable_gradient_checkpointing(cfg.gradient_checkpointing,
+                                        offload=cfg.offload_activations and cfg.gradient_checkpointing)
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     n_trainable = sum(p.numel() for p in named.values())
     say(f"fastft: model {cfg.model} ({dtype}, kernels: {backend.name} {backend.sources}), "
-        f"LoRA {cfg.lora_targets} r={cfg.lora_r}: {n_trainable:,} trainable parameters")
+        f"LoRA {cfg.lora_targets} r={cfg.lora_r}: {n_trainable:,} trainable parameters; weights {layout}")
     torch.manual_seed(cfg.seed + 1000 * (dist.rank + 1))  # per-rank dropout masks
 
     # ---- DeepSpeed engine ---------------------------------------------------------------------------------------

@@ -175,3 +175,20 @@ def test_deepspeed_launcher_two_ranks(tmp_path, trained):
     assert (out / "adapter_model.safetensors").exists()
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["world_size"] == 2
+
+
+def test_weight_layout_auto_and_explicit():
+    from types import SimpleNamespace
+
+    from fastft.config import TrainConfig
+    from fastft.train import weight_layout
+
+    gpu = SimpleNamespace(sources={"moe": "triton"})
+    ref = SimpleNamespace(sources={"moe": "torch"})
+    assert weight_layout(TrainConfig(data="x.jsonl"), gpu, "cuda") == {"experts": "mxfp4", "linears": "nf4",
+                                                                        "embedding": "host"}
+    assert weight_layout(TrainConfig(data="x.jsonl"), gpu, "cpu") == {"experts": "dense", "linears": "dense",
+                                                                       "embedding": "device"}
+    assert weight_layout(TrainConfig(data="x.jsonl"), ref, "cuda")["experts"] == "dense"
+    explicit = TrainConfig(data="x.jsonl", experts="nf4", linears="dense", embedding="device")
+    assert weight_layout(explicit, gpu, "cuda") == {"experts": "nf4", "linears": "dense", "embedding": "device"}
