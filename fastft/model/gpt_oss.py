@@ -342,8 +342,10 @@ class GptOssForTraining(nn.Module):
     def enable_gradient_checkpointing(self, enabled: bool = True, offload: bool = False):
         """Checkpoints every decoder layer (torch.utils.checkpoint, non-reentrant); with offload, the layer inputs it
         keeps for backward live in host memory (see fastft.model.offload)."""
+        if offload and not enabled:
+            raise ValueError("activation offload moves the inputs that checkpointing keeps: it needs checkpointing")
         self.gradient_checkpointing = enabled
-        self._activation_offload = HostOffload() if enabled and offload else None
+        self._activation_offload = HostOffload() if offload else None
 
     @property
     def offload_activations(self) -> bool:

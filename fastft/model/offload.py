@@ -27,6 +27,7 @@ the last page of each layer. On CPU the same path runs with plain host tensors a
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 
@@ -45,11 +46,12 @@ class HostOffload:
     def __init__(self, page_bytes: int = PAGE_BYTES):
         self.page_bytes = page_bytes
         self._streams = {}  # device -> side stream for host copies
-        self._last = None  # the previous layer's handle: prefetched once this layer's input is unpacked
+        # weak: only the autograd graph owns a handle (and its host pages); backward drops them layer by layer
+        self._last = _dead  # the previous layer's handle, prefetched once this layer's input is unpacked
 
     def begin(self):
         """A new forward pass: its first layer has no predecessor to prefetch."""
-        self._last = None
+        self._last = _dead
 
     @contextlib.contextmanager
     def saving(self, hidden: torch.Tensor):
@@ -57,8 +59,9 @@ class HostOffload:
             # checkpoint also saves cos/sin/cu_seqlens: small and shared by every layer, they stay where they are
             if t.data_ptr() != hidden.data_ptr() or t.shape != hidden.shape or t.dim() == 0:
                 return t
-            self._last = _HostCopy(t, self.page_bytes, self._stream(t.device), self._last)
-            return self._last
+            handle = _HostCopy(t, self.page_bytes, self._stream(t.device), self._last)
+            self._last = weakref.ref(handle)
+            return handle
 
         with torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
             yield
@@ -71,12 +74,17 @@ class HostOffload:
         return self._streams[device]
 
 
+def _dead():
+    return None
+
+
 def _unpack(packed):
     return packed.unpack() if isinstance(packed, _HostCopy) else packed
 
 
 class _HostCopy:
-    """One tensor's copy in host pages (rows split along dim 0); ``prev`` is the handle packed just before it."""
+    """One tensor's copy in host pages (rows split along dim 0); ``prev`` weakly refers to the handle packed just
+    before it."""
 
     def __init__(self, t: torch.Tensor, page_bytes: int, stream, prev):
         self.shape, self.dtype, self.device = t.shape, t.dtype, t.device
@@ -110,8 +118,9 @@ class _HostCopy:
         (out, event), self._ready = self._ready, None  # the handle keeps the host copy, not the device one
         if event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)
-        if self.prev is not None:
-            self.prev.prefetch()  # the layer below: copied while this one recomputes and runs backward
+        prev = self.prev()
+        if prev is not None:
+            prev.prefetch()  # the layer below: copied while this one recomputes and runs backward
         return out
 
 
