@@ -6,6 +6,12 @@ Generic over benches: one table per bench name (newest row first; columns date, 
 bench ever recorded, then the command). A bench whose rows carry a size axis (T, tokens, seq_len, ...) with at least
 two values also gets a plot: the newest measurement at each size of every *_ms metric (log-log), and the *_gib
 metrics beside them (log scale). Nothing is computed here that the bench did not record.
+
+Some benches get their own plot instead, always from their newest run (rows sharing date, device, git and command):
+  context_sweep  tokens/s and peak allocated GiB against sequence length, fastft vs the reference (log2 x axis)
+  convergence    the per-step loss curves of fastft and the reference (a pair per learning rate), and their
+                 relative difference
+List-valued metrics (loss curves) are plotted, not tabled.
 """
 
 from __future__ import annotations
@@ -44,8 +50,36 @@ def _newest_first(rows: list[dict]) -> list[dict]:
 def _columns(rows: list[dict]) -> list[str]:
     cols = []
     for row in sorted(rows, key=lambda r: r["_order"]):
-        cols += [k for k in row["metrics"] if k not in cols]
+        cols += [k for k in row["metrics"] if k not in cols and not isinstance(row["metrics"][k], list)]
     return cols
+
+
+def _newest_run(rows: list[dict]) -> list[dict]:
+    """The rows of the newest invocation (same date, device, git and command as the newest row), in file order."""
+    key = lambda r: (r.get("date"), r.get("device"), r.get("git"), r.get("command"))  # noqa: E731
+    newest = key(_newest_first(rows)[0])
+    return sorted((r for r in rows if key(r) == newest), key=lambda r: r["_order"])
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out: Path, bench: str) -> Path:
+    fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{bench}.png"
+    fig.savefig(path, dpi=110)
+    return path
 
 
 def _cell(value) -> str:
@@ -71,11 +105,7 @@ def _x_axis(rows: list[dict]) -> str | None:
 
 
 def plot_bench(bench: str, rows: list[dict], x: str, out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     newest = {}  # x value -> newest row measured there
     for row in _newest_first(rows):
         newest.setdefault(row["metrics"][x], row)
@@ -99,12 +129,86 @@ def plot_bench(bench: str, rows: list[dict], x: str, out: Path) -> Path:
         ax.legend(fontsize=8)
     devices = sorted({str(newest[v].get("device", "?")) for v in xs})
     fig.suptitle(f"{bench} ({', '.join(devices)}; newest run at each {x})")
-    fig.tight_layout()
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{bench}.png"
-    fig.savefig(path, dpi=110)
+    path = _save(fig, out, bench)
     plt.close(fig)
     return path
+
+
+def plot_context_sweep(bench: str, rows: list[dict], out: Path) -> Path | None:
+    """tokens/s and peak allocated GiB vs sequence length, fastft vs reference, from the newest run."""
+    run = _newest_run(rows)
+    panels = [("tokens/s", "_tok_s", "linear"), ("peak allocated (GiB)", "_peak_gib", "linear")]
+    sides = [("fastft", "o-"), ("reference", "s--")]
+    keys = [f"{side}{suffix}" for side, _ in sides for _, suffix, _ in panels]
+    if not any(_number(r["metrics"].get(k)) for r in run for k in keys):
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for ax, (label, suffix, yscale) in zip(axes, panels):
+        for side, style in sides:
+            pts = sorted((r["metrics"]["tokens"], r["metrics"].get(f"{side}{suffix}")) for r in run
+                         if _number(r["metrics"].get("tokens")))
+            pts = [(a, b) for a, b in pts if _number(b) and b > 0]
+            if pts:
+                ax.plot(*zip(*pts), style, label=side)
+        untried = [r["metrics"]["tokens"] for r in run if not _number(r["metrics"].get(f"reference{suffix}"))]
+        if untried and suffix == "_peak_gib":
+            ax.annotate(f"reference: no result from {min(untried):,} tokens (OOM, too slow or not run)",
+                        xy=(0.02, 0.96), xycoords="axes fraction", va="top", fontsize=8)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale(yscale)
+        ax.set_xlabel("sequence length (tokens, one sequence per step)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right" if suffix == "_peak_gib" else "best")
+    head = run[0]
+    layers = head["metrics"].get("layers")
+    fig.suptitle(f"{bench}: {head['metrics'].get('workload', '')} {layers} layers "
+                 f"({head.get('device', '?')}, {head.get('date', '?')}, git {head.get('git', '?')})")
+    path = _save(fig, out, bench)
+    plt.close(fig)
+    return path
+
+
+def plot_convergence(bench: str, rows: list[dict], out: Path) -> Path | None:
+    """The newest run's loss curves (fastft vs reference, one pair per learning rate) and their per-step relative
+    difference."""
+    with_curves = [r for r in rows if isinstance(r["metrics"].get("fastft_curve"), list)
+                   and isinstance(r["metrics"].get("reference_curve"), list)]
+    if not with_curves:
+        return None
+    run = _newest_run(with_curves)
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for k, row in enumerate(run):
+        m, color = row["metrics"], f"C{k}"
+        fast, ref = m["fastft_curve"], m["reference_curve"]
+        tag = f"lr {m['lr']:g}" if _number(m.get("lr")) else f"run {k + 1}"
+        axes[0].plot(range(1, len(ref) + 1), ref, "-", color=color, linewidth=3, alpha=0.35,
+                     label=f"reference (HF + PEFT), {tag}")
+        axes[0].plot(range(1, len(fast) + 1), fast, "--", color=color, label=f"fastft, {tag}")
+        rel = [abs(a - b) / abs(b) * 100 if _number(a) and _number(b) and b else float("nan")
+               for a, b in zip(fast, ref)]
+        smooth = m.get("max_rel_diff")
+        axes[1].plot(range(1, len(rel) + 1), rel, ".-", color=color, markersize=3,
+                     label=f"{tag}: per step; smoothed max {_cell(smooth * 100 if _number(smooth) else None)} %")
+    axes[0].set_ylabel("training loss")
+    axes[1].axhline(2.0, color="red", linestyle=":", label="2 % bar (on the 5-step moving average)")
+    axes[1].set_ylabel("|fastft - reference| / reference (%)")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    head = run[0]
+    m = head["metrics"]
+    fig.suptitle(f"{bench}: {m.get('layers', '?')} layers, {m.get('tokens_per_row', '?')} tokens/row "
+                 f"({head.get('device', '?')}, {head.get('date', '?')}, git {head.get('git', '?')})")
+    path = _save(fig, out, bench)
+    plt.close(fig)
+    return path
+
+
+PLOTTERS = {"context_sweep": plot_context_sweep, "convergence": plot_convergence}
 
 
 def generate(results: Path, out_dir: Path) -> Path:
@@ -117,9 +221,12 @@ def generate(results: Path, out_dir: Path) -> Path:
         bench_rows = _newest_first([r for r in rows if r["bench"] == bench])
         cols = _columns(bench_rows)
         lines += [f"## {bench}", ""]
-        x = _x_axis(bench_rows)
-        if x:
-            png = plot_bench(bench, bench_rows, x, out_dir / "plots")
+        if bench in PLOTTERS:
+            png = PLOTTERS[bench](bench, bench_rows, out_dir / "plots")
+        else:
+            x = _x_axis(bench_rows)
+            png = plot_bench(bench, bench_rows, x, out_dir / "plots") if x else None
+        if png:
             lines += [f"![{bench}](plots/{png.name})", ""]
         header = ["date", "device", "git"] + cols + ["command"]
         lines.append("| " + " | ".join(header) + " |")
