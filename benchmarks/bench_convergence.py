@@ -315,7 +315,7 @@ def main():
             "within_2pct": agree["max_rel_diff"] <= 0.02,
             "initial_loss": statistics.fmean(ref[:5]), "fastft_final_loss": statistics.fmean(fast[-5:]),
             "reference_final_loss": statistics.fmean(ref[-5:]), "task_floor_loss": floor,
-            "r": args.r, "alpha": args.alpha, "patterns": args.patterns, "pattern_len": args.pattern_len,
+            "weight_decay": 0.0, "r": args.r, "alpha": args.alpha, "patterns": args.patterns, "pattern_len": args.pattern_len,
             "attention": args.attention, "experts": "mxfp4", "dtype": str(dtype).removeprefix("torch."),
             "kernels": backend.sources,
             "reference_lora_dtype": ",".join(lora_dtypes), "fastft_s_per_step": fast_s, "reference_s_per_step": ref_s,
