@@ -87,7 +87,7 @@ def set_cap(cap_gib: float | None):
 
 
 def bisect(args, cfg):
-    model, backend = build_fastft(cfg, args.workload)
+    model, backend = build_fastft(cfg, args.workload, **args.build)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     for cap in (float(c) for c in args.caps.split(",")):
         set_cap(cap)
@@ -107,7 +107,8 @@ def bisect(args, cfg):
         step_s = fits(model, opt, best, cfg["vocab_size"]) if best else None
         record("context", {"cap_gib": cap, "max_tokens": best, "tok_s": best / step_s if step_s else None,
                            "step_s": step_s, "workload": args.workload, "layers": cfg["num_hidden_layers"],
-                           "kernels": backend.sources, "searched_up_to": args.hi})
+                           "kernels": backend.sources, "searched_from": args.lo, "searched_up_to": args.hi,
+                           "build": args.build})
     set_cap(None)
 
 
@@ -157,7 +158,7 @@ def sweep(args, cfg):
     deadline = time.monotonic() + args.budget_s
     set_cap(args.cap_gib)
     _free()
-    model, backend = build_fastft(cfg, "W1-qv")
+    model, backend = build_fastft(cfg, "W1-qv", **args.build)
     # Keep a reserve for the reference: its short lengths are the ones the comparison needs.
     fast_deadline = deadline - (0 if args.skip_reference else args.reference_reserve_s)
     fast = sweep_side("fastft", lambda m, o, n: one_step(m, o, n, vocab), model, lengths, fast_deadline, None)
@@ -181,7 +182,7 @@ def sweep(args, cfg):
              "fastft_tok_s": n / fs if fs else None, "fastft_step_s": fs, "fastft_peak_gib": f.get("peak_gib"),
              "reference_tok_s": n / rs if rs else None, "reference_step_s": rs,
              "reference_peak_gib": r.get("peak_gib"), "speedup_vs_reference": rs / fs if fs and rs else None,
-             "kernels": backend.sources}
+             "kernels": backend.sources, "build": args.build}
         notes = []
         for side, d in (("fastft", f), ("reference", r)):
             if "error" in d:
@@ -211,7 +212,11 @@ def main():
                     help="sweep: fastft stops this long before the budget ends, leaving time to the reference")
     ap.add_argument("--cap-gib", type=float, default=None, help="sweep: optional memory cap for both sides")
     ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--build", default=None,
+                    help='JSON options for bench_e2e.build_fastft (default: {"offload_activations": true} when '
+                         'bisecting, the e2e layout for --sweep)')
     args = ap.parse_args()
+    args.build = json.loads(args.build) if args.build else ({} if args.sweep else {"offload_activations": True})
     cfg = json.loads(CONFIG.read_text())
     if args.quick:
         cfg["num_hidden_layers"], cfg["layer_types"] = 2, cfg["layer_types"][:2]
