@@ -161,8 +161,9 @@ class Experts(nn.Module):
     """HF's GptOssExperts parameters (``gate_up_proj [E, H, 2I]`` interleaved gate/up, ``down_proj [E, I, H]``, their
     biases) and optional LoRA in PEFT's target_parameters layout (see fastft.kernels.moe).
 
-    A weight may instead be held 4-bit (``set_quantized``): its blocks/scales become buffers and ``weight(name)``
-    returns an MXFP4Tensor, which the moe backend dequantizes (or reads directly, in a kernel)."""
+    A weight may instead be held 4-bit (``set_quantized``): an MXFP4Tensor's blocks/scales become buffers and
+    ``weight(name)`` returns an MXFP4Tensor, which the moe kernel reads directly; any other holder (NF4Tensor) is kept
+    as an object (not in the state dict) and densified by the moe backend per call."""
 
     WEIGHTS = ("gate_up_proj", "down_proj")
 
@@ -175,18 +176,23 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, I, H))
         self.down_proj_bias = nn.Parameter(torch.empty(E, H))
         self.lora_scaling = {}  # weight name -> alpha / r, for the weights that carry LoRA
+        self.holders = {}  # weight name -> a non-MXFP4 4-bit holder (NF4Tensor)
 
-    def set_quantized(self, name: str, q: MXFP4Tensor):
+    def set_quantized(self, name: str, q):
         if name not in self.WEIGHTS:
             raise KeyError(name)
-        if name in self._parameters:
-            del self._parameters[name]
-        self.register_buffer(f"{name}_blocks", q.blocks)
-        self.register_buffer(f"{name}_scales", q.scales)
+        self._parameters.pop(name, None)
+        if isinstance(q, MXFP4Tensor):
+            self.register_buffer(f"{name}_blocks", q.blocks)
+            self.register_buffer(f"{name}_scales", q.scales)
+        else:
+            self.holders[name] = q
 
     def weight(self, name: str):
         if name in self._parameters:
             return self._parameters[name]
+        if name in self.holders:
+            return self.holders[name]
         return MXFP4Tensor(getattr(self, f"{name}_blocks"), getattr(self, f"{name}_scales"))
 
     def weight_shape(self, name: str) -> tuple:  # [E, in, out]
@@ -334,10 +340,13 @@ class GptOssForTraining(nn.Module):
         host = self._host_embedding
         if host is None:
             return self.model.embed_tokens(input_ids)
-        rows = F.embedding(input_ids.cpu(), host)
+        ids = input_ids.cpu()
         if input_ids.device.type == "cpu":
-            return rows
-        return rows.pin_memory().to(input_ids.device, non_blocking=True)
+            return F.embedding(ids, host)
+        # gathered straight into pinned memory (the caching host allocator recycles it): one host pass, async H2D
+        rows = torch.empty(ids.numel(), host.shape[1], dtype=host.dtype, pin_memory=True)
+        torch.index_select(host, 0, ids, out=rows)
+        return rows.to(input_ids.device, non_blocking=True)
 
     def enable_gradient_checkpointing(self, enabled: bool = True, offload: bool = False):
         """Checkpoints every decoder layer (torch.utils.checkpoint, non-reentrant); with offload, the layer inputs it
