@@ -172,6 +172,25 @@ def test_offloaded_checkpointing_equals_plain_checkpointing(tiny, dropout):
         assert torch.equal(got, plain.logits(*batch))
 
 
+def test_offload_keeps_no_reference_to_layer_inputs(tiny):
+    """After forward, nothing but the host copies holds a layer input (autograd keeps the pack hook alive with the
+    saved tensor, so a hook that closed over the input would keep it on the device)."""
+    import gc
+    import weakref
+
+    cfg, state, batch = tiny
+    model = _lora_model(cfg, state, "qv", 0.0, checkpointing=True, offload=True)
+    inputs = []
+    hooks = [layer.register_forward_pre_hook(lambda m, args: inputs.append(weakref.ref(args[0])))
+             for layer in model.model.layers]
+    loss = model(*batch, batch[0])
+    for h in hooks:
+        h.remove()
+    gc.collect()
+    assert len(inputs) == cfg.num_hidden_layers and all(ref() is None for ref in inputs)
+    loss.backward()
+
+
 def test_chunked_moe_equals_unchunked(tiny):
     cfg, state, batch = tiny
     want = _step(_lora_model(cfg, state), batch)

@@ -55,9 +55,14 @@ class HostOffload:
 
     @contextlib.contextmanager
     def saving(self, hidden: torch.Tensor):
+        # Only the address and shape are kept: autograd holds on to the pack hook for as long as the saved tensor
+        # lives, so a closure over `hidden` itself would pin on the device the very tensor this moves off it.
+        ptr, shape = hidden.data_ptr(), hidden.shape
+        del hidden
+
         def pack(t):
             # checkpoint also saves cos/sin/cu_seqlens: small and shared by every layer, they stay where they are
-            if t.data_ptr() != hidden.data_ptr() or t.shape != hidden.shape or t.dim() == 0:
+            if t.data_ptr() != ptr or t.shape != shape or t.dim() == 0:
                 return t
             handle = _HostCopy(t, self.page_bytes, self._stream(t.device), self._last)
             self._last = weakref.ref(handle)
