@@ -114,10 +114,15 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 BM = 16 if _INTERPRET else int(os.environ.get("FASTFT_MOE_BM", "128"))
 GROUP_M = 2 if _INTERPRET else 8
 MIN_BN = 32
-_GEMM_CONFIGS = [triton.Config(dict(BN=32, BK=32), num_warps=4, num_stages=1)] if _INTERPRET else [
-    triton.Config(dict(BN=bn, BK=bk), num_warps=w, num_stages=st)
-    for bn, bk, w, st in ((128, 64, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4))
+# SWAP_AB computes C^T = W^T A^T: the dequantised weight tile becomes wgmma's register operand, so it is not written
+# to shared memory and read back each K step (the activations, loaded as they are, take the shared-memory side).
+_GEMM_CONFIGS = [triton.Config(dict(BN=32, BK=32, SWAP_AB=False), num_warps=4, num_stages=1)] if _INTERPRET else [
+    triton.Config(dict(BN=bn, BK=bk, SWAP_AB=swap), num_warps=w, num_stages=st)
+    for bn, bk, w, st, swap in ((128, 64, 8, 3, False), (128, 128, 8, 3, False), (256, 64, 8, 3, False),
+                                (128, 64, 8, 4, False), (64, 64, 4, 4, False),
+                                (128, 64, 8, 3, True), (128, 64, 4, 4, True), (256, 64, 8, 3, True))
 ]
+_FORCE_META = None  # tests: launch the kernel with these meta-parameters instead of autotuning
 
 
 def _prune_configs(configs, named_args, **kwargs):
@@ -205,6 +210,7 @@ def _grouped_gemm_kernel(
     QUANT: tl.constexpr, EPI: tl.constexpr, GATHER_A: tl.constexpr, SCATTER_C: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, ROWSCALE: tl.constexpr, STORE_ACT: tl.constexpr,
     R_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    SWAP_AB: tl.constexpr,
 ):
     """One (BM rows of one expert) x (BN columns) tile of a grouped GEMM, with one of three epilogues:
     EPI 0: (acc + bias) * rowscale -> C.
@@ -234,12 +240,20 @@ def _grouped_gemm_kernel(
     rn = n0 + tl.arange(0, BN)
     nmask = rn < N
 
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    if SWAP_AB:
+        acc_t = tl.zeros((BN, BM), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
         a = tl.load(A + arow[:, None] * s_am + rk[None, :], mask=mmask[:, None] & (rk[None, :] < K), other=0.0)
         w = _load_w(W, WS, e, k0, n0, K, N, s_we, s_wk, s_wn, s_se, QUANT, BK, BN)
-        acc = tl.dot(a, w.to(a.dtype), acc)
+        if SWAP_AB:
+            acc_t = tl.dot(tl.trans(w).to(a.dtype), tl.trans(a), acc_t)
+        else:
+            acc = tl.dot(a, w.to(a.dtype), acc)
+    if SWAP_AB:
+        acc = tl.trans(acc_t)  # once per tile
 
     if HAS_LORA:
         rr = tl.arange(0, R_PAD)
@@ -416,7 +430,8 @@ def _gemm(a, a_idx, w_args, tables, out, *, c_idx=None, bias=None, lora=None, ro
     L, LB, s_lbe, s_lbn, s_lbr, scaling = lora if lora is not None else (dummy, dummy, 0, 0, 0, 0.0)
     R = L.shape[1] if lora is not None else 1
     grid = lambda meta: (num_tiles * triton.cdiv(N, meta["BN"]),)  # noqa: E731
-    _grouped_gemm_kernel[grid](
+    kernel, meta = (_grouped_gemm_kernel, {}) if _FORCE_META is None else (_grouped_gemm_kernel.fn, _FORCE_META)
+    kernel[grid](
         a, a_idx if a_idx is not None else offsets, a.stride(0),
         W, WS, s_we, s_wk, s_wn, s_se,
         bias if bias is not None else dummy, bias.stride(0) if bias is not None else 0,
@@ -429,7 +444,7 @@ def _gemm(a, a_idx, w_args, tables, out, *, c_idx=None, bias=None, lora=None, ro
         tile_expert, tile_row, offsets, num_tiles, K, N, float(limit), float(alpha),
         QUANT=quant, EPI=epi, GATHER_A=a_idx is not None, SCATTER_C=c_idx is not None,
         HAS_BIAS=bias is not None, HAS_LORA=lora is not None, ROWSCALE=rowscale is not None,
-        STORE_ACT=act is not None, R_PAD=_r_pad(R), BM=BM, GROUP_M=GROUP_M,
+        STORE_ACT=act is not None, R_PAD=_r_pad(R), BM=BM, GROUP_M=GROUP_M, **meta,
     )
     return out
 

@@ -115,6 +115,19 @@ def test_moe_matches_reference(quant):
         assert rel(g, rg) < 1e-5
 
 
+@pytest.mark.parametrize("quant", [True, False])
+def test_moe_swapped_operands_match_reference(quant, monkeypatch):
+    """The SWAP_AB tiles (C^T = W^T A^T, the autotuner's other orientation on the GPU) compute the same function."""
+    import fastft.kernels.moe as moe_mod
+
+    monkeypatch.setattr(moe_mod, "_FORCE_META", dict(BN=32, BK=32, SWAP_AB=True, num_warps=4, num_stages=1))
+    T, H, I, E, k, r = (29, 64, 32, 5, 3, 3) if quant else (19, 40, 24, 5, 3, 3)
+    out, grads, ref, ref_grads = run_both(make_problem(T, H, I, E, k, r, quant))
+    assert rel(out, ref) < 1e-5
+    for g, rg in zip(grads, ref_grads):
+        assert rel(g, rg) < 1e-5
+
+
 def test_moe_no_lora_and_one_sided_lora():
     p = make_problem(13, 64, 32, 4, 2, 2, quant=True)
     down_lora = p.pop("down_lora")
