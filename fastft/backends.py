@@ -23,13 +23,40 @@ Contracts (all tensors on one device; T = tokens of the packed batch, flattened)
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 OPS = ("attention", "loss", "lora_linear", "moe")
+
+_recompute = threading.local()
+
+
+@contextlib.contextmanager
+def output_unused():
+    """Marks a checkpoint's recompute of a region whose last op is the MoE block: backward needs only what the block
+    saves, never its output, so an op may skip the work that only produces the output (the MoE's down GEMM, a third
+    of its recomputed FLOPs). The region's owner guarantees that nothing after the block saves its output.
+    Thread-local: the recompute runs, and enters this, in the autograd engine's thread."""
+    before = getattr(_recompute, "active", False)
+    _recompute.active = True
+    try:
+        yield
+    finally:
+        _recompute.active = before
+
+
+def is_output_unused() -> bool:
+    return getattr(_recompute, "active", False)
+
+
+def recompute_skips_output():
+    """``context_fn`` for torch.utils.checkpoint: the forward as usual, the recompute under ``output_unused``."""
+    return contextlib.nullcontext(), output_unused()
 
 # op -> (module, reference function, triton function)
 _IMPLS = {

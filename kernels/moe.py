@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from fastft.backends import is_output_unused
 from fastft.kernels.lora_linear import dense_weight
 from fastft.mxfp4 import MXFP4Tensor
 
@@ -500,7 +501,8 @@ def _a_epilogue(A, E, L, scaling):
 
 class _MoEExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weights, index, gu_b, d_b, A_gu, B_gu, A_d, B_d, gate_up, down, s_gu, s_d, limit, alpha):
+    def forward(ctx, x, weights, index, gu_b, d_b, A_gu, B_gu, A_d, B_d, gate_up, down, s_gu, s_d, limit, alpha,
+                skip_output):
         T, H = x.shape
         k = index.shape[1]
         E = gu_b.shape[0]
@@ -523,9 +525,12 @@ class _MoEExperts(torch.autograd.Function):
         if A_d is not None:
             act_a = _lowrank(act, None, _a_factor(A_d, E), tables, S)
             lora_d = _b_epilogue(B_d, E, act_a, s_d)
-        y = torch.empty(S, H, device=x.device, dtype=x.dtype)
-        _gemm(act, None, d_args, tables, y, c_idx=pair, bias=d_b, lora=lora_d, rowscale=rowscale)
-        out = y.view(T, k, H).sum(1, dtype=torch.float32).to(x.dtype)
+        if skip_output:  # a checkpoint recompute (backends.output_unused): backward needs only what is saved below
+            out = x.new_zeros(T, H)
+        else:
+            y = torch.empty(S, H, device=x.device, dtype=x.dtype)
+            _gemm(act, None, d_args, tables, y, c_idx=pair, bias=d_b, lora=lora_d, rowscale=rowscale)
+            out = y.view(T, k, H).sum(1, dtype=torch.float32).to(x.dtype)
         ctx.save_for_backward(x, weights, index, gu_b, d_b, A_gu, B_gu, A_d, B_d, h, xa, act_a, rowscale, *tables)
         ctx.gate_up, ctx.down, ctx.s_gu, ctx.s_d, ctx.limit, ctx.alpha = gate_up, down, s_gu, s_d, limit, alpha
         return out
@@ -543,7 +548,7 @@ class _MoEExperts(torch.autograd.Function):
         d_args = _weight_args(ctx.down, x.dtype, False)
         I = d_args[8]
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grads = [None] * 15
+        grads = [None] * 16
 
         # down projection: g = dOut W_d^T + s (dOut B_d) A_d over the I columns, fused with the SwiGLU backward
         lora_d = d_outB = None
@@ -618,5 +623,6 @@ def moe(x, router_weight, router_bias, top_k, gate_up, gate_up_bias, down, down_
     A_gu, B_gu, s_gu = _lora_parts(gate_up_lora)
     A_d, B_d, s_d = _lora_parts(down_lora)
     out = _MoEExperts.apply(x2, weights, index, gate_up_bias, down_bias, A_gu, B_gu, A_d, B_d,
-                            gate_up, down, s_gu, s_d, float(limit), float(alpha))
+                            gate_up, down, s_gu, s_d, float(limit), float(alpha),
+                            torch.is_grad_enabled() and is_output_unused())
     return out.view(shape)

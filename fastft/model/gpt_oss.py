@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from fastft.backends import Backend, get_backend
+from fastft.backends import Backend, get_backend, recompute_skips_output
 from fastft.model.config import ModelConfig, rope_frequencies
 from fastft.model.offload import HostOffload
 from fastft.mxfp4 import MXFP4Tensor
@@ -227,7 +227,8 @@ class MLP(nn.Module):
         if n and torch.is_grad_enabled() and x.shape[0] > n:
             # The MoE keeps [top_k * T, 2I] intermediates for backward (6 GB per layer at 128K tokens): run it per
             # chunk under non-reentrant checkpoint so only one chunk's exist at a time, each recomputed in backward.
-            return torch.cat([checkpoint(self._moe, c, use_reentrant=False) for c in x.split(n)])
+            return torch.cat([checkpoint(self._moe, c, use_reentrant=False, context_fn=recompute_skips_output)
+                              for c in x.split(n)])
         return self._moe(x)
 
     def _moe(self, x):
@@ -246,6 +247,8 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg, backend)
 
     def forward(self, h, cos, sin, cu_seqlens):
+        # The MoE must stay the last op that saves anything: checkpoint recomputes this layer under
+        # backends.output_unused, where the MoE's output is not computed (see recompute_skips_output).
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, cu_seqlens)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -403,7 +406,8 @@ class GptOssForTraining(nn.Module):
                 h = layer(h, cos, sin, cu_seqlens)
                 continue
             with offload.saving(h) if offload is not None else contextlib.nullcontext():
-                h = checkpoint(layer, h, cos, sin, cu_seqlens, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, cu_seqlens, use_reentrant=False,
+                               context_fn=recompute_skips_output)
         return self.model.norm(h)
 
     def logits(self, input_ids, position_ids, cu_seqlens):
