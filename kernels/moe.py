@@ -123,6 +123,8 @@ _GEMM_CONFIGS = [triton.Config(dict(BN=32, BK=32, SWAP_AB=False), num_warps=4, n
                                 (128, 64, 8, 4, False), (64, 64, 4, 4, False),
                                 (128, 64, 8, 3, True), (128, 64, 4, 4, True), (256, 64, 8, 3, True))
 ]
+# FASTFT_MOE_SWAP=0 or 1 keeps only that orientation (A/B runs); unset, the autotuner picks per GEMM.
+_SWAP_ONLY = os.environ.get("FASTFT_MOE_SWAP")
 _FORCE_META = None  # tests: launch the kernel with these meta-parameters instead of autotuning
 
 
@@ -131,7 +133,8 @@ def _prune_configs(configs, named_args, **kwargs):
     # and a BM=256 tile's accumulator alone is 128 registers per thread at BN=128 over 8 warps
     epi2_cap = 128 if BM < 256 else 64
     keep = [c for c in configs if not (kwargs.get("EPI") == 2 and c.kwargs["BN"] > epi2_cap)
-            and not (BM >= 256 and c.kwargs["BN"] * BM > 128 * 256)]
+            and not (BM >= 256 and c.kwargs["BN"] * BM > 128 * 256)
+            and (_SWAP_ONLY is None or c.kwargs["SWAP_AB"] == (_SWAP_ONLY == "1"))]
     return keep or configs[:1]
 
 
