@@ -16,7 +16,10 @@ import argparse
 import collections
 import dataclasses
 import json
+import statistics
 import sys
+import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -86,6 +89,34 @@ def live_at_peak(snapshot: dict, base: int, top: int = 15) -> tuple[float, list]
     return peak / 2**30, [(k, round(v, 3)) for k, v in groups.most_common(top)]
 
 
+def host_side(model, opt, rows, cfg, steps: int = 3) -> dict:
+    """Is the step bound by the host? Wall time per step, the time the host takes to issue it (until the step
+    function returns, before the final synchronize), and every host synchronisation inside it (torch's sync debug
+    mode), grouped by the source line that asked for it."""
+    walls, issues = [], []
+    for i in range(steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fastft_step(model, opt, rows[i % len(rows)], cfg)
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        walls.append(time.perf_counter() - t0)
+        issues.append(t1 - t0)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fastft_step(model, opt, rows[0], cfg)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    syncs = collections.Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught
+                                if "synchroniz" in str(w.message))
+    return {"wall_ms": 1e3 * statistics.median(walls), "host_issue_ms": 1e3 * statistics.median(issues),
+            "host_syncs": sum(syncs.values()), "host_syncs_by_line": syncs.most_common(10)}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--workload", default="W1-qv")
@@ -128,6 +159,10 @@ def main():
         torch.cuda.memory._record_memory_history(enabled=None)
     steady_peak = torch.cuda.max_memory_allocated()
 
+    host = host_side(model, opt, rows[3:], cfg)
+    print(f"host: wall {host['wall_ms']:.1f} ms/step, issued in {host['host_issue_ms']:.1f} ms; "
+          f"{host['host_syncs']} syncs: {host['host_syncs_by_line']}")
+
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=acts) as prof:
         for i in range(args.steps):
@@ -151,6 +186,7 @@ def main():
         "top_kernels_ms": [[n, round(ms, 3)] for n, ms in top_kernels],
         "resident_gib": resident / 2**30, "first_steps_peak_gib": first_peak / 2**30,
         "steady_peak_gib": steady_peak / 2**30, "alive_at_peak_gib": top_live, "kernels": backend.sources,
+        **host,
     })
 
 
