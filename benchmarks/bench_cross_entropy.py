@@ -6,6 +6,8 @@ torch (bf16 matmul + fp32 cross_entropy) and Liger-Kernel's fused linear cross-e
     python benchmarks/bench_cross_entropy.py --sweep      # also print fastft at other block/slab/chunk sizes
     python benchmarks/bench_cross_entropy.py --method rows  # the row-chunk path (A/B; the default is "auto" =
                                                             # slabs for the frozen lm_head)
+    python benchmarks/bench_cross_entropy.py --int8       # also fastft with the lm_head held int8 (Int8RowsTensor,
+                                                            # what the trainer loads on CUDA), in the same rows
 
 Extra memory is the peak above inputs, less the [T, H] hidden grad every method returns. A rival that is missing
 (Liger not installed) or runs out of memory is recorded as null with a note.
@@ -25,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import extra_peak_gib, record, time_ms  # noqa: E402
 from fastft.kernels import cross_entropy as ce  # noqa: E402
 from fastft.kernels.cross_entropy import fused_linear_cross_entropy  # noqa: E402
+from fastft.quant import Int8RowsTensor  # noqa: E402
 
 
 def _torch_loss(hidden, weight, labels):
@@ -121,6 +124,8 @@ def main():
     parser.add_argument("--tokens", type=int, nargs="*", default=None)
     parser.add_argument("--method", choices=("auto", "slabs", "rows"), default="auto",
                         help="fastft path (auto: slabs, since the benchmarked lm_head is frozen)")
+    parser.add_argument("--int8", action="store_true",
+                        help="also time fastft with the weight held int8 (per-row absmax; slabs path)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_cross_entropy needs a CUDA GPU")
@@ -131,6 +136,7 @@ def main():
     gen = torch.Generator(device="cuda").manual_seed(0)
     weight = (torch.randn(V, H, device="cuda", generator=gen) * 0.02).bfloat16()  # frozen lm_head
     liger, liger_note = _liger_loss()
+    weight_q = Int8RowsTensor.quantize(weight) if args.int8 else None  # 0.54 GiB beside the bf16 weight
     method = "slabs" if args.method == "auto" else args.method  # what auto picks for a frozen weight
     print(f"fastft method: {method}", flush=True)
     ours_fn = lambda h, w, y: fused_linear_cross_entropy(h, w, y, method=method)  # noqa: E731
@@ -142,7 +148,8 @@ def main():
         ours = _measure(ours_fn, hidden, weight, labels, warmup, iters)
         ref = _measure(_torch_loss, hidden, weight, labels, warmup, iters)
         lig = _measure(liger, hidden, weight, labels, warmup, iters) if liger else (None, None, None, liger_note)
-        for name, res in (("fastft", ours), ("torch", ref), ("liger", lig)):
+        q8 = _measure(fused_linear_cross_entropy, hidden, weight_q, labels, warmup, iters) if args.int8 else None
+        for name, res in (("fastft", ours), ("torch", ref), ("liger", lig), ("fastft_int8", q8 or (None,) * 4)):
             if res[3]:
                 notes.append(f"{name}: {res[3]}")
         metrics = {
@@ -153,6 +160,16 @@ def main():
             "loss_rel_diff_vs_torch": (abs(ours[2] - ref[2]) / abs(ref[2]) if ours[2] is not None and ref[2] else None),
             "tflops_fastft": _r(2 * 2 * T * H * V / ours[0] / 1e9, 1) if ours[0] else None,
         }
+        if q8 is not None:
+            metrics.update({
+                "fastft_int8_ms": _r(q8[0]), "fastft_int8_extra_gib": _r(q8[1]),
+                "int8_time_vs_bf16": _ratio(q8[0], ours[0]), "int8_speedup_vs_torch": _ratio(ref[0], q8[0]),
+                # int8's own effect on the loss, against the bf16 weight it was quantised from (same kernel path)
+                "int8_loss_rel_diff_vs_bf16": (abs(q8[2] - ours[2]) / abs(ours[2])
+                                               if q8[2] is not None and ours[2] else None),
+                "int8_weight_gib": round(weight_q.nbytes() / 2**30, 3),
+                "bf16_weight_gib": round(weight.numel() * weight.element_size() / 2**30, 3),
+            })
         if notes:
             metrics["note"] = "; ".join(notes)
         if args.quick:

@@ -5,11 +5,13 @@ One invocation measures, on the same token stream (packed 4096-token rows, logno
   W1-all           LoRA on attention + experts (PEFT target_parameters; dropout 0 both sides)
   W1-qv-qlora-ref  the stock QLoRA reference: bitsandbytes NF4 on the linears it can quantise, experts stay bf16
 Reference = transformers GptOssForCausalLM + PEFT, bf16, eager attention with packed dict masks, default experts,
-gradient checkpointing. fastft = its own model, `--kernels triton`, MXFP4 experts, gradient checkpointing.
+gradient checkpointing. fastft = its own model, `--kernels triton`, the trainer's CUDA layout (MXFP4 experts, NF4
+attention, int8 lm_head, host embedding), gradient checkpointing.
 Reports tokens/s (median step after warm-up), s/step, peak allocated GiB and MFU (FLOPs/token = 4 N_active +
 attention, see flops_per_token) against a bf16 matmul ceiling measured in the same run.
 
     python benchmarks/bench_e2e.py [--quick] [--workloads W1-qv,W1-all,W1-qv-qlora-ref] [--steps 6]
+        [--build '{"lm_head": "bf16", "offload_activations": true}']   # build_fastft options, kept in metrics.build
 """
 
 from __future__ import annotations
@@ -152,10 +154,13 @@ def reference_step(model, opt, row, cfg):
 
 
 def build_fastft(cfg: dict, workload: str, attention: str = "nf4", offload_embedding: bool = True,
-                 offload_activations: bool = False):
+                 offload_activations: bool = False, lm_head: str = "int8"):
     """fastft as the trainer runs it on CUDA: MXFP4 experts, NF4 attention projections (bitsandbytes' quantiser), the
-    input embedding in host memory, lm_head bf16. attention="bf16" / offload_embedding=False give the layout of the
-    first measurements; offload_activations keeps checkpointed layer inputs in host memory (long context)."""
+    input embedding in host memory, lm_head int8 (one fp32 scale per row). attention="bf16" /
+    offload_embedding=False / lm_head="bf16" give the layout of earlier measurements; offload_activations keeps
+    checkpointed layer inputs in host memory (long context)."""
+    if lm_head not in ("bf16", "int8"):
+        raise ValueError(f"lm_head must be bf16 or int8, not {lm_head!r}")
     from fastft.backends import get_backend
     from fastft.model import LoraSettings, apply_lora
     from fastft.model.config import ModelConfig
@@ -199,6 +204,9 @@ def build_fastft(cfg: dict, workload: str, attention: str = "nf4", offload_embed
             for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
                 proj = getattr(layer.self_attn, name)
                 proj.set_quantized(quantize_nf4(proj.weight.detach()))
+        torch.cuda.empty_cache()
+    if lm_head == "int8":
+        model.quantize_lm_head("int8")  # the bf16 weight is dropped here, as the loader never keeps it
         torch.cuda.empty_cache()
     targets = "all" if workload == "W1-all" else "qv"
     apply_lora(model, LoraSettings(targets=targets, r=16, alpha=32, dropout=0.0 if workload == "W1-all" else 0.1,
@@ -267,7 +275,7 @@ def main():
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--build", default="{}", help='JSON options for build_fastft, e.g. {"attention": "bf16"}')
     args = ap.parse_args()
-    build_kw = {"attention": "nf4", "offload_embedding": True, "offload_activations": False,
+    build_kw = {"attention": "nf4", "offload_embedding": True, "offload_activations": False, "lm_head": "int8",
                 **json.loads(args.build)}
     cfg = json.loads(CONFIG.read_text())
     if args.quick:

@@ -3,8 +3,9 @@
 A checkpoint in the exact hub layout (tensor names, dtypes, shapes, several shards + model.safetensors.index.json;
 MXFP4 experts as uint8 ``*_blocks`` / ``*_scales`` with random content, bf16 everything else) is written to a temp
 dir by a child process, one tensor at a time (its host memory stays ~1.2 GB: the largest tensor, the embedding).
-A second child process runs ``load_model(..., device="cuda", experts="mxfp4", linears="nf4", offload_embedding=True)``
-and measures it; this one records a ``weights_memory`` row:
+A second child process runs ``load_model(..., device="cuda", experts="mxfp4", linears="nf4", lm_head="int8",
+offload_embedding=True)`` (``--lm-head bf16``: the dense lm_head) and measures it; this one records a
+``weights_memory`` row:
   resident_gib        torch.cuda.memory_allocated() after the load (issue #6 bar: <= 11 GiB)
   load_peak_host_gib  peak anonymous RSS (/proc/self/status RssAnon, sampled every ~10 ms by a thread) above the
                       pre-load baseline; file-backed mmap pages are page cache and not counted (bar: <= 4 GiB)
@@ -13,7 +14,7 @@ and measures it; this one records a ``weights_memory`` row:
 With --bf16 a second row loads a checkpoint whose experts are dense bf16 (38.2 GB, as save_pretrained writes
 dequantised weights): the quantise-while-streaming path. The MXFP4 checkpoint is deleted first (disk).
 
-    python benchmarks/bench_weights.py [--quick] [--bf16] [--cold] [--dir DIR] [--keep]
+    python benchmarks/bench_weights.py [--quick] [--bf16] [--cold] [--dir DIR] [--keep] [--lm-head int8|bf16]
 
 --quick: 2 layers (the embedding and lm_head stay full size).
 """
@@ -191,7 +192,7 @@ class AnonPeak(threading.Thread):
         return self.peak
 
 
-def measure_load(path: Path, device: str = "cuda") -> dict:
+def measure_load(path: Path, device: str = "cuda", lm_head: str = "int8") -> dict:
     """Loads ``path`` as the trainer does on CUDA and measures it (in a fresh process: see ``_child``). device="cpu"
     is for the smoke test only (nothing is resident on a GPU there)."""
     import gc
@@ -216,7 +217,7 @@ def measure_load(path: Path, device: str = "cuda") -> dict:
     sampler.start()
     t0 = time.perf_counter()
     model = load_model(path, dtype=torch.bfloat16, device=device, backend=backend, experts="mxfp4", linears="nf4",
-                       offload_embedding=True)
+                       lm_head=lm_head, offload_embedding=True)
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
@@ -261,11 +262,11 @@ def bench(args, root: Path, dense_experts: bool):
     ckpt_gb = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 1e9
     print(f"[weights] wrote {ckpt_gb:.2f} GB in {write_s:.1f} s; loading", flush=True)
     out = root / f"metrics-{kind}.json"
-    _child("--measure", str(path), "--metrics-out", str(out))
+    _child("--measure", str(path), "--metrics-out", str(out), "--lm-head", args.lm_head)
     metrics = json.loads(out.read_text())
     metrics.update(checkpoint=kind, layers=layers or hub_config()["num_hidden_layers"], checkpoint_gb=round(ckpt_gb, 2),
                    write_seconds=round(write_s, 1), page_cache="cold" if args.cold else "warm", experts="mxfp4",
-                   linears="nf4", offload_embedding=True, quick=args.quick)
+                   linears="nf4", lm_head=args.lm_head, offload_embedding=True, quick=args.quick)
     if not args.quick:
         metrics["resident_le_11gib"] = metrics["resident_gib"] <= 11.0
         metrics["host_peak_le_4gib"] = metrics["load_peak_host_gib"] <= 4.0
@@ -281,6 +282,8 @@ def main():
     ap.add_argument("--cold", action="store_true", help="drop the checkpoint from the page cache before loading")
     ap.add_argument("--dir", type=Path, default=None, help="where to write the checkpoint (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the written checkpoints")
+    ap.add_argument("--lm-head", choices=("int8", "bf16"), default="int8",
+                    help="lm_head storage (int8: what the trainer loads on CUDA)")
     ap.add_argument("--write-only", type=Path, default=None, help=argparse.SUPPRESS)  # child modes
     ap.add_argument("--measure", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--metrics-out", type=Path, default=None, help=argparse.SUPPRESS)
@@ -295,7 +298,7 @@ def main():
                          log=lambda m: print(f"[weights]   {m}", flush=True))
         return
     if args.measure is not None:
-        args.metrics_out.write_text(json.dumps(measure_load(args.measure)))
+        args.metrics_out.write_text(json.dumps(measure_load(args.measure, lm_head=args.lm_head)))
         return
     if not torch.cuda.is_available():
         sys.exit("bench_weights needs a CUDA GPU")

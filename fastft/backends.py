@@ -10,8 +10,10 @@ Contracts (all tensors on one device; T = tokens of the packed batch, flattened)
             window: int | None, softmax_scale: float | None) -> [T,Hq,D]
       causal within each document, nothing across; window W: query i sees keys j with i-W < j <= i;
       exp(sinks[h]) joins the softmax denominator unscaled and contributes no value.
-  loss(hidden [T,H], weight [V,H], labels [T] int64, ignore_index=-100, reduction="mean") -> fp32 scalar
+  loss(hidden [T,H], weight [V,H] (tensor, or a frozen fastft.quant.Int8RowsTensor), labels [T] int64,
+       ignore_index=-100, reduction="mean") -> fp32 scalar
       labels are already shifted (labels[i] is the target of position i); all ignored -> 0, never NaN.
+      An Int8RowsTensor means its dequantize(hidden.dtype).
   lora_linear(x [...,in], weight [out,in] (tensor, or quantized object with .dequantize()), bias [out] | None,
               lora_A [r,in] | None, lora_B [out,r] | None, scaling: float, dropout: float, training: bool)
       -> x W^T + b + scaling * (dropout(x) A^T) B^T

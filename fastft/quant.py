@@ -1,7 +1,8 @@
-"""4-bit base weights: which tensors fastft quantises, to what, and the holders the kernels read.
+"""Quantised base weights: which tensors fastft quantises, to what, and the holders the kernels read.
 
 Policy (gpt-oss-20b, 20.9 B parameters, 41.8 GB in bf16; the goal is training on a 24 GB card). What the trainer
-loads on CUDA (``load_model(..., experts="mxfp4", linears="nf4", offload_embedding=True)``), resident on the GPU:
+loads on CUDA (``load_model(..., experts="mxfp4", linears="nf4", lm_head="int8", offload_embedding=True)``), resident
+on the GPU:
   * MoE experts (``mlp.experts.gate_up_proj`` / ``down_proj``, 19.11 B parameters): MXFP4, the checkpoint's own
     format, kept bit-exact when the checkpoint ships it (4.25 bits/weight): 10.15 GB (9.46 GiB). From a bf16
     checkpoint they are quantised here with ``quantize_mxfp4`` (OCP MX rules), or with NF4 when ``experts="nf4"``
@@ -9,14 +10,17 @@ loads on CUDA (``load_model(..., experts="mxfp4", linears="nf4", offload_embeddi
   * Attention projections (q/k/v/o weights, 0.637 B parameters): NF4 made by bitsandbytes' own ``quantize_4bit``
     (blocksize 64, double-quantised absmax: ~4.13 bits/weight): 0.33 GB (0.31 GiB) instead of 1.27 GB in bf16.
     fastft writes no NF4 quantiser.
-  * lm_head (0.579 B parameters): bf16, 1.16 GB (1.08 GiB). The fused linear-cross-entropy kernel streams a dense
-    weight, and 4-bit logits would cost accuracy for ~0.85 GB that the budget does not need.
+  * lm_head (0.579 B parameters): int8 with one fp32 scale per vocabulary row (``Int8RowsTensor``, absmax / 127,
+    round to nearest): 0.58 GB (0.54 GiB) instead of 1.16 GB (1.08 GiB) in bf16. The fused linear-cross-entropy
+    kernel decodes it slab by slab into a reused bf16 scratch; 8 bits per row keep the logits' error far below
+    4-bit's. ``load_model(..., lm_head="bf16")`` keeps it dense.
   * Input embedding (0.579 B parameters, 1.16 GB bf16): offloaded to pinned host memory
     (``GptOssForTraining.offload_embedding``); a step gathers only its T rows there and copies them over. Not
     quantised, and 0 bytes on the GPU.
   * Router, sinks, norms (fp32) and biases (9.2 M parameters): kept dense, 0.019 GB.
-Total resident weights 11.66 GB = 10.86 GiB (issue #6 bar: <= 11 GiB), leaving the rest of a 24 GB card to
-activations, LoRA weights and their optimizer state. ``weight_bytes(model)`` measures this breakdown on a loaded model.
+Total resident weights 11.08 GB = 10.32 GiB (10.86 GiB with a bf16 lm_head; issue #6 bar: <= 11 GiB), leaving the
+rest of a 24 GB card to activations, LoRA weights and their optimizer state. ``weight_bytes(model)`` measures this
+breakdown on a loaded model.
 
 Holders expose ``.dequantize(dtype)`` (the model's layout), ``.shape``, ``.device``, ``.to(device)`` and ``.nbytes()``,
 so pure-torch references work on them unchanged; kernels read the packed fields directly.
@@ -198,33 +202,125 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = NF4_BLOCKSIZE) -> NF4Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# int8 rows (the lm_head)
+
+
+class Int8RowsTensor:
+    """A [rows, cols] weight as int8 codes with one fp32 scale per row: ``w ~ data * scale[:, None]``.
+
+    ``quantize`` is absmax / 127 per row with round-half-to-even, bit for bit what bitsandbytes'
+    ``int8_vectorwise_quant`` gives on the CPU (its stats are the absmax; the scale here is absmax / 127). It is
+    written in torch rather than called: bnb 0.50.2's CUDA kernel takes only fp16 input (a bf16 lm_head would need an
+    fp16 copy, which flushes values below 6e-5 to subnormals) and divides with ``__fdividef``, so the GPU would round
+    a few ties differently from the CPU. An all-zero row gets scale 0 and codes 0 (bnb's gives NaN codes there).
+    """
+
+    def __init__(self, data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16):
+        if data.dtype != torch.int8 or data.dim() != 2:
+            raise TypeError(f"Int8RowsTensor data must be a 2-D int8 tensor, got {data.dtype} {tuple(data.shape)}")
+        if scale.dtype != torch.float32 or tuple(scale.shape) != (data.shape[0],):
+            raise TypeError(f"Int8RowsTensor scale must be fp32 [{data.shape[0]}], got {scale.dtype} "
+                            f"{tuple(scale.shape)}")
+        if scale.device != data.device:
+            raise ValueError(f"data on {data.device} but scale on {scale.device}")
+        self.data, self.scale, self._dtype = data, scale, dtype
+
+    @classmethod
+    @torch.no_grad()
+    def quantize(cls, w: torch.Tensor, *, device=None, dtype: torch.dtype | None = None,
+                 chunk_elems: int = 1 << 24) -> "Int8RowsTensor":
+        """Per-row absmax int8 of a 2-D floating tensor, on ``device`` (default: w's). Rows go over in chunks of
+        ~``chunk_elems`` values (64 MB of fp32 temporaries by default), each first cast to ``dtype`` (the model's
+        dtype when loading: the codes then equal quantising the loaded weight), so a host tensor streams to the GPU
+        without a full-size copy there."""
+        if w.dim() != 2 or not w.is_floating_point():
+            raise ValueError(f"Int8RowsTensor.quantize takes a 2-D floating tensor, got {w.dtype} {tuple(w.shape)}")
+        device = torch.device(device) if device is not None else w.device
+        dtype = dtype or w.dtype
+        R, C = w.shape
+        data = torch.empty(R, C, dtype=torch.int8, device=device)
+        scale = torch.empty(R, dtype=torch.float32, device=device)
+        step = max(1, chunk_elems // max(C, 1))
+        for r0 in range(0, R, step):
+            chunk = w[r0:r0 + step].to(device=device, dtype=dtype).float()
+            absmax = chunk.abs().amax(dim=1) if C else torch.zeros(chunk.shape[0], device=device)
+            inv = torch.where(absmax > 0, 127.0 / absmax, torch.zeros_like(absmax))
+            data[r0:r0 + step] = torch.round(chunk * inv.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
+            scale[r0:r0 + step] = absmax / 127.0
+        return cls(data, scale, dtype)
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.data.shape)
+
+    @property
+    def dtype(self) -> torch.dtype:  # the dtype the weight was quantised from
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def to(self, device) -> "Int8RowsTensor":
+        return Int8RowsTensor(self.data.to(device), self.scale.to(device), self._dtype)
+
+    def nbytes(self) -> int:
+        return self.data.numel() + self.scale.numel() * 4
+
+    def numel(self) -> int:
+        return self.data.numel()
+
+    def rows(self, index=slice(None), dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None):
+        """Decoded rows ``w[index]`` (a slice or an index tensor): codes times scale in fp32, rounded once to
+        ``dtype`` (or to ``out``'s dtype, written in place: the fused loss decodes into a reused scratch)."""
+        if isinstance(index, slice):
+            q, s = self.data[index], self.scale[index]
+        else:
+            q, s = self.data.index_select(0, index), self.scale.index_select(0, index)
+        if out is None:
+            out = torch.empty(q.shape, dtype=dtype, device=q.device)
+        return torch.mul(q, s.unsqueeze(1), out=out)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.rows(slice(None), dtype)
+
+
+def quantize_int8_rows(w: torch.Tensor, **kw) -> Int8RowsTensor:
+    """2-D tensor -> Int8RowsTensor (per-row absmax / 127); see ``Int8RowsTensor.quantize``."""
+    return Int8RowsTensor.quantize(w, **kw)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Loader helpers
 
 _EXPERT_SUFFIXES = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 _ATTN_SUFFIXES = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
                   "self_attn.o_proj.weight")
-SCHEMES = ("mxfp4", "nf4", "none")  # "dense" (the loader's word) means "none"
+SCHEMES = ("mxfp4", "nf4", "int8", "none")  # "dense" / "bf16" (the loader's words) mean "none"
 
 
-def scheme_for(name: str, experts: str = "mxfp4", linears: str = "nf4") -> str:
+def scheme_for(name: str, experts: str = "mxfp4", linears: str = "nf4", lm_head: str = "none") -> str:
     """The storage scheme the policy above gives an HF parameter name ("none": keep it as loaded)."""
     if name.endswith(_EXPERT_SUFFIXES):
         return experts
     if name.endswith(_ATTN_SUFFIXES):
         return linears
+    if name == "lm_head.weight":
+        return lm_head
     return "none"
 
 
 def quantize_weight(name: str, tensor: torch.Tensor, scheme: str = "auto", experts: str = "mxfp4",
-                    linears: str = "nf4"):
+                    linears: str = "nf4", lm_head: str = "none"):
     """Quantise one dense tensor as it streams in; ``scheme="auto"`` applies the policy (``scheme_for``).
 
-    Returns an MXFP4Tensor, an NF4Tensor, or the tensor itself for "none". Checkpoints that already ship MXFP4
+    Returns an MXFP4Tensor, an NF4Tensor, an Int8RowsTensor, or the tensor itself for "none". Checkpoints that already
+    ship MXFP4
     ``*_blocks``/``*_scales`` should be wrapped with ``MXFP4Tensor(blocks, scales)`` instead (bit-exact, no work).
     """
     if scheme == "auto":
-        scheme = scheme_for(name, experts, linears)
-    if scheme == "dense":
+        scheme = scheme_for(name, experts, linears, lm_head)
+    if scheme in ("dense", "bf16"):
         scheme = "none"
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantisation scheme {scheme!r} for {name}; choose from {SCHEMES}")
@@ -232,6 +328,8 @@ def quantize_weight(name: str, tensor: torch.Tensor, scheme: str = "auto", exper
         return quantize_mxfp4(tensor)
     if scheme == "nf4":
         return quantize_nf4(tensor)
+    if scheme == "int8":
+        return quantize_int8_rows(tensor)
     return tensor
 
 
@@ -241,8 +339,9 @@ def _nbytes(w) -> int:
 
 def weight_bytes(model) -> dict[str, int]:
     """Bytes of a GptOssForTraining's base weights by kind, as the policy above groups them: ``experts`` (expert
-    weights, 4-bit or dense), ``attention`` (q/k/v/o weights), ``lm_head``, ``embedding`` (on the model's device),
-    ``embedding_host`` (offloaded), ``other`` (router, sinks, norms, biases). LoRA weights are not counted."""
+    weights, 4-bit or dense), ``attention`` (q/k/v/o weights), ``lm_head`` (dense or int8), ``embedding`` (on the
+    model's device), ``embedding_host`` (offloaded), ``other`` (router, sinks, norms, biases). LoRA weights are not
+    counted."""
     from fastft.model.gpt_oss import Experts, LoraLinear  # here: fastft.model's loader imports this module
 
     out = dict.fromkeys(("experts", "attention", "lm_head", "embedding", "embedding_host", "other"), 0)
@@ -260,6 +359,9 @@ def weight_bytes(model) -> dict[str, int]:
         kind = ("embedding" if name == "model.embed_tokens.weight" else "lm_head" if name == "lm_head.weight" else
                 "attention" if name.endswith(_ATTN_SUFFIXES) else "other")
         out[kind] += _nbytes(t)
+    head = model.lm_head.weight
+    if not isinstance(head, torch.Tensor):  # a quantised holder: not among the parameters
+        out["lm_head"] += _nbytes(head)
     host = getattr(model, "_host_embedding", None)
     out["embedding_host"] = _nbytes(host) if host is not None else 0
     return out

@@ -141,16 +141,29 @@ class StopRequest:
               file=sys.stderr)
 
 
-def weight_layout(cfg: TrainConfig, backend, device) -> dict:
+def weight_layout(cfg: TrainConfig, backend, device, tied: bool = False) -> dict:
     """Where and how the base weights live. auto = the fast path when the triton kernels run on CUDA (MXFP4 experts,
-    NF4 attention projections, input embedding in host memory: ~10.9 GiB resident for gpt-oss-20b, see
-    fastft.quant); elsewhere the checkpoint's own layout, which the torch reference reads directly."""
+    NF4 attention projections, int8 lm_head, input embedding in host memory: ~10.3 GiB resident for gpt-oss-20b, see
+    fastft.quant); elsewhere the checkpoint's own layout, which the torch reference reads directly. An lm_head tied
+    to the embedding (``tied``) stays dense under auto."""
     fast = torch.device(device).type == "cuda" and backend.sources["moe"] == "triton"
+    lm_head = getattr(cfg, "lm_head", "auto")  # a TrainConfig without the field (older fastft.config) means auto
     return {
         "experts": cfg.experts if cfg.experts != "auto" else ("mxfp4" if fast else "dense"),
         "linears": cfg.linears if cfg.linears != "auto" else ("nf4" if fast else "dense"),
         "embedding": cfg.embedding if cfg.embedding != "auto" else ("host" if fast else "device"),
+        "lm_head": lm_head if lm_head != "auto" else ("int8" if fast and not tied else "bf16"),
     }
+
+
+def ties_lm_head(model_path: Path) -> bool:
+    """Whether the checkpoint ties its lm_head to the input embedding (False if unreadable: load_model says why)."""
+    import json
+
+    try:
+        return bool(json.loads((Path(model_path) / "config.json").read_text()).get("tie_word_embeddings", False))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def train(cfg: TrainConfig) -> int:
@@ -186,9 +199,9 @@ def train(cfg: TrainConfig) -> int:
 
     # ---- model + LoRA -------------------------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)  # identical LoRA init on every rank
-    layout = weight_layout(cfg, backend, dist.device)
+    layout = weight_layout(cfg, backend, dist.device, tied=ties_lm_head(model_path))
     model = load_model(model_path, dtype=dtype, device=dist.device, backend=backend, experts=layout["experts"],
-                       linears=layout["linears"])
+                       linears=layout["linears"], lm_head=layout["lm_head"])
     apply_lora(model, LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                                    targets=cfg.lora_targets))
     if layout["embedding"] == "host":
@@ -330,7 +343,7 @@ def train(cfg: TrainConfig) -> int:
         meta = {
             "versions": versions(), "git_revision": git_revision(),
             "model": cfg.model, "model_path": str(model_path), "dtype": str(dtype).replace("torch.", ""),
-            "kernels": {"backend": backend.name, **backend.sources},
+            "kernels": {"backend": backend.name, **backend.sources}, "weights": layout,
             "world_size": dist.world_size, "zero_stage": ds_config["zero_optimization"]["stage"],
             "data": {"files": data.data_hashes, "rows": data.num_rows, "eval_rows": data.num_eval_rows,
                      "tokens": data.num_tokens, "trainable_tokens": data.num_trainable_tokens,

@@ -24,6 +24,16 @@ and at the end of the block, with s_all = s + exp(t - m): loss = m + log(s_all) 
 dH = acc / s_all - (s / s_all) * W[label], i.e. softmax - onehot with the target's p - 1 = -s / s_all never rounded.
 Memory: S * w * 4 (128 MiB at S=2048, w=16384) + acc S * H * 4 (22.5 MiB) + the W[label] gather (11 MiB).
 
+int8 weight (fastft.quant.Int8RowsTensor: codes [V, H] + one fp32 scale per row, a frozen lm_head at half of bf16's
+bytes), slabs path only. Each slab is decoded before its GEMMs, W[v0:v1] = codes * scale[:, None] computed in fp32 and
+rounded once to the hidden dtype, into one reused scratch [w, H]; the W[label] rows are decoded the same way into that
+scratch (free by then) at the end of a block. So the op is exactly the dense op on ``weight.dequantize(hidden.dtype)``
+plus one streaming pass over the codes per block of rows: V * H * 3 bytes moved (1.7 GB for gpt-oss, ~0.5 ms on an
+H200) against ~7 ms of GEMMs per 2048-row block. The scratch is capped at _SCRATCH_BYTES (90 MiB: w <= 16384 at H=2880
+in bf16). Extra peak at gpt-oss shapes (S=2048, w=15488 after balancing; any T): logits 121 MiB + scratch 85 MiB +
+acc 22.5 MiB + the int8 label rows 5.6 MiB = 234 MiB; with ignored labels, the compacted block's hidden rows and the
+bf16 copy of its dH add 11.25 MiB each, 251 MiB: under 256 MiB at T=16384 or any other T.
+
 Precision: the logits are never rounded to bf16, so the loss is fp32-exact up to the GEMM's own accumulation (it
 meets 1e-4 relative against fp64 even for peaked softmaxes, where bf16 logits miss by 1e-3). G is unscaled (values
 in [-1, 1], safe in fp16); 1/n and the upstream gradient are applied to dH/dW in backward.
@@ -50,18 +60,25 @@ try:
 except ImportError:  # CPU-only installs without triton fall back to the reference
     triton = None
 
+from fastft.quant import Int8RowsTensor
+
 _BUFFER_BYTES = 200 * 2**20
 # Slab path: rows per block (GEMMs with M=2048 run near peak) and the fp32 [block, slab] logits buffer's budget:
 # 2048 x 16384 x 4 B = 128 MiB (a power-of-two slab fits the LSE kernel's one-block case); with acc 2048 x 2880 x 4 B
 # = 22.5 MiB and the W[label] gather (11.3 MiB bf16) the extra peak is ~165 MiB at any T.
 _BLOCK_ROWS = 2048
 _SLAB_BYTES = 128 * 2**20
+# int8 weight: the decoded slab [w, H] in the hidden dtype is the extra buffer; its budget caps the slab width.
+_SCRATCH_BYTES = 90 * 2**20
 
 
 def linear_cross_entropy_reference(hidden, weight, labels, ignore_index=-100, reduction="mean"):
-    """Materialises fp32 logits [T, V]; "mean" divides by the count of non-ignored labels (0 if there are none)."""
+    """Materialises fp32 logits [T, V]; "mean" divides by the count of non-ignored labels (0 if there are none).
+    An Int8RowsTensor weight is dequantised to the hidden dtype first."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
+    if isinstance(weight, Int8RowsTensor):
+        weight = weight.dequantize(hidden.dtype)
     logits = (hidden @ weight.t()).float()
     total = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
     if reduction == "sum":
@@ -276,12 +293,15 @@ def _forward(hidden, weight, labels, ignore_index, need_dh, need_dw, chunk_rows=
     return loss_rows.sum(), n_valid, grad_h, grad_w
 
 
-def _slab_plan(n_rows, vocab, block_rows, slab_cols):
-    """(rows per block, columns per slab): blocks and slabs balanced so the last ones are not slivers."""
+def _slab_plan(n_rows, vocab, block_rows, slab_cols, max_cols=None):
+    """(rows per block, columns per slab): blocks and slabs balanced so the last ones are not slivers. max_cols caps
+    the default slab width (an int8 weight's decode scratch)."""
     block_rows = max(1, min(block_rows or _BLOCK_ROWS, n_rows))
     block_rows = -(-n_rows // -(-n_rows // block_rows))
     if slab_cols is None:  # the fp32 [block, slab] logits buffer is the big allocation
         slab_cols = max(128, _SLAB_BYTES // (block_rows * 4) // 128 * 128)
+        if max_cols is not None:
+            slab_cols = max(128, min(slab_cols, max_cols // 128 * 128))
     slab_cols = max(1, min(slab_cols, vocab))
     slab_cols = -(-vocab // -(-vocab // slab_cols))
     if slab_cols >= 128:  # 512-byte aligned fp32 rows for cuBLAS; rounding up never adds a slab
@@ -291,9 +311,11 @@ def _slab_plan(n_rows, vocab, block_rows, slab_cols):
 
 def _forward_slabs(hidden, weight, labels, ignore_index, need_dh, block_rows=None, slab_cols=None, block_v=None,
                    num_warps=None):
-    """Frozen-weight path (online softmax over vocabulary slabs). Returns (loss_sum, n_valid, grad_hidden | None)."""
+    """Frozen-weight path (online softmax over vocabulary slabs). Returns (loss_sum, n_valid, grad_hidden | None).
+    weight: a dense [V, H] tensor in the hidden dtype, or an Int8RowsTensor decoded slab by slab."""
     T, H = hidden.shape
     V = weight.shape[0]
+    int8 = isinstance(weight, Int8RowsTensor)
     dev = hidden.device
     n_valid, rows = _check_labels(hidden, labels, V, ignore_index)
     n_rows = T if rows is None else rows.numel()
@@ -304,7 +326,8 @@ def _forward_slabs(hidden, weight, labels, ignore_index, need_dh, block_rows=Non
     if n_rows == 0:
         return loss_rows.sum(), n_valid, grad_h
 
-    S, W = _slab_plan(n_rows, V, block_rows, slab_cols)
+    max_cols = _SCRATCH_BYTES // (H * hidden.element_size()) if int8 else None
+    S, W = _slab_plan(n_rows, V, block_rows, slab_cols, max_cols)
     block_v = block_v or min(16384, triton.next_power_of_2(W))
     num_warps = num_warps or (16 if block_v >= 8192 else 8 if block_v >= 2048 else 4)
     one_block = block_v >= W
@@ -312,6 +335,7 @@ def _forward_slabs(hidden, weight, labels, ignore_index, need_dh, block_rows=Non
     pbuf = _grad_view(buf, hidden.dtype)
     acc = torch.empty(S, H, dtype=torch.float32, device=dev) if need_dh else None
     stats = torch.empty(4, S, dtype=torch.float32, device=dev)  # running max, sum-exp without target, target, alpha
+    scratch = torch.empty(W, H, dtype=hidden.dtype, device=dev) if int8 else None  # the decoded int8 slab
     for start in range(0, n_rows, S):
         end = min(start + S, n_rows)
         r = end - start
@@ -323,8 +347,8 @@ def _forward_slabs(hidden, weight, labels, ignore_index, need_dh, block_rows=Non
         m, s, t, alpha = stats[:, :r]
         a = acc[:r] if need_dh else None
         for col0 in range(0, V, W):
-            w_slab = weight[col0:col0 + W]
-            width = w_slab.shape[0]
+            width = min(W, V - col0)
+            w_slab = weight.rows(slice(col0, col0 + width), out=scratch[:width]) if int8 else weight[col0:col0 + W]
             z, p = buf[:r, :width], pbuf[:r, :width]
             _logits_fp32(h, w_slab, z)
             _slab_kernel[(r,)](
@@ -345,12 +369,20 @@ def _forward_slabs(hidden, weight, labels, ignore_index, need_dh, block_rows=Non
         loss_rows[start:end] = torch.where(y == ignore_index, 0.0, loss)
         if need_dh:
             a.mul_((keep / s_all).unsqueeze(1))
-            a.addcmul_((-keep * s / s_all).unsqueeze(1), weight.index_select(0, torch.where(in_range, y, 0)))
+            a.addcmul_((-keep * s / s_all).unsqueeze(1), _label_rows(weight, torch.where(in_range, y, 0), scratch))
             if rows is None:
                 grad_h[start:end] = a
             else:
                 grad_h.index_copy_(0, idx, a.to(grad_h.dtype))
     return loss_rows.sum(), n_valid, grad_h
+
+
+def _label_rows(weight, idx, scratch):
+    """W[idx]; an int8 weight's rows are decoded into the slab scratch (free at the end of a block) when they fit."""
+    if scratch is None:
+        return weight.index_select(0, idx)
+    out = scratch[: idx.numel()] if idx.numel() <= scratch.shape[0] else None
+    return weight.rows(idx, dtype=scratch.dtype, out=out)
 
 
 def _mm_fp32(a, b, out, accumulate=False):
@@ -398,22 +430,38 @@ def fused_linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduct
 
     "mean" averages over non-ignored labels (0 when all are ignored), "sum" sums them. Differentiable w.r.t. hidden,
     and w.r.t. weight only when it requires grad (a frozen lm_head costs no dW GEMM and no [V, H] buffer).
-    method: "slabs" (blocks of rows, online softmax over vocabulary slabs; frozen weight only), "rows" (row chunks
-    over the whole vocabulary; also computes dW), "auto" (slabs unless the weight needs a grad).
-    chunk_rows (rows path), block_rows and slab_cols (slabs path) override the defaults, for tuning.
+    weight: a tensor, or an Int8RowsTensor (frozen; the slabs path decodes it per slab to the hidden dtype, which
+    must be bf16, fp16 or fp32). method: "slabs" (blocks of rows, online softmax over vocabulary slabs; frozen weight
+    only), "rows" (row chunks over the whole vocabulary; also computes dW; dense weight only), "auto" (slabs unless
+    the weight needs a grad). chunk_rows (rows path), block_rows and slab_cols (slabs path) override the defaults.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
     if method not in ("auto", "slabs", "rows"):
         raise ValueError(f"method must be 'auto', 'slabs' or 'rows', not {method!r}")
-    if hidden.dim() != 2 or weight.dim() != 2 or labels.dim() != 1:
+    int8 = isinstance(weight, Int8RowsTensor)
+    if not int8 and not isinstance(weight, torch.Tensor):
+        raise ValueError(f"weight must be a tensor or an Int8RowsTensor, not {type(weight).__name__}")
+    if hidden.dim() != 2 or len(weight.shape) != 2 or labels.dim() != 1:
         raise ValueError(f"expected hidden [T, H], weight [V, H], labels [T]; got {tuple(hidden.shape)}, "
                          f"{tuple(weight.shape)}, {tuple(labels.shape)}")
     if hidden.shape[1] != weight.shape[1] or hidden.shape[0] != labels.shape[0]:
         raise ValueError(f"shape mismatch: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, "
                          f"labels {tuple(labels.shape)}")
+    if int8:
+        if hidden.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise ValueError(f"an int8 weight decodes to the hidden dtype: bf16, fp16 or fp32, not {hidden.dtype}")
+        if weight.device != hidden.device:
+            raise ValueError(f"int8 weight on {weight.device}, hidden on {hidden.device}")
+        if method == "rows":
+            raise ValueError("an int8 weight runs on method='slabs' (or 'auto'): the rows path reads a dense weight")
     if not _use_triton(hidden):
         return linear_cross_entropy_reference(hidden, weight, labels, ignore_index, reduction)
+    if int8:  # frozen by definition: no weight gradient, the holder goes in as it is
+        need_dh = torch.is_grad_enabled() and hidden.requires_grad
+        return FusedLinearCrossEntropyFunction.apply(
+            hidden.contiguous(), weight, labels.contiguous().long(), ignore_index, reduction, need_dh, False,
+            "slabs", dict(block_rows=block_rows, slab_cols=slab_cols))
     if hidden.dtype != weight.dtype:  # cast the small operand; autograd casts its grad back
         hidden = hidden.to(weight.dtype)
     grad_on = torch.is_grad_enabled()

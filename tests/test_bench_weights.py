@@ -84,10 +84,21 @@ def test_anon_sampler_sees_a_transient_allocation():
     assert peak - base >= 48 * 1024  # KiB
 
 
-def test_measure_load_runs_on_cpu(tmp_path):
+@pytest.mark.parametrize("lm_head", ["int8", "bf16"])
+def test_measure_load_runs_on_cpu(tmp_path, lm_head):
     bw.write_checkpoint(tmp_path, _cfg(), shards=2)
-    m = bw.measure_load(tmp_path, device="cpu")
+    m = bw.measure_load(tmp_path, device="cpu", lm_head=lm_head)
     for key in ("resident_gib", "load_peak_host_gib", "load_seconds", "experts_gib", "attention_gib", "lm_head_gib",
                 "other_gib", "embedding_gib", "embedding_host_gib"):
         assert key in m and m[key] >= 0, key
     assert m["embedding_gib"] == 0 and m["load_seconds"] > 0
+
+
+def test_full_size_lm_head_bytes():
+    # what weights_memory reports for gpt-oss-20b's lm_head: 0.54 GiB int8 + scales, 1.08 GiB bf16
+    from fastft.quant import Int8RowsTensor
+
+    V, H = bw.hub_config()["vocab_size"], bw.hub_config()["hidden_size"]
+    with torch.device("meta"):
+        q = Int8RowsTensor(torch.empty(V, H, dtype=torch.int8), torch.empty(V))
+    assert round(q.nbytes() / 2**30, 3) == 0.540 and round(V * H * 2 / 2**30, 3) == 1.079

@@ -226,6 +226,99 @@ def test_slab_plan_fits_the_memory_budget():
     assert ce._slab_plan(1, 97, None, None) == (1, 97)
 
 
+# ------------------------------------------------------------------------- int8 weight (Int8RowsTensor, slabs path)
+def _int8(weight):
+    from fastft.quant import Int8RowsTensor
+
+    return Int8RowsTensor.quantize(weight.float())
+
+
+def _run_frozen(hidden, weight, labels, **kw):
+    """(loss, dH) of the public API with a frozen weight: a tensor or an Int8RowsTensor."""
+    h = hidden.clone().requires_grad_()
+    loss = fused_linear_cross_entropy(h, weight, labels, **kw)
+    loss.backward()
+    return loss.detach(), h.grad
+
+
+@pytest.mark.parametrize("T,H,V,dtype,ignore_frac,kw", [
+    (13, 48, 131, torch.float32, 0.3, dict(block_rows=5, slab_cols=40)),   # 4 slabs, 3 blocks, compaction
+    (37, 33, 250, torch.bfloat16, 0.0, dict(block_rows=16, slab_cols=77)),  # W[label] decoded into the scratch
+    (13, 48, 131, torch.bfloat16, 0.4, dict(block_rows=16, slab_cols=5)),   # scratch smaller than a block
+    (1, 48, 97, torch.float16, 0.0, dict()),                                 # defaults: one slab
+])
+def test_int8_weight_matches_fp64_reference_on_the_dequantized_weight(T, H, V, dtype, ignore_frac, kw):
+    hidden, weight, labels = _inputs(T, H, V, dtype, ignore_frac=ignore_frac)
+    labels[0] = V - 1
+    q = _int8(weight)
+    ref_loss, ref_gh, _ = _reference(hidden, q.dequantize(dtype), labels)  # the weight the kernel decodes
+    loss, gh = _run_frozen(hidden, q, labels, **kw)
+    tol_loss, tol_grad = (1e-5, 1e-4) if dtype == torch.float32 else (1e-4, 1e-2)
+    assert loss.dtype == torch.float32 and gh.dtype == dtype
+    assert abs(loss.item() - ref_loss.item()) <= tol_loss * abs(ref_loss.item())
+    assert _rel(gh, ref_gh) <= tol_grad
+    assert torch.all(gh[labels == -100] == 0)
+    with torch.no_grad():
+        no_grad = fused_linear_cross_entropy(hidden, q, labels, reduction="sum", **kw)
+    assert abs(no_grad.item() - ref_loss.item() * (labels != -100).sum().item()) <= tol_loss * abs(no_grad.item())
+
+
+def test_int8_weight_equals_the_dense_path_on_its_decoded_weight():
+    # Same decoded values, same GEMMs and kernel: the int8 path is the dense path plus a decode.
+    hidden, weight, labels = _inputs(11, 48, 90, torch.bfloat16, ignore_frac=0.2)
+    labels[0] = 3
+    q = _int8(weight)
+    kw = dict(block_rows=4, slab_cols=25, block_v=8, num_warps=1)
+    loss_q, gh_q = _run_slabs(hidden, q, labels, **kw)
+    loss_d, gh_d = _run_slabs(hidden, q.dequantize(torch.bfloat16), labels, **kw)
+    assert loss_q.item() == loss_d.item() and torch.equal(gh_q, gh_d)
+
+
+def test_int8_weight_all_ignored_and_reference():
+    hidden, weight, labels = _inputs(9, 48, 77, torch.bfloat16)
+    q = _int8(weight)
+    ref = linear_cross_entropy_reference(hidden, q, labels)
+    assert ref.item() == linear_cross_entropy_reference(hidden, q.dequantize(torch.bfloat16), labels).item()
+    labels[:] = -100
+    h = hidden.clone().requires_grad_()
+    loss = fused_linear_cross_entropy(h, q, labels)
+    loss.backward()
+    assert loss.item() == 0.0 and not torch.isnan(loss) and torch.all(h.grad == 0)
+
+
+def test_int8_weight_errors():
+    from fastft.quant import Int8RowsTensor
+
+    hidden, weight, labels = _inputs(4, 48, 50, torch.float32)
+    q = _int8(weight)
+    with pytest.raises(ValueError, match="slabs"):
+        fused_linear_cross_entropy(hidden, q, labels, method="rows")
+    with pytest.raises(ValueError, match="bf16, fp16 or fp32"):
+        fused_linear_cross_entropy(hidden.double(), q, labels)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        fused_linear_cross_entropy(hidden[:, :40], q, labels)
+    with pytest.raises(ValueError, match="tensor or an Int8RowsTensor"):
+        fused_linear_cross_entropy(hidden, object(), labels)
+    meta = Int8RowsTensor(torch.empty(50, 48, dtype=torch.int8, device="meta"), torch.empty(50, device="meta"))
+    with pytest.raises(ValueError, match="int8 weight on meta"):
+        fused_linear_cross_entropy(hidden, meta, labels)
+    with pytest.raises(ValueError, match="outside"):
+        fused_linear_cross_entropy(hidden, q, torch.tensor([0, 1, 50, 2]))
+
+
+def test_int8_slab_plan_caps_the_scratch():
+    T, H, V = 16384, 2880, 201088
+    max_cols = ce._SCRATCH_BYTES // (H * 2)
+    for n_rows in (T, 4096, 2049, 1025, 7):
+        S, W = ce._slab_plan(n_rows, V, None, None, max_cols)
+        assert W * H * 2 <= ce._SCRATCH_BYTES and W % 128 == 0
+        # logits slab + scratch + acc + (compaction) the block's hidden rows + the larger of the int8 label rows
+        # (freed once decoded) and the block's dH copy
+        assert S * W * 4 + W * H * 2 + S * H * 4 + S * H * 2 + max(S * H, S * H * 2) <= 256 * 2**20, (n_rows, S, W)
+    assert ce._slab_plan(T, V, None, None, max_cols) == ce._slab_plan(T, V, None, None)  # 15488 either way
+    assert ce._slab_plan(T, V, None, 30000, max_cols)[1] > max_cols  # an explicit width is the caller's
+
+
 # ----------------------------------------------------------------------------------------------------- GPU only
 @pytest.mark.gpu
 @pytest.mark.parametrize("method", ["slabs", "rows"])
@@ -300,3 +393,46 @@ def test_gpu_all_ignored_and_cuda_graph_capture():
     loss = fused_linear_cross_entropy(h, weight, labels)
     loss.backward()
     assert loss.item() == 0.0 and torch.all(h.grad == 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ignore_frac", [0.0, 0.3])
+def test_gpu_int8_weight_at_real_shape(ignore_frac):
+    from fastft.quant import Int8RowsTensor
+
+    T, H, V = 4096, 2880, 201088
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    hidden, weight, labels = _inputs(T, H, V, torch.bfloat16, "cuda", ignore_frac, gen)
+    q = Int8RowsTensor.quantize(weight)
+    assert q.device.type == "cuda" and q.nbytes() == V * H + V * 4
+    dense = q.dequantize(torch.bfloat16)
+    loss_q, gh_q = _run_frozen(hidden, q, labels)
+    loss_d, gh_d = _run_frozen(hidden, dense, labels)  # the bf16-dequantized weight through the dense slabs path
+    assert abs(loss_q.item() - loss_d.item()) <= 1e-3 * abs(loss_d.item())
+    assert _rel(gh_q, gh_d) <= 1e-2
+    loss_w, _ = _run_frozen(hidden, weight, labels)  # the unquantised weight: int8's own error on the loss
+    assert abs(loss_q.item() - loss_w.item()) <= 1e-3 * abs(loss_w.item())
+    # the quantiser on the GPU gives the CPU's codes
+    cpu = Int8RowsTensor.quantize(weight[:4096].cpu())
+    assert torch.equal(Int8RowsTensor.quantize(weight[:4096]).data.cpu(), cpu.data)
+
+
+@pytest.mark.gpu
+def test_gpu_int8_extra_memory_at_16k():
+    from fastft.quant import Int8RowsTensor
+
+    T, H, V = 16384, 2880, 201088
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    hidden, weight, labels = _inputs(T, H, V, torch.bfloat16, "cuda", 0.1, gen)
+    q = Int8RowsTensor.quantize(weight)
+    del weight
+    hidden.requires_grad_()
+    fused_linear_cross_entropy(hidden, q, labels).backward()  # warm up
+    hidden.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fused_linear_cross_entropy(hidden, q, labels).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base - hidden.grad.numel() * hidden.grad.element_size()
+    assert extra <= 256 * 2**20, f"extra peak {extra / 2**20:.1f} MiB"

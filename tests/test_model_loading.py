@@ -11,7 +11,7 @@ from fastft.model import CheckpointError, ModelLoadError, ModelNotFoundError, lo
 from fastft.model.gpt_oss import Experts, GptOssForTraining, LoraLinear
 from fastft.model.testing import hf_model, packed_batch, tiny_config
 from fastft.mxfp4 import MXFP4Tensor, dequantize_expert_param
-from fastft.quant import NF4Tensor, quantize_mxfp4, quantize_nf4
+from fastft.quant import Int8RowsTensor, NF4Tensor, quantize_mxfp4, quantize_nf4
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -309,6 +309,49 @@ def test_offload_embedding_on_load(checkpoints):
     assert torch.equal(logits_of(model, cfg), logits_of(load_model(hub, experts="mxfp4", linears="nf4"), cfg))
 
 
+@pytest.mark.parametrize("source,dtype", [("hub", torch.float32), ("bf16", torch.bfloat16), ("bf16", torch.float32)])
+def test_int8_lm_head_while_streaming_equals_quantised_after(checkpoints, source, dtype):
+    cfg, hub, bf16, _ = checkpoints
+    path = hub if source == "hub" else bf16
+    got = load_model(path, dtype=dtype, lm_head="int8")
+    want = load_model(path, dtype=dtype)
+    dense = want.lm_head.weight.detach().float()
+    want.quantize_lm_head("int8")
+    q, ref = got.lm_head.weight, want.lm_head.weight
+    assert isinstance(q, Int8RowsTensor) and q.dtype == dtype and q.shape == (cfg.vocab_size, cfg.hidden_size)
+    assert torch.equal(q.data, ref.data) and torch.equal(q.scale, ref.scale)
+    assert ((q.dequantize() - dense).abs() <= q.scale.unsqueeze(1) * (0.5 + 1e-4)).all()
+    assert "lm_head.weight" not in dict(got.named_parameters())
+    assert torch.equal(logits_of(got, cfg), logits_of(want, cfg))
+
+
+def test_int8_lm_head_with_the_trainer_layout(checkpoints):
+    from fastft.quant import weight_bytes
+
+    cfg, hub, _, _ = checkpoints
+    model = load_model(hub, experts="mxfp4", linears="nf4", lm_head="int8", offload_embedding=True)
+    dense = load_model(hub, experts="mxfp4", linears="nf4", offload_embedding=True)
+    assert weight_bytes(model)["lm_head"] == cfg.vocab_size * (cfg.hidden_size + 4)
+    assert weight_bytes(dense)["lm_head"] == cfg.vocab_size * cfg.hidden_size * 4  # fp32 on CPU
+    dense.quantize_lm_head("int8")
+    assert torch.equal(logits_of(model, cfg), logits_of(dense, cfg))
+    assert torch.equal(model.lm_head.weight.data, dense.lm_head.weight.data)
+
+
+def test_int8_lm_head_bad_arguments(checkpoints):
+    from fastft.model.loading import _place_lm_head
+
+    _, hub, _, _ = checkpoints
+    with pytest.raises(ValueError, match="lm_head must be one of"):
+        load_model(hub, lm_head="int4")
+    with torch.device("meta"):
+        tied = GptOssForTraining(tiny_config(**QCFG, tie_word_embeddings=True))
+    with pytest.raises(ModelLoadError, match="ties it to the input embedding"):
+        _place_lm_head(tied, "int8")
+    _place_lm_head(tied, "bf16")  # nothing to do
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+
+
 def test_bad_arguments(checkpoints):
     _, hub, bf16, _ = checkpoints
     with pytest.raises(ValueError, match="contradicts"):
@@ -425,3 +468,27 @@ def test_trainer_layout_on_cuda(checkpoints, source, experts):
         got.set_backend(get_backend("triton", "cuda"))  # the kernels take the loaded holders as they are
         fast = got.logits(ids, pos, cu)
     assert fast.shape == ref.shape and torch.isfinite(fast).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("source", ["hub", "bf16"])
+def test_int8_lm_head_load_on_cuda(checkpoints, source):
+    """lm_head="int8" on CUDA (row chunks streamed to the device): the codes of quantising the loaded bf16 weight on
+    the same device, and the triton backend's fused loss takes the holder."""
+    from fastft.backends import get_backend
+
+    cfg, hub, bf16, _ = checkpoints
+    path = hub if source == "hub" else bf16
+    got = load_model(path, dtype=torch.bfloat16, device="cuda", experts="mxfp4", linears="nf4", lm_head="int8",
+                     offload_embedding=True)
+    want = load_model(path, dtype=torch.bfloat16, device="cuda")
+    ref = Int8RowsTensor.quantize(want.lm_head.weight.detach())
+    q = got.lm_head.weight
+    assert q.device.type == "cuda" and torch.equal(q.data, ref.data) and torch.equal(q.scale, ref.scale)
+    g = torch.Generator().manual_seed(5)
+    ids, pos, cu = packed_batch([6, 9], cfg.vocab_size, device="cuda", generator=g)
+    with torch.no_grad():
+        ref_loss = got(ids, pos, cu, ids)  # torch backend: the reference loss dequantises the holder
+        got.set_backend(get_backend("triton", "cuda"))
+        loss = got(ids, pos, cu, ids)
+    assert torch.isfinite(loss) and abs(loss.item() - ref_loss.item()) <= 1e-2 * abs(ref_loss.item())

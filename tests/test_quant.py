@@ -159,3 +159,92 @@ def test_weight_bytes_breakdown():
     assert q["experts"] == 2 * E * (H * 2 * I + I * H) * 17 // 32  # 4.25 bits per weight
     assert 0 < q["attention"] < dense["attention"] and q["embedding"] == 0
     assert q["embedding_host"] == dense["embedding"] and q["other"] == dense["other"] and q["lm_head"] == dense["lm_head"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# int8 rows (the lm_head)
+
+
+def _rows_of_mixed_scale(R=37, C=53, dtype=torch.float32):
+    w = torch.randn(R, C) * torch.logspace(-4, 1, R).unsqueeze(1)
+    w[3] = 0.0  # an all-zero row
+    w[5, 7] = -w[5].abs().max() * 2  # a negative absmax
+    return w.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_int8_rows_roundtrip_bound(dtype):
+    from fastft.quant import Int8RowsTensor
+
+    w = _rows_of_mixed_scale(dtype=dtype)
+    q = Int8RowsTensor.quantize(w, chunk_elems=200)  # 3 rows per chunk: exercises the chunk loop
+    assert q.shape == (37, 53) and q.dtype == dtype and q.device == w.device
+    assert q.data.dtype == torch.int8 and q.scale.dtype == torch.float32 and q.nbytes() == 37 * 53 + 37 * 4
+    whole = Int8RowsTensor.quantize(w)
+    assert torch.equal(q.data, whole.data) and torch.equal(q.scale, whole.scale)
+    wf = w.float()
+    absmax = wf.abs().amax(1)
+    assert torch.equal(q.scale, absmax / 127)
+    deq = q.dequantize()
+    assert deq.dtype == torch.float32
+    # round to nearest: |err| <= scale / 2 per element (plus the fp32 product's own rounding)
+    assert ((deq - wf).abs() <= q.scale.unsqueeze(1) * (0.5 + 1e-4)).all()
+    assert q.data.abs().max() <= 127 and (q.data.abs().amax(1)[absmax > 0] == 127).all()
+    assert (q.data[3] == 0).all() and q.scale[3] == 0 and (deq[3] == 0).all()
+    # decoding: one rounding of the fp32 product, into a fresh tensor or a given one, by slice or by index
+    want = (q.data.float() * q.scale.unsqueeze(1)).to(torch.bfloat16)
+    assert torch.equal(q.dequantize(torch.bfloat16), want)
+    out = torch.empty(5, 53, dtype=torch.bfloat16)
+    assert q.rows(slice(4, 9), out=out) is out and torch.equal(out, want[4:9])
+    idx = torch.tensor([36, 0, 5, 5])
+    assert torch.equal(q.rows(idx, torch.bfloat16), want[idx])
+    moved = q.to("cpu")
+    assert torch.equal(moved.dequantize(), deq) and moved.nbytes() == q.nbytes()
+
+
+@needs_bnb
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_int8_rows_match_bitsandbytes(dtype):
+    from fastft.quant import Int8RowsTensor
+
+    w = _rows_of_mixed_scale(61, 97, dtype)
+    w[3] = torch.randn(97).to(dtype)  # bnb's CPU path gives NaN codes for a zero row: compared separately above
+    codes, stats, outliers = bnbf.int8_vectorwise_quant(w.clone())
+    q = Int8RowsTensor.quantize(w)
+    assert outliers is None and torch.equal(q.data, codes)
+    assert torch.equal(q.scale, stats / 127)
+
+
+def test_int8_rows_stream_to_device_and_dtype():
+    from fastft.quant import Int8RowsTensor, quantize_int8_rows
+
+    w = torch.randn(19, 40)
+    q = quantize_int8_rows(w, device="cpu", dtype=torch.bfloat16, chunk_elems=64)
+    ref = Int8RowsTensor.quantize(w.bfloat16())  # cast first, as loading the weight in bf16 and quantising it
+    assert q.dtype == torch.bfloat16 and torch.equal(q.data, ref.data) and torch.equal(q.scale, ref.scale)
+    with pytest.raises(ValueError, match="2-D floating"):
+        Int8RowsTensor.quantize(torch.randn(4))
+    with pytest.raises(ValueError, match="2-D floating"):
+        Int8RowsTensor.quantize(torch.ones(3, 4, dtype=torch.int32))
+    with pytest.raises(TypeError, match="int8"):
+        Int8RowsTensor(torch.zeros(3, 4, dtype=torch.uint8), torch.zeros(3))
+    with pytest.raises(TypeError, match="scale"):
+        Int8RowsTensor(torch.zeros(3, 4, dtype=torch.int8), torch.zeros(4))
+
+
+def test_int8_policy_and_weight_bytes():
+    from fastft.model import GptOssForTraining
+    from fastft.model.testing import tiny_config
+    from fastft.quant import Int8RowsTensor, weight_bytes
+
+    assert scheme_for("lm_head.weight") == "none" and scheme_for("lm_head.weight", lm_head="int8") == "int8"
+    t = torch.randn(6, 64)
+    assert isinstance(quantize_weight("lm_head.weight", t, lm_head="int8"), Int8RowsTensor)
+    assert quantize_weight("lm_head.weight", t, lm_head="bf16") is t
+    cfg = tiny_config(hidden_size=64, intermediate_size=32)
+    model = GptOssForTraining.from_config(cfg, dtype=torch.bfloat16)
+    dense = weight_bytes(model)
+    model.quantize_lm_head("int8")
+    q = weight_bytes(model)
+    assert q["lm_head"] == 61 * 64 + 61 * 4 and dense["lm_head"] == 61 * 64 * 2
+    assert {k: v for k, v in q.items() if k != "lm_head"} == {k: v for k, v in dense.items() if k != "lm_head"}

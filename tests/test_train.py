@@ -72,6 +72,7 @@ def test_outputs_are_complete(trained):
         assert key in meta, key
     assert meta["versions"]["torch"] and meta["data"]["files"]
     assert all(len(h) == 64 for h in meta["data"]["files"].values())
+    assert meta["weights"] == {"experts": "dense", "linears": "dense", "embedding": "device", "lm_head": "bf16"}
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["r"] == 8 and cfg["peft_type"] == "LORA"
     assert "Adapter written to" in r.stdout
@@ -186,9 +187,40 @@ def test_weight_layout_auto_and_explicit():
     gpu = SimpleNamespace(sources={"moe": "triton"})
     ref = SimpleNamespace(sources={"moe": "torch"})
     assert weight_layout(TrainConfig(data="x.jsonl"), gpu, "cuda") == {"experts": "mxfp4", "linears": "nf4",
-                                                                        "embedding": "host"}
+                                                                        "embedding": "host", "lm_head": "int8"}
     assert weight_layout(TrainConfig(data="x.jsonl"), gpu, "cpu") == {"experts": "dense", "linears": "dense",
-                                                                       "embedding": "device"}
+                                                                       "embedding": "device", "lm_head": "bf16"}
     assert weight_layout(TrainConfig(data="x.jsonl"), ref, "cuda")["experts"] == "dense"
+    assert weight_layout(TrainConfig(data="x.jsonl"), ref, "cuda")["lm_head"] == "bf16"
+    assert weight_layout(TrainConfig(data="x.jsonl"), gpu, "cuda", tied=True)["lm_head"] == "bf16"
     explicit = TrainConfig(data="x.jsonl", experts="nf4", linears="dense", embedding="device")
-    assert weight_layout(explicit, gpu, "cuda") == {"experts": "nf4", "linears": "dense", "embedding": "device"}
+    assert weight_layout(explicit, gpu, "cuda") == {"experts": "nf4", "linears": "dense", "embedding": "device",
+                                                    "lm_head": "int8"}
+
+
+@pytest.mark.parametrize("flag,device,want", [("auto", "cuda", "int8"), ("auto", "cpu", "bf16"),
+                                              ("bf16", "cuda", "bf16"), ("int8", "cpu", "int8")])
+def test_lm_head_flag_resolution(flag, device, want):
+    from types import SimpleNamespace
+
+    from fastft.config import TrainConfig, parse_args
+    from fastft.train import weight_layout
+
+    gpu = SimpleNamespace(sources={"moe": "triton"})
+    cfg = TrainConfig(data="x.jsonl")
+    if hasattr(cfg, "lm_head"):  # --lm-head reaches the config (fastft.config owns the option)
+        cfg = parse_args(["x.jsonl", "--lm-head", flag])
+        assert cfg.to_json()["lm_head"] == flag
+    else:  # a fastft.config without the option: the trainer reads the field with getattr (default auto)
+        cfg.lm_head = flag
+    assert weight_layout(cfg, gpu, device)["lm_head"] == want
+
+
+def test_ties_lm_head_reads_the_config(tmp_path):
+    from fastft.train import ties_lm_head
+
+    assert ties_lm_head(tmp_path) is False  # no config.json: load_model reports it, not this
+    (tmp_path / "config.json").write_text(json.dumps({"tie_word_embeddings": True}))
+    assert ties_lm_head(tmp_path) is True
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 8}))
+    assert ties_lm_head(tmp_path) is False

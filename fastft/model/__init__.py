@@ -5,6 +5,9 @@ API for the trainer::
     backend = fastft.backends.get_backend(kernels, device)          # --kernels auto|torch|triton
     path = resolve_model_path(name)                                  # dir, "tiny", or a cached hub id
     model = load_model(path, dtype, device, backend)                 # errors: ModelLoadError subclasses
+    model = load_model(path, ..., experts="mxfp4", linears="nf4", lm_head="int8", offload_embedding=True)
+                                                                     # the CUDA layout (see fastft.quant)
+    model.quantize_lm_head("int8")                                   # the same for a model already built
     tokenizer = load_tokenizer(path)
     model = GptOssForTraining.from_config(cfg, dtype, device, backend)   # random init (e.g. ModelConfig() = 20B)
     apply_lora(model, LoraSettings(targets="qv", r=16, alpha=32, dropout=0.1))  # freezes the base weights

@@ -273,6 +273,28 @@ def shift_labels(labels: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor
     return shifted
 
 
+class LmHead(nn.Linear):
+    """nn.Linear(H, V, bias=False) whose frozen weight may be held quantized instead (``set_quantized``: an
+    Int8RowsTensor [V, H]); the loss backends take the holder as it is, ``dense(dtype)`` decodes it."""
+
+    def set_quantized(self, q):
+        if tuple(q.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"quantized lm_head {tuple(q.shape)} != ({self.out_features}, {self.in_features})")
+        self._parameters.pop("weight", None)
+        self.weight = q
+
+    @property
+    def quantized(self) -> bool:
+        return not isinstance(self.weight, torch.Tensor)
+
+    def dense(self, dtype) -> torch.Tensor:
+        w = self.weight
+        return w.to(dtype) if isinstance(w, torch.Tensor) else w.dequantize(dtype)
+
+    def forward(self, x):
+        return F.linear(x, self.dense(x.dtype))
+
+
 class GptOssForTraining(nn.Module):
     # DeepSpeed's bf16 engine casts every parameter except names matching these (RMSNorm weights): keeps them fp32.
     _keep_in_fp32_modules_strict = ["norm"]
@@ -282,7 +304,7 @@ class GptOssForTraining(nn.Module):
         self.config = cfg
         self.backend = backend if backend is not None else get_backend("torch")
         self.model = Body(cfg, self.backend)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = LmHead(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
@@ -351,6 +373,26 @@ class GptOssForTraining(nn.Module):
         torch.index_select(host, 0, ids, out=rows)
         return rows.to(input_ids.device, non_blocking=True)
 
+    def quantize_lm_head(self, q="int8"):
+        """Holds the frozen lm_head as int8 rows with one fp32 scale each (fastft.quant.Int8RowsTensor): half of
+        bf16's bytes (0.54 GiB for gpt-oss-20b instead of 1.08). ``q`` is "int8" (quantise the current weight) or a
+        holder made already (the loader's, quantised while streaming). The holder leaves the parameters: it is
+        never trained, saved with an adapter or moved by ``.to()``; the fused loss reads it as it is. A lm_head tied
+        to the input embedding is refused (the embedding must stay dense)."""
+        if self.config.tie_word_embeddings:
+            raise ValueError("the lm_head is tied to the input embedding (tie_word_embeddings): it cannot be held "
+                             "int8 on its own")
+        if isinstance(q, str):
+            if q != "int8":
+                raise ValueError(f"the lm_head can be quantised to 'int8', not {q!r}")
+            if self.lm_head.quantized:
+                return self
+            from fastft.quant import Int8RowsTensor
+
+            q = Int8RowsTensor.quantize(self.lm_head.weight.detach())
+        self.lm_head.set_quantized(q)
+        return self
+
     def enable_gradient_checkpointing(self, enabled: bool = True, offload: bool = False):
         """Checkpoints every decoder layer (torch.utils.checkpoint, non-reentrant); with offload, the layer inputs it
         keeps for backward live in host memory (see fastft.model.offload)."""
@@ -413,12 +455,13 @@ class GptOssForTraining(nn.Module):
     def logits(self, input_ids, position_ids, cu_seqlens):
         """[T, V] logits (tests and evaluation; training goes through the fused loss)."""
         h = self.hidden_states(input_ids, position_ids, cu_seqlens)
-        return F.linear(h, self.lm_head.weight.to(h.dtype))
+        return F.linear(h, self.lm_head.dense(h.dtype))
 
     def forward(self, input_ids, position_ids, cu_seqlens, labels=None):
         """Mean token loss (fp32 scalar) over unshifted HF-style labels; logits when labels is None."""
         if labels is None:
             return self.logits(input_ids, position_ids, cu_seqlens)
         h = self.hidden_states(input_ids, position_ids, cu_seqlens)
-        return self.backend.loss(h, self.lm_head.weight.to(h.dtype), shift_labels(labels, cu_seqlens),
-                                 ignore_index=IGNORE_INDEX)
+        w = self.lm_head.weight  # a quantized holder goes to the loss as it is (the kernel decodes it per slab)
+        return self.backend.loss(h, w.to(h.dtype) if isinstance(w, torch.Tensor) else w,
+                                 shift_labels(labels, cu_seqlens), ignore_index=IGNORE_INDEX)

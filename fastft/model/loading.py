@@ -4,9 +4,11 @@ Expert weights come either dense (``...experts.gate_up_proj``, as ``save_pretrai
 MXFP4 layout (``...experts.gate_up_proj_blocks`` / ``_scales`` uint8, see fastft.mxfp4). Where they end up is the
 caller's choice (``experts=``): dense in the model's dtype (hub MXFP4 dequantised on the device one expert at a time),
 MXFP4 (the hub's bytes kept bit-exact, or a dense checkpoint quantised by fastft.quant as each stack streams in) or
-NF4. The attention projections can be NF4 (``linears="nf4"``, bitsandbytes' quantiser). Weights that end up 4-bit
-never get a dense placeholder: they are swapped out on the meta model before anything is allocated, and each dense
-checkpoint tensor is quantised on the target device as soon as it is read, then dropped.
+NF4. The attention projections can be NF4 (``linears="nf4"``, bitsandbytes' quantiser), the lm_head int8 rows
+(``lm_head="int8"``, fastft.quant.Int8RowsTensor). Weights that end up quantised never get a dense placeholder: they
+are swapped out on the meta model before anything is allocated, and each dense checkpoint tensor is quantised on the
+target device as soon as it is read, then dropped (the lm_head row chunk by row chunk, so the GPU never holds it in
+bf16).
 
 Host memory: one checkpoint tensor at a time (safetensors copies it out of the mmap; the largest, an expert stack of
 gpt-oss-20b in bf16, is 1.06 GB); the two halves of an MXFP4 pair in different shards wait on the device.
@@ -28,9 +30,9 @@ from safetensors import SafetensorError, safe_open
 from fastft.assets import BUILTIN_MODELS
 from fastft.backends import Backend
 from fastft.model.config import ModelConfig
-from fastft.model.gpt_oss import Experts, GptOssForTraining, LoraLinear
+from fastft.model.gpt_oss import Experts, GptOssForTraining, LmHead, LoraLinear
 from fastft.mxfp4 import BLOCK, MXFP4Tensor, dequantize_expert_param
-from fastft.quant import quantize_mxfp4, quantize_nf4, scheme_for
+from fastft.quant import Int8RowsTensor, quantize_mxfp4, quantize_nf4, scheme_for
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -98,8 +100,8 @@ def weight_map(model_dir: Path) -> dict[str, str]:
 
 
 class _Pending:
-    """Stands in for a weight that will be held 4-bit (NF4) until its checkpoint tensor streams in. It owns no memory,
-    so ``to_empty`` never allocates the dense weight it replaces."""
+    """Stands in for a weight that will be held quantised (NF4, int8 rows) until its checkpoint tensor streams in.
+    It owns no memory, so ``to_empty`` never allocates the dense weight it replaces."""
 
     device = torch.device("meta")
 
@@ -150,6 +152,22 @@ def _place_4bit(model: GptOssForTraining, wmap: dict, experts: str, linears: str
                                          "(fastft/model/gpt_oss.py)") from None
 
 
+def _place_lm_head(model: GptOssForTraining, lm_head: str):
+    """An int8 lm_head waits as ``_Pending`` (never allocated dense); tied embeddings cannot be split that way."""
+    if lm_head != "int8":
+        return
+    if model.config.tie_word_embeddings:
+        raise ModelLoadError("lm_head='int8' needs an lm_head of its own; this checkpoint ties it to the input "
+                             "embedding (tie_word_embeddings): load it with lm_head='bf16'")
+    model.lm_head.set_quantized(_Pending((model.config.vocab_size, model.config.hidden_size)))
+
+
+def _base_device_dtype(model: GptOssForTraining):
+    """Where and how the dense base weights live: the input embedding's (dense and on the device while loading)."""
+    emb = model.model.embed_tokens.weight
+    return emb.device, emb.dtype
+
+
 @torch.no_grad()
 def _dequantize_into(dst: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor):
     for e in range(dst.shape[0]):  # one expert at a time bounds the fp32 scratch
@@ -159,7 +177,7 @@ def _dequantize_into(dst: torch.Tensor, blocks: torch.Tensor, scales: torch.Tens
 
 def _plan(model: GptOssForTraining, wmap: dict) -> dict[str, _Fill]:
     """Model tensor name -> how to fill it from the checkpoint, for a model already on its device."""
-    device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype  # where and how the base weights live
+    device, dtype = _base_device_dtype(model)
     state = model.state_dict()
     plan = {}
 
@@ -187,8 +205,12 @@ def _plan(model: GptOssForTraining, wmap: dict) -> dict[str, _Fill]:
                                   partial(_put_mxfp4, blocks, scales, device=device, dtype=dtype))
         else:
             copy(name, dst)
-    for mname, module in model.named_modules():  # NF4 weights waiting for their tensor
-        if isinstance(module, LoraLinear) and isinstance(module.weight, _Pending):
+    for mname, module in model.named_modules():  # NF4 / int8 weights waiting for their tensor
+        if isinstance(module, LmHead) and isinstance(module.weight, _Pending):
+            key = f"{mname}.weight"
+            plan[key] = _Fill((key,), (module.weight.shape,), ("float",),
+                              partial(_put_int8_rows, model.quantize_lm_head, device=device, dtype=dtype))
+        elif isinstance(module, LoraLinear) and isinstance(module.weight, _Pending):
             key = f"{mname}.weight"
             plan[key] = _Fill((key,), (module.weight.shape,), ("float",),
                               partial(_put_nf4, module.set_quantized, device=device, dtype=dtype))
@@ -223,6 +245,11 @@ def _put_nf4(hold, t, *, device, dtype):
 
 
 @torch.no_grad()
+def _put_int8_rows(hold, t, *, device, dtype):  # row chunks go to the device one at a time
+    hold(Int8RowsTensor.quantize(t, device=device, dtype=dtype))
+
+
+@torch.no_grad()
 def _put_nf4_from_mxfp4(hold, shape, blocks, scales, *, device, dtype):
     dense = torch.empty(shape, dtype=dtype, device=device)
     _dequantize_into(dense, blocks, scales)
@@ -250,7 +277,7 @@ def load_weights(model: GptOssForTraining, model_dir: Path, wmap: dict | None = 
     by shard and tensor by tensor: host memory holds one checkpoint tensor at a time."""
     wmap = weight_map(model_dir) if wmap is None else wmap
     origin = model_dir / (INDEX if (model_dir / INDEX).is_file() else SINGLE)
-    device = model.lm_head.weight.device
+    device, _ = _base_device_dtype(model)
     plan = _plan(model, wmap)
     owner = {src: fill for fill in plan.values() for src in fill.srcs}
     missing = sorted(src for src in owner if src not in wmap)
@@ -287,11 +314,11 @@ def load_weights(model: GptOssForTraining, model_dir: Path, wmap: dict | None = 
                 del t  # before the next read: never two large checkpoint tensors in host memory
 
 
-_EXPERTS, _LINEARS = ("dense", "mxfp4", "nf4"), ("dense", "nf4")
+_EXPERTS, _LINEARS, _LM_HEADS = ("dense", "mxfp4", "nf4"), ("dense", "nf4"), ("bf16", "dense", "int8")
 
 
 def load_model(name_or_path: str | Path, dtype=torch.float32, device="cpu", backend: Backend | None = None,
-               keep_mxfp4: bool = False, *, experts: str = "dense", linears: str = "dense",
+               keep_mxfp4: bool = False, *, experts: str = "dense", linears: str = "dense", lm_head: str = "bf16",
                offload_embedding: bool = False) -> GptOssForTraining:
     """A GPT-OSS checkpoint as a GptOssForTraining on ``device``: base weights in ``dtype`` (norms fp32), frozen
     later by apply_lora.
@@ -299,7 +326,9 @@ def load_model(name_or_path: str | Path, dtype=torch.float32, device="cpu", back
     experts: "dense" (``dtype``), "mxfp4" (a hub checkpoint's own bytes, or quantised from a dense checkpoint as each
     stack streams in) or "nf4" (bitsandbytes, quantised on the device). linears: "dense" or "nf4" for the attention
     projections q/k/v/o (see fastft.quant for the policy). ``keep_mxfp4=True`` is ``experts="mxfp4"`` that insists on
-    a hub MXFP4 checkpoint. offload_embedding: freeze the input embedding and move it to (pinned) host memory.
+    a hub MXFP4 checkpoint. lm_head: "bf16" (dense in ``dtype``; "dense" says the same) or "int8" (one fp32 scale per
+    vocabulary row, quantised on the device as it streams in; frozen; see GptOssForTraining.quantize_lm_head).
+    offload_embedding: freeze the input embedding and move it to (pinned) host memory.
     """
     if keep_mxfp4:
         if experts not in ("dense", "mxfp4"):
@@ -308,6 +337,8 @@ def load_model(name_or_path: str | Path, dtype=torch.float32, device="cpu", back
     if experts not in _EXPERTS or linears not in _LINEARS:
         raise ValueError(f"experts must be one of {_EXPERTS} and linears one of {_LINEARS}; got {experts!r}, "
                          f"{linears!r}")
+    if lm_head not in _LM_HEADS:
+        raise ValueError(f"lm_head must be one of {_LM_HEADS}, not {lm_head!r}")
     model_dir = resolve_model_path(name_or_path)
     config_path = model_dir / "config.json"
     if not config_path.is_file():
@@ -321,6 +352,7 @@ def load_model(name_or_path: str | Path, dtype=torch.float32, device="cpu", back
         model = GptOssForTraining(cfg, backend)
     model.to_dtype(dtype)
     _place_4bit(model, wmap, experts, linears, require_hub=keep_mxfp4)
+    _place_lm_head(model, lm_head)
     model.to_empty(device=device)  # allocates in dtype directly, and only what stays dense
     load_weights(model, model_dir, wmap)
     if offload_embedding:
