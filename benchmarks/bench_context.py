@@ -3,7 +3,8 @@
 Bisection mode (default, bench "context"): for each cap (24 and 80 GiB by default) the allowed memory is set with
 torch.cuda.set_per_process_memory_fraction and the longest sequence that trains (forward + backward + optimizer step)
 is found by bisection between --lo and --hi tokens (multiples of 1024); tokens/s at that length is the time of one
-more step there.
+more step there. With --lo equal to --hi only that length is tried, and its one step is the measurement. A 4096-token
+warm-up step first keeps autotuning and compilation out of the timed steps.
 
 Sweep mode (--sweep, bench "context_sweep"): one sequence per step at each of --lengths; step time (median of 2 steps
 after 1 warm-up) and peak allocated GiB for fastft (W1-qv) and for the reference (HF eager + PEFT, dict masks). The
@@ -89,10 +90,19 @@ def set_cap(cap_gib: float | None):
 def bisect(args, cfg):
     model, backend = build_fastft(cfg, args.workload, **args.build)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    one_step(model, opt, 4096, cfg["vocab_size"])  # warm-up: autotuning happens here, not in a measured step
     for cap in (float(c) for c in args.caps.split(",")):
         set_cap(cap)
         lo, hi = 0, args.hi // 1024
-        if fits(model, opt, args.lo, cfg["vocab_size"]) is None:
+        first = fits(model, opt, args.lo, cfg["vocab_size"])
+        if args.lo == args.hi:  # one length checked: its single step is the measurement (a 500K step takes minutes)
+            record("context", {"cap_gib": cap, "max_tokens": args.lo if first else 0,
+                               "tok_s": args.lo / first if first else None, "step_s": first, "timed_steps": 1,
+                               "workload": args.workload, "layers": cfg["num_hidden_layers"],
+                               "kernels": backend.sources, "searched_from": args.lo, "searched_up_to": args.hi,
+                               "build": args.build})
+            continue
+        if first is None:
             best = 0
         else:
             lo = args.lo // 1024
