@@ -211,8 +211,9 @@ class Int8RowsTensor:
     ``quantize`` is absmax / 127 per row with round-half-to-even, bit for bit what bitsandbytes'
     ``int8_vectorwise_quant`` gives on the CPU (its stats are the absmax; the scale here is absmax / 127). It is
     written in torch rather than called: bnb 0.50.2's CUDA kernel takes only fp16 input (a bf16 lm_head would need an
-    fp16 copy, which flushes values below 6e-5 to subnormals) and divides with ``__fdividef``, so the GPU would round
-    a few ties differently from the CPU. An all-zero row gets scale 0 and codes 0 (bnb's gives NaN codes there).
+    fp16 copy, which loses bits below 6e-5 and overflows above 65504) and divides with ``__fdividef``, so the GPU
+    would round a few ties differently from the CPU; this gives the same codes on both. An all-zero row gets scale 0
+    and codes 0 (bnb's gives NaN codes there).
     """
 
     def __init__(self, data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16):
@@ -243,7 +244,8 @@ class Int8RowsTensor:
         step = max(1, chunk_elems // max(C, 1))
         for r0 in range(0, R, step):
             chunk = w[r0:r0 + step].to(device=device, dtype=dtype).float()
-            absmax = chunk.abs().amax(dim=1) if C else torch.zeros(chunk.shape[0], device=device)
+            absmax = chunk.abs().amax(dim=1)
+            # torch evaluates 127 / absmax as 127 * (1 / absmax), as in bnb's CPU path: the same rounding
             inv = torch.where(absmax > 0, 127.0 / absmax, torch.zeros_like(absmax))
             data[r0:r0 + step] = torch.round(chunk * inv.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
             scale[r0:r0 + step] = absmax / 127.0

@@ -28,11 +28,12 @@ int8 weight (fastft.quant.Int8RowsTensor: codes [V, H] + one fp32 scale per row,
 bytes), slabs path only. Each slab is decoded before its GEMMs, W[v0:v1] = codes * scale[:, None] computed in fp32 and
 rounded once to the hidden dtype, into one reused scratch [w, H]; the W[label] rows are decoded the same way into that
 scratch (free by then) at the end of a block. So the op is exactly the dense op on ``weight.dequantize(hidden.dtype)``
-plus one streaming pass over the codes per block of rows: V * H * 3 bytes moved (1.7 GB for gpt-oss, ~0.5 ms on an
-H200) against ~7 ms of GEMMs per 2048-row block. The scratch is capped at _SCRATCH_BYTES (90 MiB: w <= 16384 at H=2880
-in bf16). Extra peak at gpt-oss shapes (S=2048, w=15488 after balancing; any T): logits 121 MiB + scratch 85 MiB +
-acc 22.5 MiB + the int8 label rows 5.6 MiB = 234 MiB; with ignored labels, the compacted block's hidden rows and the
-bf16 copy of its dH add 11.25 MiB each, 251 MiB: under 256 MiB at T=16384 or any other T.
+plus one streaming pass over the codes per block of rows: V * H * 3 bytes moved (1.7 GB for gpt-oss, ~0.4 ms at an
+H200's bandwidth) against ~7 ms of GEMMs per 2048-row block (bench_cross_entropy.py --int8 measures it). The scratch
+is capped at _SCRATCH_BYTES (90 MiB: w <= 16384 at H=2880 in bf16). Extra peak at gpt-oss shapes (S=2048, w=15488
+after balancing; any T): logits 121 MiB + scratch 85 MiB + acc 22.5 MiB + the int8 label rows 5.6 MiB = 234 MiB; with
+ignored labels the compacted block's hidden rows (11.25 MiB) live through the block and the bf16 copy of its dH (11.25
+MiB) replaces the freed label rows at its end: 251 MiB, under 256 MiB at T=16384 or any other T.
 
 Precision: the logits are never rounded to bf16, so the loss is fp32-exact up to the GEMM's own accumulation (it
 meets 1e-4 relative against fp64 even for peaked softmaxes, where bf16 logits miss by 1e-3). G is unscaled (values
