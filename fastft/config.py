@@ -43,6 +43,7 @@ class TrainConfig:
     experts: str = "auto"
     linears: str = "auto"
     embedding: str = "auto"
+    lm_head: str = "auto"
     # LoRA
     lora_r: int = 16
     lora_alpha: float = 32.0
@@ -145,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention projections; auto = nf4 (bitsandbytes) on CUDA with the triton kernels")
     g.add_argument("--embedding", choices=("auto", "device", "host"), default=d.embedding,
                    help="input embedding placement; auto = host memory on CUDA (a step reads only its own rows)")
+    g.add_argument("--lm-head", choices=("auto", "bf16", "int8"), default=d.lm_head,
+                   help="lm_head storage; auto = int8 (one fp32 scale per vocabulary row) on CUDA with the triton "
+                        "kernels, bf16 elsewhere")
     g = p.add_argument_group("LoRA")
     g.add_argument("--lora-r", type=_positive_int, default=d.lora_r)
     g.add_argument("--lora-alpha", type=_float_in(0.0, 1e6, lo_open=True), default=d.lora_alpha)
