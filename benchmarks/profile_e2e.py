@@ -117,6 +117,23 @@ def host_side(model, opt, rows, cfg, steps: int = 3) -> dict:
             "host_syncs": sum(syncs.values()), "host_syncs_by_line": syncs.most_common(10)}
 
 
+def write_cprofile(path: Path, step):
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    step()
+    torch.cuda.synchronize()
+    prof.disable()
+    buf = io.StringIO()
+    stats = pstats.Stats(prof, stream=buf)
+    stats.sort_stats("tottime").print_stats(40)
+    stats.sort_stats("cumulative").print_stats(60)
+    path.write_text(buf.getvalue())
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--workload", default="W1-qv")
@@ -124,6 +141,8 @@ def main():
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="2 layers")
     ap.add_argument("--build", default="{}", help="JSON keyword options for bench_e2e.build_fastft")
+    ap.add_argument("--cprofile", type=Path, default=None,
+                    help="also write a cProfile of one step's host side (Python) to this text file")
     args = ap.parse_args()
     cfg = json.loads(CONFIG.read_text())
     if args.quick:
@@ -160,6 +179,8 @@ def main():
     steady_peak = torch.cuda.max_memory_allocated()
 
     host = host_side(model, opt, rows[3:], cfg)
+    if args.cprofile:
+        write_cprofile(args.cprofile, lambda: fastft_step(model, opt, rows[3], cfg))
     print(f"host: wall {host['wall_ms']:.1f} ms/step, issued in {host['host_issue_ms']:.1f} ms; "
           f"{host['host_syncs']} syncs: {host['host_syncs_by_line']}")
 
