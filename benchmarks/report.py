@@ -2,10 +2,20 @@
 
     python benchmarks/report.py [--results benchmarks/results.jsonl] [--out benchmarks]
 
-Generic over benches: one table per bench name (newest row first; columns date, device, git, then every metric the
-bench ever recorded, then the command). A bench whose rows carry a size axis (T, tokens, seq_len, ...) with at least
-two values also gets a plot: the newest measurement at each size of every *_ms metric (log-log), and the *_gib
-metrics beside them (log scale). Nothing is computed here that the bench did not record.
+RESULTS.md, top to bottom:
+  Goals                 one line per goal in GOALS below (the project's targets): the measured value, the row it came
+                        from (date, git, command) and whether it is met. Each goal reads the newest row of its bench
+                        that matches its filters (one per distinct value of its `per` metrics); rows of --quick smoke
+                        runs never count. A goal without such a row, or whose row lacks the metric (rival OOM, not
+                        run), says "not measured".
+  Where the time goes   the newest e2e_profile rows (newest profiled commit, one per configuration): GPU ms per step,
+                        each op's ms and share of it, host-side timings and memory.
+  one section per bench a table (newest row first; columns date, device, git, then every metric the bench ever
+                        recorded, then the command). A bench whose rows carry a size axis (T, tokens, seq_len, ...)
+                        with at least two values also gets a plot: the newest measurement at each size of every *_ms
+                        metric (log-log), and the *_gib metrics beside them (log scale).
+  Analysis              benchmarks/ANALYSIS.md (hand-written), verbatim, when that file exists.
+Numbers come only from the rows; the only arithmetic here is the goal comparison and the per-op percentages.
 
 Some benches get their own plot instead, always from their newest run (rows sharing date, device, git and command):
   context_sweep  tokens/s and peak allocated GiB against sequence length, fastft vs the reference (log2 x axis)
@@ -19,11 +29,55 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import operator
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 HERE = Path(__file__).resolve().parent
 X_AXES = ("T", "tokens", "seq_len", "seqlen", "batch_tokens", "context", "N")
+MEASURED = "measured"  # a `where` value: the metric must be present and not null
+
+
+class Goal(NamedTuple):
+    bench: str
+    where: dict  # metric -> required value (or MEASURED); rows not matching are ignored
+    metric: str
+    op: str  # one of OPS
+    target: float | bool
+    per: tuple = ()  # one line per distinct value of these metrics, each from its newest row
+    show: tuple = ()  # further metrics of the row printed beside the value
+    newest_run: bool = False  # only the rows of the newest invocation count
+    label: tuple = ()  # metrics of the row named in the goal text (which variant was measured)
+
+
+# The project's targets (from its issues). The table in RESULTS.md is computed from these and the rows, never typed.
+E2E_QV = {"workload": "W1-qv", "reference_tok_s": MEASURED}  # reference measured in the same invocation
+CE_T = (4096, 16384, 65536)
+GOALS = [
+    #   bench   which rows (metric filters)   metric   op   target   [options]
+    Goal("e2e", E2E_QV, "speedup_vs_reference", ">=", 8),
+    Goal("e2e", E2E_QV, "mfu", ">=", 0.40),
+    Goal("e2e", E2E_QV, "peak_gib", "<=", 11.5),
+    Goal("e2e", {"workload": "W1-all", "reference_tok_s": MEASURED}, "speedup_vs_reference", ">=", 8),
+    Goal("context", {"cap_gib": 24}, "max_tokens", ">=", 131072),
+    Goal("context", {"cap_gib": 80}, "max_tokens", ">=", 500000),
+    Goal("convergence", {}, "within_2pct", "==", True, show=("max_rel_diff",)),
+    Goal("cross_entropy", {"T": 16384}, "fastft_ms", "<=", 55),
+    *[Goal("cross_entropy", {"T": t}, "speedup_vs_torch", ">", 1) for t in CE_T],
+    *[Goal("cross_entropy", {"T": t}, "speedup_vs_liger", ">", 1) for t in CE_T],
+    Goal("cross_entropy", {"T": 16384}, "fastft_extra_gib", "<=", 0.25),
+    Goal("moe", {"T": 16384, "lora": True}, "speedup_vs_peft", ">=", 3),
+    Goal("moe", {"T": 16384, "lora": False}, "speedup_vs_grouped_mm", ">=", 1.5),
+    Goal("attention", {"T": 16384}, "speedup_vs_flex", ">=", 2, per=("layer", "docs"), newest_run=True),
+    Goal("lora_linear", {"T": 16384}, "speedup_vs_bnb_peft", ">", 1, per=("shape", "format"), label=("path",)),
+    Goal("lora_linear", {"T": 16384}, "ratio_vs_bf16", "<=", 1.3, per=("shape", "format"), label=("path",)),
+    Goal("weights_memory", {}, "resident_gib", "<=", 11),
+    Goal("weights_memory", {}, "load_peak_host_gib", "<=", 4),
+]
+OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq}
+OP_TEXT = {">=": "≥", "<=": "≤", ">": ">", "<": "<", "==": "="}
+PROFILE_CONFIG = ("workload", "tokens_per_row", "build", "env")  # what makes two e2e_profile rows comparable
 
 
 def load_rows(path: Path) -> list[dict]:
@@ -211,12 +265,135 @@ def plot_convergence(bench: str, rows: list[dict], out: Path) -> Path | None:
 PLOTTERS = {"context_sweep": plot_context_sweep, "convergence": plot_convergence}
 
 
-def generate(results: Path, out_dir: Path) -> Path:
+def _matches(value, wanted) -> bool:
+    if wanted == MEASURED:
+        return value is not None
+    if isinstance(wanted, bool) or isinstance(value, bool):  # True must not match 1
+        return value is wanted
+    return value == wanted
+
+
+def _key(value):
+    return json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else value
+
+
+def _goal_rows(goal: Goal, rows: list[dict]) -> list[tuple[dict, dict | None]]:
+    """(the `per` values, the newest row with them) for each line of the goal; one (.., None) line when no row."""
+    found = [r for r in rows if r["bench"] == goal.bench and r["metrics"].get("quick") is not True
+             and all(_matches(r["metrics"].get(k), v) for k, v in goal.where.items())]
+    if goal.newest_run and found:
+        found = _newest_run(found)
+    newest = {}
+    for row in _newest_first(found):
+        newest.setdefault(tuple(_key(row["metrics"].get(k)) for k in goal.per), row)
+    if not newest:
+        return [({}, None)]
+    lines = sorted(newest.values(), key=lambda r: r["_order"])  # in the order the bench measured them
+    return [({k: row["metrics"].get(k) for k in goal.per}, row) for row in lines]
+
+
+def _goal_text(goal: Goal, per: dict, row: dict | None) -> str:
+    where = [f"{k} {v}" if v == MEASURED else f"{k}={_cell(v)}" for k, v in goal.where.items()]
+    where += [f"{k}={_cell(v)}" for k, v in per.items()]
+    where += [f"{k}={_cell(row['metrics'].get(k))}" for k in goal.label if row and k in row["metrics"]]
+    scope = f" ({', '.join(where)})" if where else ""
+    return f"{goal.bench}{scope}: `{goal.metric}` {OP_TEXT[goal.op]} {_cell(goal.target)}"
+
+
+def _verdict(goal: Goal, value) -> bool | None:
+    """True/False when the value was measured, None when it was not."""
+    measured = isinstance(value, bool) if isinstance(goal.target, bool) else _number(value)
+    return bool(OPS[goal.op](value, goal.target)) if measured else None
+
+
+def _goal_line(goal: Goal, per: dict, row: dict | None) -> tuple[list[str], bool | None]:
+    m = row["metrics"] if row else {}
+    value = m.get(goal.metric)
+    met = _verdict(goal, value)
+    if met is None:
+        shown = "—" + (f" ({_cell(m['note'])[:60]})" if m.get("note") else "")
+    else:
+        shown = _cell(value) + "".join(f"; {k} {_cell(m.get(k))}" for k in goal.show)
+    source = [_cell(row.get("date")), _cell(row.get("git")), f"`{_cell(row.get('command'))}`"] if row else ["—"] * 3
+    verdict = {True: "yes", False: "**no**", None: "not measured"}[met]
+    return [_goal_text(goal, per, row), shown, verdict] + source, met
+
+
+def goals_section(rows: list[dict], goals=GOALS) -> list[str]:
+    table, verdicts = [], []
+    for goal in goals:
+        for per, row in _goal_rows(goal, rows):
+            cells, met = _goal_line(goal, per, row)
+            table.append("| " + " | ".join(cells) + " |")
+            verdicts.append(met)
+    summary = (f"{verdicts.count(True)} of {len(verdicts)} met, {verdicts.count(False)} not met, "
+               f"{verdicts.count(None)} not measured. Each line reads the newest matching row (not --quick runs).")
+    header = ["| goal | measured | met | date | git | command |", "|---|---|---|---|---|---|"]
+    return ["## Goals", "", summary, ""] + header + table + [""]
+
+
+def _profile_rows(rows: list[dict]) -> list[dict]:
+    """The newest profiled commit's e2e_profile rows that break the step down by op, newest per configuration."""
+    found = [r for r in rows if r["bench"] == "e2e_profile" and isinstance(r["metrics"].get("ms_by_op"), dict)]
+    if not found:
+        return []
+    git = _newest_first(found)[0].get("git")
+    newest = {}
+    for row in _newest_first([r for r in found if r.get("git") == git]):
+        newest.setdefault(tuple(_key(row["metrics"].get(k)) for k in PROFILE_CONFIG), row)
+    return list(newest.values())
+
+
+def _ops(rows: list[dict]) -> list[str]:
+    # heaviest op first (in the newest row), the catch-all last
+    ms = {}
+    for row in reversed(rows):
+        ms |= row["metrics"]["ms_by_op"]
+    return sorted(ms, key=lambda op: (op == "other", -(ms[op] if _number(ms[op]) else 0)))
+
+
+def _op_cell(ms, total) -> str:
+    if not _number(ms):
+        return "—"
+    return f"{ms:.1f} ({ms / total:.0%})" if _number(total) and total > 0 else f"{ms:.1f}"
+
+
+def profile_section(rows: list[dict]) -> list[str]:
+    prof = _profile_rows(rows)
+    if not prof:
+        return []
+    ops = _ops(prof)
+    extras = [k for k in ("wall_ms", "host_issue_ms", "host_syncs", "steady_peak_gib", "resident_gib")
+              if any(k in r["metrics"] for r in prof)]
+    header = ["workload", "tokens_per_row", "build", "gpu_ms_per_step"] + [f"{op} ms (%)" for op in ops] + extras
+    lines = ["## Where the time goes", "",
+             f"From the newest profiled commit (git {_cell(prof[0].get('git'))}), one row per configuration; "
+             "% is the share of gpu_ms_per_step.", "",
+             "| " + " | ".join(header + ["date", "command"]) + " |", "|" + "---|" * (len(header) + 2)]
+    for row in prof:
+        m = row["metrics"]
+        build = _cell(m.get("build")) + (f" env {_cell(m['env'])}" if m.get("env") else "")
+        cells = [_cell(m.get("workload")), _cell(m.get("tokens_per_row")), build, _cell(m.get("gpu_ms_per_step"))]
+        cells += [_op_cell(m["ms_by_op"].get(op), m.get("gpu_ms_per_step")) for op in ops]
+        cells += [_cell(m.get(k)) for k in extras] + [_cell(row.get("date")), f"`{_cell(row.get('command'))}`"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def analysis_section(path: Path) -> list[str]:
+    if not path.exists():
+        return []
+    return ["## Analysis (hand-written; cites the rows above)", "", path.read_text().rstrip("\n"), ""]
+
+
+def generate(results: Path, out_dir: Path, analysis: Path | None = None) -> Path:
+    """Write out_dir/RESULTS.md (and plots); analysis defaults to out_dir/ANALYSIS.md, appended when it exists."""
     rows = load_rows(results)
     benches = sorted({r["bench"] for r in rows})
     lines = ["# Benchmark results", "",
              f"Generated by `benchmarks/report.py` from `{Path(results).name}` ({len(rows)} rows). "
              "Newest first; — means not measured (missing rival or out of memory, see the note column).", ""]
+    lines += goals_section(rows) + profile_section(rows)
     for bench in benches:
         bench_rows = _newest_first([r for r in rows if r["bench"] == bench])
         cols = _columns(bench_rows)
@@ -237,6 +414,7 @@ def generate(results: Path, out_dir: Path) -> Path:
             cells.append(f"`{_cell(r.get('command'))}`" if r.get("command") else "—")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+    lines += analysis_section(analysis or out_dir / "ANALYSIS.md")
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "RESULTS.md"
     path.write_text("\n".join(lines))
