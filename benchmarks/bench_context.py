@@ -95,15 +95,11 @@ def bisect(args, cfg):
         set_cap(cap)
         lo, hi = 0, args.hi // 1024
         first = fits(model, opt, args.lo, cfg["vocab_size"])
-        if args.lo == args.hi:  # one length checked: its single step is the measurement (a 500K step takes minutes)
-            record("context", {"cap_gib": cap, "max_tokens": args.lo if first else 0,
-                               "tok_s": args.lo / first if first else None, "step_s": first, "timed_steps": 1,
-                               "workload": args.workload, "layers": cfg["num_hidden_layers"],
-                               "kernels": backend.sources, "searched_from": args.lo, "searched_up_to": args.hi,
-                               "build": args.build})
-            continue
+        single = args.lo == args.hi  # one length checked: its single step is the measurement (500K takes minutes)
         if first is None:
-            best = 0
+            best, step_s = 0, None
+        elif single:
+            best, step_s = args.lo, first
         else:
             lo = args.lo // 1024
             while lo < hi:  # largest multiple of 1024 that fits, in [lo, hi]
@@ -114,9 +110,10 @@ def bisect(args, cfg):
                     hi = mid - 1
                 print(f"cap {cap:g} GiB: fits up to >= {lo * 1024} tokens, < {(hi + 1) * 1024}", flush=True)
             best = lo * 1024
-        step_s = fits(model, opt, best, cfg["vocab_size"]) if best else None
+            step_s = fits(model, opt, best, cfg["vocab_size"])
         record("context", {"cap_gib": cap, "max_tokens": best, "tok_s": best / step_s if step_s else None,
-                           "step_s": step_s, "workload": args.workload, "layers": cfg["num_hidden_layers"],
+                           "step_s": step_s, **({"timed_steps": 1} if single else {}),
+                           "workload": args.workload, "layers": cfg["num_hidden_layers"],
                            "kernels": backend.sources, "searched_from": args.lo, "searched_up_to": args.hi,
                            "build": args.build})
     set_cap(None)

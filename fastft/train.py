@@ -147,22 +147,21 @@ def weight_layout(cfg: TrainConfig, backend, device, tied: bool = False) -> dict
     fastft.quant); elsewhere the checkpoint's own layout, which the torch reference reads directly. An lm_head tied
     to the embedding (``tied``) stays dense under auto."""
     fast = torch.device(device).type == "cuda" and backend.sources["moe"] == "triton"
-    lm_head = getattr(cfg, "lm_head", "auto")  # a TrainConfig without the field (older fastft.config) means auto
     return {
         "experts": cfg.experts if cfg.experts != "auto" else ("mxfp4" if fast else "dense"),
         "linears": cfg.linears if cfg.linears != "auto" else ("nf4" if fast else "dense"),
         "embedding": cfg.embedding if cfg.embedding != "auto" else ("host" if fast else "device"),
-        "lm_head": lm_head if lm_head != "auto" else ("int8" if fast and not tied else "bf16"),
+        "lm_head": cfg.lm_head if cfg.lm_head != "auto" else ("int8" if fast and not tied else "bf16"),
     }
 
 
 def ties_lm_head(model_path: Path) -> bool:
     """Whether the checkpoint ties its lm_head to the input embedding (False if unreadable: load_model says why)."""
-    import json
+    from fastft.model import ModelConfig
 
     try:
-        return bool(json.loads((Path(model_path) / "config.json").read_text()).get("tie_word_embeddings", False))
-    except (OSError, ValueError, AttributeError):
+        return ModelConfig.from_json(Path(model_path) / "config.json").tie_word_embeddings
+    except (OSError, ValueError, TypeError):
         return False
 
 

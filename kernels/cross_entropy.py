@@ -458,21 +458,17 @@ def fused_linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduct
             raise ValueError("an int8 weight runs on method='slabs' (or 'auto'): the rows path reads a dense weight")
     if not _use_triton(hidden):
         return linear_cross_entropy_reference(hidden, weight, labels, ignore_index, reduction)
-    if int8:  # frozen by definition: no weight gradient, the holder goes in as it is
-        need_dh = torch.is_grad_enabled() and hidden.requires_grad
-        return FusedLinearCrossEntropyFunction.apply(
-            hidden.contiguous(), weight, labels.contiguous().long(), ignore_index, reduction, need_dh, False,
-            "slabs", dict(block_rows=block_rows, slab_cols=slab_cols))
-    if hidden.dtype != weight.dtype:  # cast the small operand; autograd casts its grad back
+    if not int8 and hidden.dtype != weight.dtype:  # cast the small operand; autograd casts its grad back
         hidden = hidden.to(weight.dtype)
     grad_on = torch.is_grad_enabled()
-    need_dh, need_dw = grad_on and hidden.requires_grad, grad_on and weight.requires_grad
+    # an int8 weight is frozen by definition (no dW) and goes in as it is; the slabs path decodes it
+    need_dh, need_dw = grad_on and hidden.requires_grad, grad_on and not int8 and weight.requires_grad
     if method == "slabs" and need_dw:
         raise ValueError("method='slabs' has no weight gradient; use 'rows' or 'auto' when the weight requires grad")
     if method == "auto":
         method = "rows" if need_dw else "slabs"
     tune = dict(block_rows=block_rows, slab_cols=slab_cols) if method == "slabs" else dict(chunk_rows=chunk_rows)
     return FusedLinearCrossEntropyFunction.apply(
-        hidden.contiguous(), weight.contiguous(), labels.contiguous().long(), ignore_index, reduction,
-        need_dh, need_dw, method, tune,
+        hidden.contiguous(), weight if int8 else weight.contiguous(), labels.contiguous().long(), ignore_index,
+        reduction, need_dh, need_dw, method, tune,
     )

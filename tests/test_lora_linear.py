@@ -104,11 +104,8 @@ def test_grouped_scale_read_cpu(fmt, monkeypatch):
             assert _rel(a, b) < 1e-5
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_bf16_io_cpu(fmt, swap_ab):
-    # bf16 loads/stores and the cast of the dequantised tile (the interpreter does the dot itself in fp32)
-    T, in_f, out_f, r = 21, 64, 48, 8
-    w = _weight(fmt, out_f, in_f, dtype=torch.bfloat16)
+def _check_bf16_io(w, T, in_f, out_f, r):
+    """bf16 x, bias and dy with fp32 adapters (as PEFT often keeps them) against an fp32 reference."""
     x = torch.randn(T, in_f, dtype=torch.bfloat16, requires_grad=True)
     A = (torch.randn(r, in_f) * 0.1).requires_grad_()  # fp32 adapters, as PEFT often keeps them
     B = (torch.randn(out_f, r) * 0.1).requires_grad_()
@@ -117,11 +114,19 @@ def test_bf16_io_cpu(fmt, swap_ab):
     y, g = _grads(lambda: lora_linear(x, w, bias, A, B, 2.0), x, A, B, bias, dy)
     assert y.dtype == torch.bfloat16 and g[0].dtype == torch.bfloat16 and g[1].dtype == torch.float32
     xf, Af, Bf, bf = (t.detach().float().requires_grad_() for t in (x, A, B, bias))
-    wd = w.dequantize(torch.float32) if fmt != "dense" else w.float()
+    wd = w.float() if isinstance(w, torch.Tensor) else w.dequantize(torch.float32)
     y_ref, g_ref = _grads(lambda: xf @ wd.t() + bf + 2.0 * (xf @ Af.t()) @ Bf.t(), xf, Af, Bf, bf, dy.float())
     assert _rel(y, y_ref) < 1e-2
     for a, b in zip(g, g_ref):
         assert _rel(a, b) < 1e-2
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_bf16_io_cpu(fmt, swap_ab):
+    # bf16 loads/stores and the cast of the dequantised tile (the interpreter does the dot itself in fp32)
+    T, in_f, out_f, r = 21, 64, 48, 8
+    w = _weight(fmt, out_f, in_f, dtype=torch.bfloat16)
+    _check_bf16_io(w, T, in_f, out_f, r)
 
 
 @pytest.mark.parametrize("fmt", ["dense", "mxfp4"])
@@ -238,19 +243,7 @@ def test_slabs_bf16_io_cpu(fmt, monkeypatch):
     monkeypatch.setattr(mod, "SLAB_BYTES", 64 * 128 * 2)
     T, in_f, out_f, r = 21, 128, 75, 8
     w = _weight(fmt, out_f, in_f, dtype=torch.float32 if fmt == "dense" else torch.bfloat16)
-    x = torch.randn(T, in_f, dtype=torch.bfloat16, requires_grad=True)
-    A = (torch.randn(r, in_f) * 0.1).requires_grad_()
-    B = (torch.randn(out_f, r) * 0.1).requires_grad_()
-    bias = torch.randn(out_f, dtype=torch.bfloat16).requires_grad_()
-    dy = torch.randn(T, out_f, dtype=torch.bfloat16)
-    y, g = _grads(lambda: lora_linear(x, w, bias, A, B, 2.0), x, A, B, bias, dy)
-    assert y.dtype == torch.bfloat16 and g[0].dtype == torch.bfloat16 and g[1].dtype == torch.float32
-    xf, Af, Bf, bf = (t.detach().float().requires_grad_() for t in (x, A, B, bias))
-    wd = w.dequantize(torch.float32) if fmt != "dense" else w.float()
-    y_ref, g_ref = _grads(lambda: xf @ wd.t() + bf + 2.0 * (xf @ Af.t()) @ Bf.t(), xf, Af, Bf, bf, dy.float())
-    assert _rel(y, y_ref) < 1e-2
-    for a, b in zip(g, g_ref):
-        assert _rel(a, b) < 1e-2
+    _check_bf16_io(w, T, in_f, out_f, r)
 
 
 def test_path_choice_cpu(monkeypatch):

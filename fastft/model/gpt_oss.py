@@ -84,9 +84,27 @@ class RMSNorm(nn.Module):
         return _RMSNormFunction.apply(x, self.weight, self.eps)
 
 
-class LoraLinear(nn.Module):
+class _HoldsQuantized:
+    """A linear module whose frozen ``weight`` [out_features, in_features] may be a quantized holder instead of a
+    Parameter (``set_quantized``): it leaves the parameters, so it is never trained, saved or moved by ``.to()``."""
+
+    _what = "weight"  # for messages
+
+    def set_quantized(self, q):
+        if tuple(q.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"quantized {self._what} {tuple(q.shape)} != ({self.out_features}, {self.in_features})")
+        self._parameters.pop("weight", None)
+        self.weight = q
+
+    @property
+    def quantized(self) -> bool:
+        return not isinstance(self.weight, torch.Tensor)
+
+
+class LoraLinear(_HoldsQuantized, nn.Module):
     """nn.Linear's parameters (``weight [out, in]``, ``bias``) plus an optional unmerged LoRA (``lora_A [r, in]``,
-    ``lora_B [out, r]``), computed by ``backend.lora_linear``."""
+    ``lora_B [out, r]``), computed by ``backend.lora_linear``. The base weight may be held 4-bit (``set_quantized``:
+    an NF4Tensor or MXFP4Tensor), which the lora_linear kernel reads packed and the reference dequantises."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, backend: Backend):
         super().__init__()
@@ -96,18 +114,6 @@ class LoraLinear(nn.Module):
         self.backend = backend
         self.lora_A = self.lora_B = None
         self.scaling, self.dropout = 0.0, 0.0
-
-    def set_quantized(self, q):
-        """Holds the frozen base weight 4-bit (an NF4Tensor or MXFP4Tensor, [out, in]) instead of a Parameter; the
-        lora_linear kernel reads it packed, the reference dequantises it."""
-        if tuple(q.shape) != (self.out_features, self.in_features):
-            raise ValueError(f"quantized weight {tuple(q.shape)} != ({self.out_features}, {self.in_features})")
-        self._parameters.pop("weight", None)
-        self.weight = q
-
-    @property
-    def quantized(self) -> bool:
-        return not isinstance(self.weight, torch.Tensor)
 
     def add_lora(self, r: int, alpha: float, dropout: float, dtype=torch.float32):
         device = self.weight.device
@@ -273,23 +279,19 @@ def shift_labels(labels: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor
     return shifted
 
 
-class LmHead(nn.Linear):
+class LmHead(_HoldsQuantized, nn.Linear):
     """nn.Linear(H, V, bias=False) whose frozen weight may be held quantized instead (``set_quantized``: an
     Int8RowsTensor [V, H]); the loss backends take the holder as it is, ``dense(dtype)`` decodes it."""
 
-    def set_quantized(self, q):
-        if tuple(q.shape) != (self.out_features, self.in_features):
-            raise ValueError(f"quantized lm_head {tuple(q.shape)} != ({self.out_features}, {self.in_features})")
-        self._parameters.pop("weight", None)
-        self.weight = q
-
-    @property
-    def quantized(self) -> bool:
-        return not isinstance(self.weight, torch.Tensor)
+    _what = "lm_head"
 
     def dense(self, dtype) -> torch.Tensor:
-        w = self.weight
-        return w.to(dtype) if isinstance(w, torch.Tensor) else w.dequantize(dtype)
+        return self.weight.dequantize(dtype) if self.quantized else self.weight.to(dtype)
+
+    def loss_weight(self, dtype):
+        """What the loss backend reads: the dense weight in ``dtype``, or the quantized holder as it is (the fused
+        loss decodes it per vocabulary slab)."""
+        return self.weight if self.quantized else self.weight.to(dtype)
 
     def forward(self, x):
         return F.linear(x, self.dense(x.dtype))
@@ -455,13 +457,12 @@ class GptOssForTraining(nn.Module):
     def logits(self, input_ids, position_ids, cu_seqlens):
         """[T, V] logits (tests and evaluation; training goes through the fused loss)."""
         h = self.hidden_states(input_ids, position_ids, cu_seqlens)
-        return F.linear(h, self.lm_head.dense(h.dtype))
+        return self.lm_head(h)
 
     def forward(self, input_ids, position_ids, cu_seqlens, labels=None):
         """Mean token loss (fp32 scalar) over unshifted HF-style labels; logits when labels is None."""
         if labels is None:
             return self.logits(input_ids, position_ids, cu_seqlens)
         h = self.hidden_states(input_ids, position_ids, cu_seqlens)
-        w = self.lm_head.weight  # a quantized holder goes to the loss as it is (the kernel decodes it per slab)
-        return self.backend.loss(h, w.to(h.dtype) if isinstance(w, torch.Tensor) else w,
-                                 shift_labels(labels, cu_seqlens), ignore_index=IGNORE_INDEX)
+        return self.backend.loss(h, self.lm_head.loss_weight(h.dtype), shift_labels(labels, cu_seqlens),
+                                 ignore_index=IGNORE_INDEX)
