@@ -1,6 +1,6 @@
-"""Kernel backends: the four places where fastft's model can run other code for the same math.
+"""Kernel backends: the six places where fastft's model can run other code for the same math.
 
-A backend is a set of four functions with fixed contracts (below). ``torch`` holds the pure-torch references that
+A backend is a set of six functions with fixed contracts (below). ``torch`` holds the pure-torch references that
 live beside each Triton kernel in ``fastft.kernels.<op>``; ``triton`` holds the kernels. ``--kernels auto`` picks
 ``triton`` on CUDA and ``torch`` elsewhere. An op whose Triton kernel is unavailable falls back to its reference,
 and ``Backend.sources`` says which one each op runs, so a run never silently claims a kernel it did not use.
@@ -21,6 +21,10 @@ Contracts (all tensors on one device; T = tokens of the packed batch, flattened)
       down [E,I,H], down_bias [E,H], gate_up_lora, down_lora, limit=7.0, alpha=1.702) -> [T,H]
       experts may be quantized objects with .dequantize() returning the [E,in,out] layout; *_lora is None or
       (A [r*E,in], B [out,r*E], scaling) in PEFT's target_parameters layout (see fastft.kernels.moe).
+  rms_norm(x [...,H], weight [H] (fp32 in the model), eps: float) -> [...,H] in x's dtype
+      (weight * (x.float() * rsqrt(mean(x.float()^2) + eps))).to(x.dtype) (fp64 for fp64 x); grads for x and weight.
+  rope(x [T,heads,D] (may be a strided view), cos [T,D/2], sin [T,D/2] in x's dtype) -> [T,heads,D]
+      half-split rotation (not interleaved): cat(x1*cos - x2*sin, x2*cos + x1*sin); cos/sin get no gradient.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from typing import Callable
 
 import torch
 
-OPS = ("attention", "loss", "lora_linear", "moe")
+OPS = ("attention", "loss", "lora_linear", "moe", "rms_norm", "rope")
 
 _recompute = threading.local()
 
@@ -66,6 +70,8 @@ _IMPLS = {
     "loss": ("fastft.kernels.cross_entropy", "linear_cross_entropy_reference", "fused_linear_cross_entropy"),
     "lora_linear": ("fastft.kernels.lora_linear", "lora_linear_reference", "lora_linear"),
     "moe": ("fastft.kernels.moe", "moe_reference", "moe"),
+    "rms_norm": ("fastft.kernels.rms_norm", "rms_norm_reference", "rms_norm"),
+    "rope": ("fastft.kernels.rope", "apply_rope_reference", "apply_rope"),
 }
 
 
@@ -76,6 +82,8 @@ class Backend:
     loss: Callable
     lora_linear: Callable
     moe: Callable
+    rms_norm: Callable
+    rope: Callable
     sources: dict = field(default_factory=dict)  # op -> "triton" | "torch"
 
 

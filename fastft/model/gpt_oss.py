@@ -1,8 +1,8 @@
 """GPT-OSS for training on packed token streams, in plain torch.
 
-Parameter names equal transformers' ``GptOssForCausalLM`` state dict, so checkpoints load by name. The four ops that
-kernels replace (attention, moe, lora_linear, loss) are called through a ``fastft.backends.Backend``; everything else
-here is ordinary torch. Activations are flat: ``[T, H]`` for the T tokens of a packed batch; ``cu_seqlens`` bounds
+Parameter names equal transformers' ``GptOssForCausalLM`` state dict, so checkpoints load by name. The ops that
+kernels replace (attention, moe, lora_linear, loss, rms_norm, rope) are called through a ``fastft.backends.Backend``;
+everything else here is ordinary torch. Activations are flat: ``[T, H]`` for the T tokens of a packed batch; ``cu_seqlens`` bounds
 the documents and ``position_ids`` restart at 0 in each.
 """
 
@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fastft.backends import Backend, get_backend, recompute_skips_output
+from fastft.kernels.rms_norm import RMSNormReferenceFunction as _RMSNormFunction  # noqa: F401 (tests import it)
 from fastft.model.config import ModelConfig, rope_frequencies
 from fastft.model.offload import HostOffload
 from fastft.mxfp4 import MXFP4Tensor
@@ -24,64 +25,18 @@ from fastft.mxfp4 import MXFP4Tensor
 IGNORE_INDEX = -100
 
 
-class _RMSNormFunction(torch.autograd.Function):
-    """HF's GPT-OSS RMSNorm, (weight * x.float() * rsqrt(mean(x^2) + eps)).to(x.dtype), with lean memory.
-
-    Autograd of that formula keeps fp32 [T, H] copies (x.float(), the normalised x: 1.5 GB each at 128K tokens for
-    gpt-oss); this saves only x in its own dtype and rstd [T] (fp32; fp64 for an fp64 x) and recomputes the normalised
-    rows in backward. Rows go in blocks of ~2**24 elements, so the fp32 temporaries of either pass stay ~64 MB."""
-
-    BLOCK_ELEMS = 1 << 24
-
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        compute = torch.promote_types(x.dtype, torch.float32)
-        x2 = x.reshape(-1, x.shape[-1])
-        y = torch.empty_like(x2)
-        rstd = torch.empty(x2.shape[0], dtype=compute, device=x.device)
-        for s in _row_blocks(x2, _RMSNormFunction.BLOCK_ELEMS):
-            xf = x2[s].to(compute)
-            r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-            y[s] = (weight * (xf * r)).to(x.dtype)
-            rstd[s] = r.squeeze(-1)
-        ctx.save_for_backward(x, weight, rstd)
-        return y.view(x.shape)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, rstd = ctx.saved_tensors
-        need_x, need_w = ctx.needs_input_grad[:2]
-        x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, x.shape[-1])
-        w = weight.to(rstd.dtype)
-        dx = torch.empty_like(x2) if need_x else None
-        dw = torch.zeros_like(w) if need_w else None
-        for s in _row_blocks(x2, _RMSNormFunction.BLOCK_ELEMS):
-            r = rstd[s, None]
-            xhat = x2[s].to(r.dtype) * r
-            g = dy2[s].to(r.dtype)
-            if need_w:
-                dw += (g * xhat).sum(0)
-            if need_x:
-                gw = g * w  # d(loss)/d(xhat); rstd's own dependence on x gives the projection term
-                dx[s] = (r * (gw - xhat * (gw * xhat).mean(-1, keepdim=True))).to(x.dtype)
-        return (dx.view(x.shape) if need_x else None), (dw.to(weight.dtype) if need_w else None), None
-
-
-def _row_blocks(x2, block_elems):
-    rows = max(1, block_elems // max(1, x2.shape[1]))
-    return [slice(s, s + rows) for s in range(0, x2.shape[0], rows)]
-
-
 class RMSNorm(nn.Module):
-    """Weights stay fp32 (HF keeps GPT-OSS norms in fp32 too); the input is normalised in fp32."""
+    """Weights stay fp32 (HF keeps GPT-OSS norms in fp32 too); the input is normalised in fp32 by ``backend.rms_norm``
+    (torch: fastft.kernels.rms_norm's lean-memory reference)."""
 
-    def __init__(self, hidden_size: int, eps: float):
+    def __init__(self, hidden_size: int, eps: float, backend: Backend | None = None):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=torch.float32))
         self.eps = eps
+        self.backend = backend if backend is not None else get_backend("torch")
 
     def forward(self, x):
-        return _RMSNormFunction.apply(x, self.weight, self.eps)
+        return self.backend.rms_norm(x, self.weight, self.eps)
 
 
 class _HoldsQuantized:
@@ -127,13 +82,6 @@ class LoraLinear(_HoldsQuantized, nn.Module):
                                         self.dropout, self.training)
 
 
-def apply_rope(x, cos, sin):
-    """Half-split rotation (not interleaved); x [T, heads, D], cos/sin [T, D/2] already times attention_scaling."""
-    x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, backend: Backend):
         super().__init__()
@@ -149,8 +97,8 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cu_seqlens):
         T = x.shape[0]
-        q = apply_rope(self.q_proj(x).view(T, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).view(T, self.num_kv_heads, self.head_dim), cos, sin)
+        q = self.backend.rope(self.q_proj(x).view(T, self.num_heads, self.head_dim), cos, sin)
+        k = self.backend.rope(self.k_proj(x).view(T, self.num_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
         o = self.backend.attention(q, k, v, cu_seqlens, self.sinks, self.window, self.head_dim**-0.5)
         return self.o_proj(o.reshape(T, self.num_heads * self.head_dim))
@@ -247,9 +195,9 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, backend: Backend):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, backend)
         self.self_attn = Attention(cfg, layer, backend)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, backend)
         self.mlp = MLP(cfg, backend)
 
     def forward(self, h, cos, sin, cu_seqlens):
@@ -266,7 +214,7 @@ class Body(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, backend) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, backend)
 
 
 def shift_labels(labels: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
