@@ -288,15 +288,22 @@ if triton is not None:
                  dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-# Tile configs (block_m, block_n, num_warps, num_stages) for the three kernels on a GPU: each compiles for sm_90 at
-# D=64 without register spills (ptxas -v); `benchmarks/bench_attention.py --sweep` times the alternatives. Small
-# tiles in the interpreter keep CPU tests fast and still cross many block edges.
-GPU_CONFIG = {"fwd": (128, 128, 8, 2), "dq": (128, 64, 8, 2), "dkdv": (32, 128, 8, 3)}
+# Tile configs (block_m, block_n, num_warps, num_stages) for the three kernels on a GPU, per layer kind: a full layer
+# is compute-bound (big tiles), a window layer visits only ~W / block keys per row, so its tiles trade MMA size for
+# less masked-out work and more programs in flight. Each compiles for sm_90 at D=64 without register spills
+# (ptxas -v); `benchmarks/bench_attention.py --sweep` times the alternatives. Small tiles in the interpreter keep CPU
+# tests fast and still cross many block edges.
+GPU_CONFIG = {
+    "full": {"fwd": (64, 64, 4, 3), "dq": (64, 32, 4, 3), "dkdv": (64, 64, 4, 3)},
+    "window": {"fwd": (64, 32, 4, 3), "dq": (64, 32, 4, 3), "dkdv": (16, 64, 4, 3)},
+}
 INTERPRET_CONFIG = {"fwd": (16, 16, 1, 1), "dq": (16, 16, 1, 1), "dkdv": (16, 16, 1, 1)}
 
 
-def _config(device: torch.device) -> dict:
-    return GPU_CONFIG if device.type == "cuda" else INTERPRET_CONFIG
+def _config(device: torch.device, window) -> dict:
+    if device.type != "cuda":
+        return INTERPRET_CONFIG
+    return GPU_CONFIG["full" if window is None else "window"]
 
 
 def _doc_tables(cu_seqlens: torch.Tensor, T: int):
@@ -392,4 +399,4 @@ def varlen_attention(q, k, v, cu_seqlens, sinks=None, window=None, softmax_scale
     if sinks is not None:
         sinks = sinks.contiguous()
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
-    return _VarlenAttention.apply(q, k, v, cu_seqlens, sinks, window, scale, _config(q.device))
+    return _VarlenAttention.apply(q, k, v, cu_seqlens, sinks, window, scale, _config(q.device, window))
