@@ -2,8 +2,8 @@
 
 Parameter names equal transformers' ``GptOssForCausalLM`` state dict, so checkpoints load by name. The ops that
 kernels replace (attention, moe, lora_linear, loss, rms_norm, rope) are called through a ``fastft.backends.Backend``;
-everything else here is ordinary torch. Activations are flat: ``[T, H]`` for the T tokens of a packed batch; ``cu_seqlens`` bounds
-the documents and ``position_ids`` restart at 0 in each.
+everything else here is ordinary torch. Activations are flat: ``[T, H]`` for the T tokens of a packed batch;
+``cu_seqlens`` bounds the documents and ``position_ids`` restart at 0 in each.
 """
 
 from __future__ import annotations
