@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fastft.model import GptOssForTraining, LoraSettings, apply_lora, count_parameters
-from fastft.model.gpt_oss import _RMSNormFunction
+from fastft.kernels.rms_norm import RMSNormReferenceFunction as _RMSNormFunction
 from fastft.model.testing import packed_batch, tiny_config
 from fastft.quant import quantize_mxfp4
 

@@ -17,7 +17,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fastft.backends import Backend, get_backend, recompute_skips_output
-from fastft.kernels.rms_norm import RMSNormReferenceFunction as _RMSNormFunction  # noqa: F401 (tests import it)
 from fastft.model.config import ModelConfig, rope_frequencies
 from fastft.model.offload import HostOffload
 from fastft.mxfp4 import MXFP4Tensor
