@@ -165,19 +165,14 @@ def build_fastft(cfg: dict, workload: str, attention: str = "nf4", offload_embed
     from fastft.model import LoraSettings, apply_lora
     from fastft.model.config import ModelConfig
     from fastft.model.gpt_oss import GptOssForTraining
-    from fastft.mxfp4 import MXFP4Tensor
+    from fastft.model.testing import mxfp4_expert_placeholders
     from fastft.quant import quantize_mxfp4
 
     mcfg = ModelConfig.from_hf_dict(cfg)
     backend = get_backend("triton", "cuda")
     with torch.device("meta"):
         model = GptOssForTraining(mcfg, backend)
-        for layer in model.model.layers:  # 4-bit placeholders: the bf16 experts never exist all at once
-            ex = layer.mlp.experts
-            for name in ex.WEIGHTS:
-                E, fan_in, fan_out = ex.weight_shape(name)
-                ex.set_quantized(name, MXFP4Tensor(torch.empty(E, fan_out, fan_in // 32, 16, dtype=torch.uint8),
-                                                   torch.empty(E, fan_out, fan_in // 32, dtype=torch.uint8)))
+        mxfp4_expert_placeholders(model)  # 4-bit placeholders: the bf16 experts never exist in full
     model.to_dtype(torch.bfloat16).to_empty(device="cuda")
     with torch.no_grad():
         for name, p in model.named_parameters():

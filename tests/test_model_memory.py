@@ -248,19 +248,14 @@ def _full_width_model(layers: int, device="cuda", **overrides):
 
     from fastft.backends import get_backend
     from fastft.model.config import ModelConfig
-    from fastft.mxfp4 import MXFP4Tensor
+    from fastft.model.testing import mxfp4_expert_placeholders
 
     hf = json.loads((Path(__file__).resolve().parent.parent / "benchmarks/configs/gpt-oss-20b.json").read_text())
     hf["num_hidden_layers"], hf["layer_types"] = layers, hf["layer_types"][:layers]
     cfg = ModelConfig.from_hf_dict({**hf, **overrides})
     with torch.device("meta"):
         model = GptOssForTraining(cfg, get_backend("auto", device))
-        for layer in model.model.layers:  # 4-bit placeholders: a bf16 expert stack never exists in full
-            ex = layer.mlp.experts
-            for name in ex.WEIGHTS:
-                E, fan_in, fan_out = ex.weight_shape(name)
-                ex.set_quantized(name, MXFP4Tensor(torch.empty(E, fan_out, fan_in // 32, 16, dtype=torch.uint8),
-                                                   torch.empty(E, fan_out, fan_in // 32, dtype=torch.uint8)))
+        mxfp4_expert_placeholders(model)  # 4-bit placeholders: the bf16 experts never exist in full
     model.to_dtype(torch.bfloat16).to_empty(device=device)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -67,3 +67,17 @@ def hf_packed_masks(cu_seqlens: torch.Tensor, window: int | None, dtype=torch.fl
         return torch.zeros(T, T, dtype=dtype).masked_fill(~allowed, neg)[None, None]
 
     return {"full_attention": additive(full), "sliding_attention": additive(sliding)}
+
+
+def mxfp4_expert_placeholders(model) -> None:
+    """Hold every expert stack of ``model`` (built under ``torch.device("meta")``) as an MXFP4Tensor of its shape, so a
+    full-size model never has its bf16 experts in full; ``to_empty`` then allocates the 4-bit buffers (random fill is
+    the caller's)."""
+    from fastft.mxfp4 import MXFP4Tensor
+
+    for layer in model.model.layers:
+        ex = layer.mlp.experts
+        for name in ex.WEIGHTS:
+            E, fan_in, fan_out = ex.weight_shape(name)
+            ex.set_quantized(name, MXFP4Tensor(torch.empty(E, fan_out, fan_in // 32, 16, dtype=torch.uint8),
+                                               torch.empty(E, fan_out, fan_in // 32, dtype=torch.uint8)))
