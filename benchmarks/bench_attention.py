@@ -11,11 +11,14 @@ per mask kind; a progress line is printed and each row appended to results.jsonl
     python benchmarks/bench_attention.py            # T=16384
     python benchmarks/bench_attention.py --quick    # smoke run (T=4096, packed only)
     python benchmarks/bench_attention.py --sweep    # time tile configs per kernel (prints, records nothing)
+    python benchmarks/bench_attention.py --heads 8  # GPU_CONFIG's tiles with GQA head packing, vs flex
+    python benchmarks/bench_attention.py --config '{"full": {"fwd": [64, 64, 4, 3, 8], ...}, ...}'  # --sweep's pick
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -147,24 +150,50 @@ def bench_case(T: int, layer: str, packed: bool, iters: int, flex_mask: FlexMask
     }
 
 
-# (block_m, block_n, num_warps, num_stages) candidates per kernel, tried for each layer kind; a candidate that fails
-# to compile (or spills into an error) is reported and skipped
+# Candidates per variant and kernel: (block_m, block_n, num_warps, num_stages[, heads]); a candidate that fails to
+# compile or launch (too much shared memory) is reported and skipped. "per_head": one query head per tile, block_m
+# tokens. "packed": the 8 query heads of a kv head share a tile's rows, block_m // 8 tokens per tile. The packed grid
+# is block_m {64, 128, 256} x block_n {32, 64, 128} x warps {4, 8} x stages {2, 3}, plus 16/32-row dkdv tiles (the
+# per-head winners' shape) and 32 x 32 fwd/dq tiles for the window, less the configs whose sm_90 build spills
+# registers (ptxas stack > 0 at D=64, compiled offline with triton 3.6): they cannot win and only cost sweep time.
+_GRID = [(bm, bn, w, s) for bm in (16, 32, 64, 128, 256) for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3)]
+_SPILLS = {
+    "fwd": {(128, 128, 4), (256, 32, 4), (256, 64, 4), (256, 128, 4), (256, 128, 8)},
+    "dq": {(128, 128, 4), (256, 32, 4), (256, 64, 4), (256, 128, 4), (256, 128, 8)},
+    "dkdv": {(32, 128, 4), (64, 128, 4), (128, 32, 4), (128, 64, 4), (128, 128, 4), (128, 128, 8), (256, 32, 4),
+             (256, 32, 8), (256, 64, 4), (256, 64, 8), (256, 128, 4), (256, 128, 8)},
+}
 SWEEP = {
-    "fwd": [(128, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3), (64, 32, 2, 3), (32, 32, 2, 3),
-            (32, 64, 4, 3), (64, 16, 4, 3), (64, 64, 4, 4), (64, 32, 4, 4)],
-    "dq": [(128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3), (64, 32, 2, 3), (32, 32, 2, 3), (32, 64, 4, 3),
-           (64, 16, 4, 3), (64, 32, 4, 4)],
-    "dkdv": [(32, 128, 8, 3), (64, 64, 4, 3), (16, 64, 4, 3), (32, 64, 4, 3), (16, 32, 2, 3), (16, 64, 2, 3),
-             (32, 32, 2, 3), (16, 32, 4, 3), (64, 64, 4, 4), (32, 64, 4, 4)],
+    "per_head": {
+        "fwd": [(128, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3), (64, 32, 2, 3), (32, 32, 2, 3),
+                (32, 64, 4, 3), (64, 16, 4, 3), (64, 64, 4, 4), (64, 32, 4, 4)],
+        "dq": [(128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3), (64, 32, 2, 3), (32, 32, 2, 3), (32, 64, 4, 3),
+               (64, 16, 4, 3), (64, 32, 4, 4)],
+        "dkdv": [(32, 128, 8, 3), (64, 64, 4, 3), (16, 64, 4, 3), (32, 64, 4, 3), (16, 32, 2, 3), (16, 64, 2, 3),
+                 (32, 32, 2, 3), (16, 32, 4, 3), (64, 64, 4, 4), (32, 64, 4, 4)],
+    },
+    "packed": {
+        kernel: [(*c, 8) for c in _GRID
+                 if c[:3] not in spills and (c[0] >= 64 or kernel == "dkdv" or c[:3] == (32, 32, 4))]
+        for kernel, spills in _SPILLS.items()
+    },
 }
 
 
-def sweep(T: int, iters: int, layers=("full", "window")):
-    """Vary one kernel's tiles at a time (the others at the layer's GPU_CONFIG): fwd timed alone, dq/dkdv as
-    fwd+bwd; then time the per-kernel winners together against the current config."""
-    import json
-    lengths = lognormal_lengths(T)
-    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device="cuda")
+def _tiles_json(config: dict) -> dict:
+    return {kernel: list(tile) for kernel, tile in config.items()}
+
+
+def sweep(T: int, iters: int, layers, docs, quick: bool):
+    """Per layer kind and variant, vary one kernel's tiles at a time (the others at the layer's GPU_CONFIG): fwd timed
+    alone, dq/dkdv as fwd+bwd. A candidate's score is its time relative to GPU_CONFIG's, averaged over the document
+    layouts asked for (packed lognormal, one document), so neither dominates. Then the winners of each variant are
+    timed together, and the mix (per kernel, the better variant's winner); the fastest of these and the current
+    config is printed as a --config line for the flex comparison, and is what GPU_CONFIG should get."""
+    layouts = {"packed": lognormal_lengths(T), "one document": [T]}
+    layouts = {name: lengths for name, lengths in layouts.items() if docs in ("both", name.split()[0])}
+    cus = {name: torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device="cuda")
+           for name, lengths in layouts.items()}
     q = torch.randn(T, HQ, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(T, HKV, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn(T, HKV, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -175,48 +204,89 @@ def sweep(T: int, iters: int, layers=("full", "window")):
         window = WINDOW if layer == "window" else None
         current = attention.GPU_CONFIG[layer]
 
-        def step_ms(config, fwd_only=False):
-            fwd = lambda: attention._VarlenAttention.apply(q, k, v, cu, sinks, window, D**-0.5, config)  # noqa
-            if fwd_only:
-                with torch.no_grad():
-                    return time_ms(fwd, iters=iters)
-            return time_ms(lambda: torch.autograd.grad(fwd(), (q, k, v), do), iters=iters)
+        def step_ms(config, fwd_only=False):  # {layout: ms}
+            out = {}
+            for name, cu in cus.items():
+                fwd = lambda: attention._VarlenAttention.apply(q, k, v, cu, sinks, window, D**-0.5, config)  # noqa
+                if fwd_only:
+                    with torch.no_grad():
+                        out[name] = time_ms(fwd, iters=iters)
+                else:
+                    out[name] = time_ms(lambda: torch.autograd.grad(fwd(), (q, k, v), do), iters=iters)
+            return out
 
-        winners = {}
-        for kernel, candidates in SWEEP.items():
-            times = {}
-            for cand in candidates:
-                try:
-                    times[cand] = step_ms(dict(current, **{kernel: cand}), fwd_only=kernel == "fwd")
-                except Exception as e:  # noqa: BLE001 - a config the compiler rejects is skipped, not fatal
-                    print(json.dumps({"layer": layer, "kernel": kernel, "config": cand, "error": repr(e)[:200]}))
-                    continue
-                print(json.dumps({"layer": layer, "kernel": kernel, "config": cand, "ms": round(times[cand], 3)}))
-            winners[kernel] = min(times, key=times.get)
-        combined = dict(current, **winners)
-        best[layer] = {kern: list(c) for kern, c in combined.items()}
-        print(json.dumps({"layer": layer, "current": {kk: list(c) for kk, c in current.items()},
-                          "current_ms": round(step_ms(current), 3), "best": best[layer],
-                          "best_ms": round(step_ms(combined), 3)}))
-    print("best per layer (block_m, block_n, num_warps, num_stages):", json.dumps(best))
+        base = {"fwd": step_ms(current, fwd_only=True), "step": step_ms(current)}
+        score = lambda ms, ref: sum(ms[n] / ref[n] for n in ms) / len(ms)  # noqa: E731
+        winners, win_score = {}, {}
+        for variant, kernels in SWEEP.items():
+            winners[variant] = {}
+            for kernel, candidates in kernels.items():
+                ref = base["fwd" if kernel == "fwd" else "step"]
+                scores = {}
+                for cand in candidates[:2] if quick else candidates:
+                    row = {"layer": layer, "variant": variant, "kernel": kernel, "config": cand}
+                    try:
+                        ms = step_ms(dict(current, **{kernel: cand}), fwd_only=kernel == "fwd")
+                    except Exception as e:  # noqa: BLE001 - a config the compiler or launcher rejects is skipped
+                        print(json.dumps(dict(row, error=repr(e)[:200])))
+                        continue
+                    scores[cand] = score(ms, ref)
+                    print(json.dumps(dict(row, ms={n: round(t, 3) for n, t in ms.items()},
+                                          vs_current=round(scores[cand], 3))))
+                if scores:
+                    winners[variant][kernel] = min(scores, key=scores.get)
+                    win_score[variant, kernel] = scores[winners[variant][kernel]]
+        summary = {"layer": layer, "current": _tiles_json(current),
+                   "current_ms": {n: round(t, 3) for n, t in base["step"].items()}}
+        combos = {variant: dict(current, **chosen) for variant, chosen in winners.items()}
+        # the mix: per kernel, the winner of the variant that scored better alone
+        combos["mix"] = dict(current, **{
+            kernel: winners[min((var for var in winners if (var, kernel) in win_score),
+                                key=lambda var: win_score[var, kernel])][kernel]
+            for kernel in current if any((var, kernel) in win_score for var in winners)})
+        picks = {"current": (current, 1.0)}
+        for name, combined in combos.items():
+            ms = step_ms(combined)
+            picks[name] = (combined, score(ms, base["step"]))
+            summary[name] = {"best": _tiles_json(combined), "best_ms": {n: round(t, 3) for n, t in ms.items()},
+                             "vs_current": round(picks[name][1], 3)}
+        summary["pick"] = min(picks, key=lambda name: picks[name][1])
+        best[layer] = picks[summary["pick"]][0]
+        print(json.dumps(summary))
+    picked = json.dumps({layer: _tiles_json(config) for layer, config in best.items()})
+    print("best per layer (block_m, block_n, num_warps, num_stages, heads); try it against flex with:")
+    print(f"  python benchmarks/bench_attention.py --config '{picked}'")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: T=4096, packed documents only")
     ap.add_argument("--sweep", action="store_true", help="time tile configs per kernel instead of the rival")
+    ap.add_argument("--layer", choices=("full", "window", "both"), default="both", help="layer kinds to run")
+    ap.add_argument("--docs", choices=("packed", "one", "both"), default="both",
+                    help="--sweep: document layouts that score a config")
+    ap.add_argument("--heads", type=int, help="GQA-pack this many query heads per tile (GPU_CONFIG's tiles)")
+    ap.add_argument("--config", help="JSON {layer: {kernel: [block_m, block_n, warps, stages, heads]}} overriding "
+                                     "GPU_CONFIG (the line --sweep prints)")
     ap.add_argument("--T", type=int, default=16384)
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_attention needs a CUDA GPU")
     sys.stdout.reconfigure(line_buffering=True)  # rows show up as they are recorded, even under a pipe + timeout
+    if args.config:
+        for layer, tiles in json.loads(args.config).items():
+            attention.GPU_CONFIG[layer] = {kernel: tuple(tile) for kernel, tile in tiles.items()}
+    if args.heads:
+        for layer, tiles in attention.GPU_CONFIG.items():
+            attention.GPU_CONFIG[layer] = {kernel: (*tile[:4], args.heads) for kernel, tile in tiles.items()}
+    layers = ("full", "window") if args.layer == "both" else (args.layer,)
     if args.sweep:
-        return sweep(4096 if args.quick else args.T, 5 if args.quick else 10)
+        return sweep(4096 if args.quick else args.T, 5 if args.quick else 10, layers, args.docs, args.quick)
     t0 = time.perf_counter()
     T = 4096 if args.quick else args.T
     iters = 5 if args.quick else 10
     # grouped by mask kind, so each kind's flex compile is paid once; each row is appended as soon as it is measured
-    for layer in ("full", "window"):
+    for layer in layers:
         flex_mask = FlexMask(T, WINDOW if layer == "window" else None, "cuda")
         for packed in (True,) if args.quick else (True, False):
             record("attention", bench_case(T, layer, packed, iters, flex_mask, t0))

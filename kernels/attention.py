@@ -15,12 +15,19 @@ Softmax is online (FlashAttention-2) in base 2: scores are pre-multiplied by sca
 denominator by starting each row with max = sink * log2(e) and sum = 1, i.e. exp2(sink2 - m) carried like any key
 with no value. Forward stores LSE2 = m + log2(l) (fp32, [Hq, T], log2 units, sink included) for the backward.
 
+GQA head packing (the ``heads`` field of a tile config): the rows of a query tile are (token, head) pairs,
+r = token * PACK + head, for PACK query heads that share one kv head, so a BLOCK_M-row tile covers BLOCK_M / PACK
+tokens. Each K/V block is then loaded once for PACK heads, and the masked-out work at diagonals, window edges and
+document edges shrinks to BLOCK_M / PACK tokens. With q contiguous the PACK heads of a token are one PACK * D run,
+so the tile load stays coalesced. PACK = 1 is the per-head tiling. Masks, lo_i and the block walk work per token,
+sinks and the [Hq, T] LSE / delta rows per head.
+
 Memory (T tokens, Hq heads): forward saves O plus LSE (4 * Hq * T bytes); backward adds delta (4 * Hq * T bytes)
 and dq/dk/dv. Nothing is O(T^2).
 
-Backward, FlashAttention-2 style: (1) delta = rowsum(dO * O); (2) dK/dV over key blocks, each program looping over
-the Hq / Hkv query heads of its kv head so GQA needs no atomics; (3) dQ over query blocks. dsinks, when asked for,
-is -sum_i P_sink(i, h) * delta(i, h), a cheap torch reduction over [Hq, T].
+Backward, FlashAttention-2 style: (1) delta = rowsum(dO * O); (2) dK/dV over key blocks, each program walking the
+query tiles of the Hq / Hkv heads of its kv head (PACK at a time) so GQA needs no atomics; (3) dQ over query tiles.
+dsinks, when asked for, is -sum_i P_sink(i, h) * delta(i, h), a cheap torch reduction over [Hq, T].
 """
 
 from __future__ import annotations
@@ -75,11 +82,24 @@ def varlen_attention_reference(q, k, v, cu_seqlens, sinks=None, window=None, sof
 if triton is not None:
 
     @triton.jit
-    def _key_walk(DOC_START, offs_m, row_ok, m0, T, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Per-row lower bound lo_i, the key range [k_start, k_end) of query block m0, and the unmasked run."""
-        last = tl.minimum(m0 + BLOCK_M, T) - 1
+    def _tile_rows(BLOCK_M: tl.constexpr, PACK: tl.constexpr):
+        """Rows of a query tile are (token, head) pairs, r = token * PACK + head: BLOCK_M // PACK tokens of PACK
+        heads. Returns each row's token offset, head offset, and whether the row is used (PACK need not divide
+        BLOCK_M: a group of 3 heads in 16 rows leaves the last row idle)."""
+        r = tl.arange(0, BLOCK_M)
+        if PACK == 1:  # one head per tile: the index math of per-head tiles, nothing to divide
+            tok, hoff = r, r * 0
+        else:
+            tok, hoff = r // PACK, r % PACK
+        return tok, hoff, r < (BLOCK_M // PACK) * PACK
+
+    @triton.jit
+    def _key_walk(DOC_START, offs_m, row_ok, m0, T, window, TOK: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Per-row lower bound lo_i, the key range [k_start, k_end) of the query tile holding tokens m0 .. m0+TOK-1
+        (offs_m: each row's token), and the tile's unmasked run."""
+        last = tl.minimum(m0 + TOK, T) - 1
         lo = tl.maximum(tl.load(DOC_START + offs_m, mask=row_ok, other=0), offs_m - window + 1)
-        k_start = tl.maximum(tl.load(DOC_START + m0), m0 - window + 1)  # lo grows with the row
+        k_start = tl.maximum(tl.load(DOC_START + m0), m0 - window + 1)  # lo grows with the token
         lo_last = tl.maximum(tl.load(DOC_START + last), last - window + 1)
         # key blocks on the grid k_start + t * BLOCK_N skip the mask in [n_full_lo, n_full_hi): every row sees them
         n_full_lo = k_start + tl.cdiv(lo_last - k_start, BLOCK_N) * BLOCK_N
@@ -121,24 +141,27 @@ if triton is not None:
     @triton.jit
     def _attn_fwd(Q, K, V, O, LSE, SINKS, DOC_START, T, window, qk_scale,
                   stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-                  GROUPS: tl.constexpr, HAS_SINKS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
-        # heads vary fastest so the Hq/Hkv programs sharing one kv head run together (K/V stay in L2); the
-        # query blocks run last-first because late blocks see the most keys.
-        h = tl.program_id(0)
-        m0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
-        kvh = h // GROUPS
-        offs_m = m0 + tl.arange(0, BLOCK_M)
+                  GROUPS: tl.constexpr, PACK: tl.constexpr, HAS_SINKS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+        # a program owns PACK heads (of one kv head) x TOK tokens. Heads vary fastest, so with PACK < Hq/Hkv the
+        # programs sharing a kv head run together (K/V stay in L2); tiles run last-first (late tokens see most keys).
+        TOK: tl.constexpr = BLOCK_M // PACK
+        h0 = tl.program_id(0) * PACK
+        m0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * TOK
+        kvh = h0 // GROUPS
+        tok, hoff, used = _tile_rows(BLOCK_M, PACK)
+        offs_m = m0 + tok
         offs_d = tl.arange(0, BLOCK_D)
         offs_nb = tl.arange(0, BLOCK_N)
-        row_ok = offs_m < T
-        lo, k_start, k_end, n_full_lo, n_full_hi = _key_walk(DOC_START, offs_m, row_ok, m0, T, window, BLOCK_M, BLOCK_N)
+        row_ok = used & (offs_m < T)
+        lo, k_start, k_end, n_full_lo, n_full_hi = _key_walk(DOC_START, offs_m, row_ok, m0, T, window, TOK, BLOCK_N)
 
-        q_ptrs = Q + m0.to(tl.int64) * stride_qt + h * stride_qh \
-            + tl.arange(0, BLOCK_M)[:, None] * stride_qt + offs_d[None, :]
-        q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        io_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+        # with q contiguous, the PACK heads of one token are one PACK * D run: the packed load stays coalesced
+        q_rows = (tok * stride_qt + hoff * stride_qh)[:, None] + offs_d[None, :]
+        q = tl.load(Q + m0.to(tl.int64) * stride_qt + h0 * stride_qh + q_rows, mask=io_mask, other=0.0)
         if HAS_SINKS:
-            m_i = tl.zeros([BLOCK_M], tl.float32) + tl.load(SINKS + h).to(tl.float32) * 1.4426950408889634
+            m_i = tl.load(SINKS + h0 + hoff).to(tl.float32) * 1.4426950408889634
             l_i = tl.zeros([BLOCK_M], tl.float32) + 1.0
         else:
             # finite, so a row whose first visited block is fully masked keeps alpha = exp2(0) instead of NaN
@@ -150,10 +173,10 @@ if triton is not None:
                                   BLOCK_N, HEAD_DIM, DOT_PREC)
         l_safe = tl.where(row_ok, l_i, 1.0)
         out = acc / l_safe[:, None]
-        o_ptrs = O + m0.to(tl.int64) * stride_ot + h * stride_oh \
-            + tl.arange(0, BLOCK_M)[:, None] * stride_ot + offs_d[None, :]
-        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
-        tl.store(LSE + h.to(tl.int64) * T + offs_m, m_i + tl.math.log2(l_safe), mask=row_ok)
+        o_rows = (tok * stride_ot + hoff * stride_oh)[:, None] + offs_d[None, :]
+        tl.store(O + m0.to(tl.int64) * stride_ot + h0 * stride_oh + o_rows, out.to(O.dtype.element_ty), mask=io_mask)
+        # LSE is [Hq, T]; hoff * T stays in int32 for T < 2^31 / PACK
+        tl.store(LSE + h0.to(tl.int64) * T + hoff * T + offs_m, m_i + tl.math.log2(l_safe), mask=row_ok)
 
     @triton.jit
     def _bwd_delta(O, DO, DELTA, T, stride_ot, stride_oh, stride_dot, stride_doh,
@@ -193,51 +216,55 @@ if triton is not None:
     def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, DOC_START, T, window, qk_scale, sm_scale,
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_dot, stride_doh, stride_dqt, stride_dqh,
-                     GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                     GROUPS: tl.constexpr, PACK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
-        # same block walk as the forward
-        h = tl.program_id(0)
-        m0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
-        kvh = h // GROUPS
-        offs_m = m0 + tl.arange(0, BLOCK_M)
+        # same tiles and block walk as the forward
+        TOK: tl.constexpr = BLOCK_M // PACK
+        h0 = tl.program_id(0) * PACK
+        m0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * TOK
+        kvh = h0 // GROUPS
+        tok, hoff, used = _tile_rows(BLOCK_M, PACK)
+        offs_m = m0 + tok
         offs_d = tl.arange(0, BLOCK_D)
         offs_nb = tl.arange(0, BLOCK_N)
-        row_ok = offs_m < T
-        lo, k_start, k_end, n_full_lo, n_full_hi = _key_walk(DOC_START, offs_m, row_ok, m0, T, window, BLOCK_M, BLOCK_N)
+        row_ok = used & (offs_m < T)
+        lo, k_start, k_end, n_full_lo, n_full_hi = _key_walk(DOC_START, offs_m, row_ok, m0, T, window, TOK, BLOCK_N)
 
-        rows = tl.arange(0, BLOCK_M)[:, None]
         io_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-        q = tl.load(Q + m0.to(tl.int64) * stride_qt + h * stride_qh + rows * stride_qt + offs_d[None, :],
-                    mask=io_mask, other=0.0)
-        do = tl.load(DO + m0.to(tl.int64) * stride_dot + h * stride_doh + rows * stride_dot + offs_d[None, :],
-                     mask=io_mask, other=0.0)
-        lse = tl.load(LSE + h.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
-        delta = tl.load(DELTA + h.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
+        q_rows = (tok * stride_qt + hoff * stride_qh)[:, None] + offs_d[None, :]
+        do_rows = (tok * stride_dot + hoff * stride_doh)[:, None] + offs_d[None, :]
+        q = tl.load(Q + m0.to(tl.int64) * stride_qt + h0 * stride_qh + q_rows, mask=io_mask, other=0.0)
+        do = tl.load(DO + m0.to(tl.int64) * stride_dot + h0 * stride_doh + do_rows, mask=io_mask, other=0.0)
+        stat_rows = h0.to(tl.int64) * T + hoff * T + offs_m
+        lse = tl.load(LSE + stat_rows, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + stat_rows, mask=row_ok, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         dq = _dq_loop(dq, q, do, lse, delta, K + kvh * stride_kh, V + kvh * stride_vh, stride_kt, stride_vt, offs_m,
                       lo, offs_nb, offs_d, k_start, k_end, n_full_lo, n_full_hi, T, qk_scale,
                       BLOCK_N, HEAD_DIM, DOT_PREC)
-        tl.store(DQ + m0.to(tl.int64) * stride_dqt + h * stride_dqh + rows * stride_dqt + offs_d[None, :],
+        dq_rows = (tok * stride_dqt + hoff * stride_dqh)[:, None] + offs_d[None, :]
+        tl.store(DQ + m0.to(tl.int64) * stride_dqt + h0 * stride_dqh + dq_rows,
                  (dq * sm_scale).to(DQ.dtype.element_ty), mask=io_mask)
 
     @triton.jit
     def _dkdv_loop(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, doc_start_ptr, stride_qt, stride_dot,
-                   offs_n, offs_mb, offs_d, m_begin, m_end, m_full_lo, m_full_hi, T, window, qk_scale,
-                   BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr):
-        # transposed tiles ([keys, queries]) so dk/dv accumulate without transposing them
+                   q_rows, do_rows, stat_rows, tok, used, offs_n, offs_d, m_begin, m_end, m_full_lo, m_full_hi,
+                   T, window, qk_scale, TOK: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr):
+        # transposed tiles ([keys, query rows]) so dk/dv accumulate without transposing them; a query tile is TOK
+        # tokens x PACK heads, its rows addressed by q_rows / do_rows / stat_rows from the tile's first token
         qb = q_ptr + m_begin.to(tl.int64) * stride_qt
         dob = do_ptr + m_begin.to(tl.int64) * stride_dot
-        for m in range(m_begin, m_end, BLOCK_M):
-            offs_m = m + offs_mb
-            row_ok = offs_m < T
+        for m in range(m_begin, m_end, TOK):
+            offs_m = m + tok
+            row_ok = used & (offs_m < T)
             io_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-            q = tl.load(qb + offs_mb[:, None] * stride_qt + offs_d[None, :], mask=io_mask, other=0.0)
-            do = tl.load(dob + offs_mb[:, None] * stride_dot + offs_d[None, :], mask=io_mask, other=0.0)
-            qb += BLOCK_M * stride_qt
-            dob += BLOCK_M * stride_dot
-            # rows past T get lse = +inf, so their probabilities vanish without a mask
-            lse = tl.load(lse_ptr + offs_m, mask=row_ok, other=float("inf"))
-            delta = tl.load(delta_ptr + offs_m, mask=row_ok, other=0.0)
+            q = tl.load(qb + q_rows, mask=io_mask, other=0.0)
+            do = tl.load(dob + do_rows, mask=io_mask, other=0.0)
+            qb += TOK * stride_qt
+            dob += TOK * stride_dot
+            # rows past T (or idle) get lse = +inf, so their probabilities vanish without a mask
+            lse = tl.load(lse_ptr + stat_rows + offs_m, mask=row_ok, other=float("inf"))
+            delta = tl.load(delta_ptr + stat_rows + offs_m, mask=row_ok, other=0.0)
             sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
             pT = tl.math.exp2(sT - lse[None, :])
             if (m < m_full_lo) | (m >= m_full_hi):
@@ -254,13 +281,15 @@ if triton is not None:
     def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, DOC_START, DOC_END, T, window, qk_scale, sm_scale,
                        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                        stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-                       GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                       GROUPS: tl.constexpr, PACK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+        # a program owns one key block of one kv head and walks the query tiles of its GROUPS heads, PACK heads per
+        # tile (GROUPS / PACK passes), so GQA needs no atomics
+        TOK: tl.constexpr = BLOCK_M // PACK
         kvh = tl.program_id(0)
         n0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
-        offs_mb = tl.arange(0, BLOCK_M)
         key_ok = offs_n < T
         kv_mask = key_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
         cols = tl.arange(0, BLOCK_N)[:, None]
@@ -271,39 +300,55 @@ if triton is not None:
         # queries that see key j: j <= i < min(doc_end(j), j + W); both bounds grow with j
         j_last = tl.minimum(n0 + BLOCK_N, T) - 1
         q_hi = tl.minimum(tl.load(DOC_END + j_last), j_last + window)
-        q_full_hi = tl.minimum(tl.load(DOC_END + n0), n0 + window)  # rows below it see every key >= n0
-        # query blocks on the grid n0 + t * BLOCK_M skip the mask once past the diagonal and before q_full_hi
-        m_full_lo = n0 + tl.cdiv(BLOCK_N - 1, BLOCK_M) * BLOCK_M
-        m_full_hi = n0 + (q_full_hi - n0) // BLOCK_M * BLOCK_M
+        q_full_hi = tl.minimum(tl.load(DOC_END + n0), n0 + window)  # tokens below it see every key >= n0
+        # query tiles on the grid n0 + t * TOK skip the mask once past the diagonal and before q_full_hi
+        m_full_lo = n0 + tl.cdiv(BLOCK_N - 1, TOK) * TOK
+        m_full_hi = n0 + (q_full_hi - n0) // TOK * TOK
+        tok, hoff, used = _tile_rows(BLOCK_M, PACK)
+        q_rows = (tok * stride_qt + hoff * stride_qh)[:, None] + offs_d[None, :]
+        do_rows = (tok * stride_dot + hoff * stride_doh)[:, None] + offs_d[None, :]
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        for g in range(GROUPS):
-            h = kvh * GROUPS + g
-            dk, dv = _dkdv_loop(dk, dv, k, v, Q + h * stride_qh, DO + h * stride_doh, LSE + h.to(tl.int64) * T,
-                                DELTA + h.to(tl.int64) * T, DOC_START, stride_qt, stride_dot, offs_n, offs_mb, offs_d,
-                                n0, q_hi, m_full_lo, m_full_hi, T, window, qk_scale, BLOCK_M, HEAD_DIM, DOT_PREC)
+        for g0 in range(0, GROUPS, PACK):
+            h0 = kvh * GROUPS + g0
+            dk, dv = _dkdv_loop(dk, dv, k, v, Q + h0 * stride_qh, DO + h0 * stride_doh, LSE + h0.to(tl.int64) * T,
+                                DELTA + h0.to(tl.int64) * T, DOC_START, stride_qt, stride_dot, q_rows, do_rows,
+                                hoff * T, tok, used, offs_n, offs_d, n0, q_hi, m_full_lo, m_full_hi, T, window,
+                                qk_scale, TOK, HEAD_DIM, DOT_PREC)
         tl.store(DK + n0.to(tl.int64) * stride_dkt + kvh * stride_dkh + cols * stride_dkt + offs_d[None, :],
                  (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
         tl.store(DV + n0.to(tl.int64) * stride_dvt + kvh * stride_dvh + cols * stride_dvt + offs_d[None, :],
                  dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-# Tile configs (block_m, block_n, num_warps, num_stages) for the three kernels on a GPU, per layer kind: a full layer
-# is compute-bound (big tiles), a window layer visits only ~W / block keys per row, so its tiles trade MMA size for
-# less masked-out work and more programs in flight. Each compiles for sm_90 at D=64 without register spills
-# (ptxas -v); `benchmarks/bench_attention.py --sweep` times the alternatives. Small tiles in the interpreter keep CPU
-# tests fast and still cross many block edges.
+# Tile configs per layer kind and kernel on a GPU: (block_m, block_n, num_warps, num_stages[, heads]). block_m counts
+# query-tile rows; heads (default 1) packs that many query heads of one kv head into a tile's rows, r = token * heads
+# + head, so a tile covers block_m // heads tokens: every K/V block is loaded once for all of them (heads x less K/V
+# traffic) and the masked-out waste at diagonals, window and document edges shrinks to block_m // heads tokens.
+# heads is capped at the largest divisor of Hq / Hkv not above it or block_m (a group of 3 packs 3 heads into 16 rows
+# and leaves a row idle; Hq == Hkv runs per-head tiles). A full layer is compute-bound (big tiles), a window layer
+# visits only ~W / block keys per row, so its tiles trade MMA size for less masked-out work and more programs in
+# flight. Each compiles for sm_90 at D=64 without register spills (ptxas -v); `benchmarks/bench_attention.py --sweep`
+# times the alternatives, packed and not. Small tiles in the interpreter keep CPU tests fast and cross many edges.
 GPU_CONFIG = {
-    "full": {"fwd": (64, 64, 4, 3), "dq": (64, 32, 4, 3), "dkdv": (64, 64, 4, 3)},
-    "window": {"fwd": (64, 32, 4, 3), "dq": (64, 32, 4, 3), "dkdv": (16, 64, 4, 3)},
+    "full": {"fwd": (64, 64, 4, 3, 1), "dq": (64, 32, 4, 3, 1), "dkdv": (64, 64, 4, 3, 1)},
+    "window": {"fwd": (64, 32, 4, 3, 1), "dq": (64, 32, 4, 3, 1), "dkdv": (16, 64, 4, 3, 1)},
 }
-INTERPRET_CONFIG = {"fwd": (16, 16, 1, 1), "dq": (16, 16, 1, 1), "dkdv": (16, 16, 1, 1)}
+INTERPRET_CONFIG = {"fwd": (16, 16, 1, 1, 1), "dq": (16, 16, 1, 1, 1), "dkdv": (16, 16, 1, 1, 1)}
 
 
 def _config(device: torch.device, window) -> dict:
     if device.type != "cuda":
         return INTERPRET_CONFIG
     return GPU_CONFIG["full" if window is None else "window"]
+
+
+def _tiles(tile, groups: int):
+    """(block_m, block_n, num_warps, num_stages, pack) for a launch: pack = heads actually packed per tile."""
+    bm, bn, warps, stages = tile[:4]
+    want = max(1, min(tile[4] if len(tile) > 4 else 1, groups, bm))
+    pack = max(p for p in range(1, want + 1) if groups % p == 0)
+    return bm, bn, warps, stages, pack
 
 
 def _doc_tables(cu_seqlens: torch.Tensor, T: int):
@@ -330,14 +375,14 @@ class _VarlenAttention(torch.autograd.Function):
         block_d = max(16, triton.next_power_of_2(D))
         o = torch.empty_like(q)
         lse = torch.empty((Hq, T), device=q.device, dtype=torch.float32)
-        bm, bn, warps, stages = config["fwd"]
+        bm, bn, warps, stages, pack = _tiles(config["fwd"], Hq // Hkv)
         qk_scale = softmax_scale * LOG2E
         if T > 0:
-            _attn_fwd[(Hq, triton.cdiv(T, bm))](
+            _attn_fwd[(Hq // pack, triton.cdiv(T, bm // pack))](
                 q, k, v, o, lse, sinks if sinks is not None else lse, doc_start, T, win, qk_scale,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
-                GROUPS=Hq // Hkv, HAS_SINKS=sinks is not None, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn,
-                DOT_PREC=_dot_precision(q.dtype), num_warps=warps, num_stages=stages)
+                GROUPS=Hq // Hkv, PACK=pack, HAS_SINKS=sinks is not None, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=bm,
+                BLOCK_N=bn, DOT_PREC=_dot_precision(q.dtype), num_warps=warps, num_stages=stages)
         ctx.save_for_backward(q, k, v, o, lse, doc_start, doc_end, sinks)
         ctx.meta = (win, softmax_scale, config, sinks is not None)
         return o
@@ -358,19 +403,19 @@ class _VarlenAttention(torch.autograd.Function):
             _bwd_delta[(Hq, triton.cdiv(T, 64))](
                 o, do, delta, T, o.stride(0), o.stride(1), do.stride(0), do.stride(1),
                 HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=64)
-            bm, bn, warps, stages = config["dkdv"]
+            bm, bn, warps, stages, pack = _tiles(config["dkdv"], Hq // Hkv)
             _attn_bwd_dkdv[(Hkv, triton.cdiv(T, bn))](
                 q, k, v, do, dk, dv, lse, delta, doc_start, doc_end, T, win, qk_scale, softmax_scale,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-                GROUPS=Hq // Hkv, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, DOT_PREC=prec,
+                GROUPS=Hq // Hkv, PACK=pack, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, DOT_PREC=prec,
                 num_warps=warps, num_stages=stages)
-            bm, bn, warps, stages = config["dq"]
-            _attn_bwd_dq[(Hq, triton.cdiv(T, bm))](
+            bm, bn, warps, stages, pack = _tiles(config["dq"], Hq // Hkv)
+            _attn_bwd_dq[(Hq // pack, triton.cdiv(T, bm // pack))](
                 q, k, v, do, dq, lse, delta, doc_start, T, win, qk_scale, softmax_scale,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
-                GROUPS=Hq // Hkv, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, DOT_PREC=prec,
+                GROUPS=Hq // Hkv, PACK=pack, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, DOT_PREC=prec,
                 num_warps=warps, num_stages=stages)
         dsinks = None
         if has_sinks and ctx.needs_input_grad[4]:
