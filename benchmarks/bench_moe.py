@@ -165,6 +165,8 @@ def main():
             })
             step = None
             torch.cuda.empty_cache()
+    for key, config in moe_module._grouped_gemm_kernel.cache.items():
+        log(f"autotuned {key[:5]}: {config}")
     log("done")
 
 

@@ -331,8 +331,8 @@ if triton is not None:
 # flight. Each compiles for sm_90 at D=64 without register spills (ptxas -v); `benchmarks/bench_attention.py --sweep`
 # times the alternatives, packed and not. Small tiles in the interpreter keep CPU tests fast and cross many edges.
 GPU_CONFIG = {
-    "full": {"fwd": (64, 64, 4, 3, 1), "dq": (64, 32, 4, 3, 1), "dkdv": (64, 64, 4, 3, 1)},
-    "window": {"fwd": (64, 32, 4, 3, 1), "dq": (64, 32, 4, 3, 1), "dkdv": (16, 64, 4, 3, 1)},
+    "full": {"fwd": (128, 64, 8, 3, 8), "dq": (64, 32, 4, 3, 1), "dkdv": (64, 64, 4, 3, 1)},
+    "window": {"fwd": (64, 32, 4, 3, 8), "dq": (64, 32, 4, 3, 8), "dkdv": (64, 64, 4, 3, 8)},
 }
 INTERPRET_CONFIG = {"fwd": (16, 16, 1, 1, 1), "dq": (16, 16, 1, 1, 1), "dkdv": (16, 16, 1, 1, 1)}
 

@@ -119,20 +119,24 @@ MIN_BN = 32
 # to shared memory and read back each K step (the activations, loaded as they are, take the shared-memory side).
 _GEMM_CONFIGS = [triton.Config(dict(BN=32, BK=32, SWAP_AB=False), num_warps=4, num_stages=1)] if _INTERPRET else [
     triton.Config(dict(BN=bn, BK=bk, SWAP_AB=swap), num_warps=w, num_stages=st)
-    for bn, bk, w, st, swap in ((128, 64, 8, 3, False), (128, 128, 8, 3, False), (256, 64, 8, 3, False),
-                                (128, 64, 8, 4, False), (64, 64, 4, 4, False),
-                                (128, 64, 8, 3, True), (128, 64, 4, 4, True), (256, 64, 8, 3, True))
-]
+    for bn, bk, w, st, swap in ((128, 64, 8, 3, False), (128, 128, 8, 3, False), (128, 64, 8, 4, False),
+                                (64, 64, 4, 4, False), (128, 64, 8, 3, True),
+                                (64, 64, 8, 3, False), (32, 64, 8, 3, False), (32, 128, 8, 3, False))
+]  # BN=256 and 4-warp BN=128 tiles were dropped: with the LoRA epilogue their sm_90 builds spill registers
 # FASTFT_MOE_SWAP=0 or 1 keeps only that orientation (A/B runs); unset, the autotuner picks per GEMM.
 _SWAP_ONLY = os.environ.get("FASTFT_MOE_SWAP")
 _FORCE_META = None  # tests: launch the kernel with these meta-parameters instead of autotuning
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    # the SwiGLU-backward epilogue holds a [BM, 2*BN] fp32 tile of h beside the accumulator: cap BN there
-    # and a BM=256 tile's accumulator alone is 128 registers per thread at BN=128 over 8 warps
-    epi2_cap = 128 if BM < 256 else 64
-    keep = [c for c in configs if not (kwargs.get("EPI") == 2 and c.kwargs["BN"] > epi2_cap)
+    # The SwiGLU-backward epilogue (EPI 2) holds h, the accumulator and the activation's pieces, [BM, BN] fp32 each:
+    # compiled for sm_90 at BM=128, BN=128 spills ~3 KB per thread, BN=64 over 8 warps a few hundred bytes (over 4
+    # warps ~3 KB); BN=32 over 8 warps (16 values per thread per tile) is the one shape that fits. So EPI 2 tries the
+    # 8-warp tiles of BN <= 64, and only EPI 2 tries BN=32 (elsewhere it would only halve the MMA width).
+    # A BM=256 tile's accumulator alone is 128 registers per thread at BN=128 over 8 warps.
+    epi2 = kwargs.get("EPI") == 2
+    keep = [c for c in configs
+            if ((c.kwargs["BN"] <= 64 and c.num_warps == 8) if epi2 else c.kwargs["BN"] > 32)
             and not (BM >= 256 and c.kwargs["BN"] * BM > 128 * 256)
             and (_SWAP_ONLY is None or c.kwargs["SWAP_AB"] == (_SWAP_ONLY == "1"))]
     return keep or configs[:1]
@@ -266,8 +270,9 @@ def _grouped_gemm_kernel(
         lb = tl.load(LB + e.to(tl.int64) * s_lbe + rr[:, None] * s_lbr + rn[None, :] * s_lbn,
                      mask=(rr[:, None] < R) & nmask[None, :], other=0.0)
         # tf32x3 (~fp32): with plain tf32 the LoRA term's ~1e-3 error moves h across a bf16 rounding boundary
-        # next to the +-7 clamps often enough to flip ~1e-4 of the clamp masks, i.e. ~1% of dX
-        acc += tl.dot(la.to(tl.float32), lb.to(tl.float32), input_precision="tf32x3") * lora_scale
+        # next to the +-7 clamps often enough to flip ~1e-4 of the clamp masks, i.e. ~1% of dX. Accumulating into
+        # acc (scale folded into the [BM, r] factor) avoids a second [BM, BN] fp32 tile in registers.
+        acc = tl.dot(la.to(tl.float32) * lora_scale, lb.to(tl.float32), acc, input_precision="tf32x3")
     if HAS_BIAS:
         acc += tl.load(bias + e * s_be + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
 
@@ -281,23 +286,26 @@ def _grouped_gemm_kernel(
         tl.store(C + crow[:, None] * s_cm + rn[None, :], acc.to(C.dtype.element_ty),
                  mask=mmask[:, None] & nmask[None, :])
     elif EPI == 1:
-        rm64 = rm.to(tl.int64)
+        # tile-local int32 offsets from an int64 tile base: the epilogue's [BM, BN] address tensors take half the
+        # registers of int64 pointers (the SwiGLU epilogues run close to the register limit)
+        lr = tl.arange(0, BM)[:, None]
         h = acc.to(AUX.dtype.element_ty)
-        tl.store(AUX + rm64[:, None] * s_xm + rn[None, :], h, mask=mmask[:, None] & nmask[None, :])
+        tl.store(AUX + row0.to(tl.int64) * s_xm + n0 + (lr * s_xm + tl.arange(0, BN)[None, :]), h,
+                 mask=mmask[:, None] & nmask[None, :])
         # the activation reads h as saved (rounded to x's dtype, as HF's bf16 gate_up output is): backward's clamp
         # masks, computed from the saved h, then belong to the same function the forward evaluated
         gate, up = tl.split(tl.reshape(h.to(tl.float32), (BM, BN // 2, 2)))
         gate = tl.minimum(gate, limit)
         up = tl.minimum(tl.maximum(up, -limit), limit)
         act = (up + 1.0) * (gate * tl.sigmoid(gate * alpha))
-        rh = n0 // 2 + tl.arange(0, BN // 2)
-        tl.store(C + rm64[:, None] * s_cm + rh[None, :], act.to(C.dtype.element_ty),
-                 mask=mmask[:, None] & (rh[None, :] < N // 2))
+        lh = tl.arange(0, BN // 2)[None, :]
+        tl.store(C + row0.to(tl.int64) * s_cm + n0 // 2 + (lr * s_cm + lh), act.to(C.dtype.element_ty),
+                 mask=mmask[:, None] & (n0 // 2 + lh < N // 2))
     else:
-        rm64 = rm.to(tl.int64)
-        r2 = 2 * n0 + tl.arange(0, 2 * BN)
-        m2 = mmask[:, None] & (r2[None, :] < 2 * N)
-        h = tl.load(AUX + rm64[:, None] * s_xm + r2[None, :], mask=m2, other=0.0).to(tl.float32)
+        lr = tl.arange(0, BM)[:, None]  # tile-local int32 offsets, as in EPI 1
+        l2 = tl.arange(0, 2 * BN)[None, :]
+        m2 = mmask[:, None] & (2 * n0 + l2 < 2 * N)
+        h = tl.load(AUX + row0.to(tl.int64) * s_xm + 2 * n0 + (lr * s_xm + l2), mask=m2, other=0.0).to(tl.float32)
         gate, up = tl.split(tl.reshape(h, (BM, BN, 2)))
         gate_c = tl.minimum(gate, limit)
         up_c = tl.minimum(tl.maximum(up, -limit), limit)
@@ -305,16 +313,16 @@ def _grouped_gemm_kernel(
         glu = gate_c * sig
         act = (up_c + 1.0) * glu
         dw = tl.sum(acc * act, axis=1)
-        tl.store(DW + rm64 * s_dwm + pid_n, dw, mask=mmask)
+        tl.store(DW + rm.to(tl.int64) * s_dwm + pid_n, dw, mask=mmask)
         if STORE_ACT:
-            tl.store(ACT + rm64[:, None] * s_actm + rn[None, :], act.to(ACT.dtype.element_ty),
-                     mask=mmask[:, None] & nmask[None, :])
+            tl.store(ACT + row0.to(tl.int64) * s_actm + n0 + (lr * s_actm + tl.arange(0, BN)[None, :]),
+                     act.to(ACT.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
         dact = acc * tl.load(rowscale + rm, mask=mmask, other=0.0)[:, None]
         # torch.clamp passes the gradient where min <= x <= max (bounds included)
         d_up = tl.where((up >= -limit) & (up <= limit), dact * glu, 0.0)
         d_gate = tl.where(gate <= limit, dact * (up_c + 1.0) * (sig + glu * alpha * (1.0 - sig)), 0.0)
         dh = tl.reshape(tl.join(d_gate, d_up), (BM, 2 * BN))
-        tl.store(C + rm64[:, None] * s_cm + r2[None, :], dh.to(C.dtype.element_ty), mask=m2)
+        tl.store(C + row0.to(tl.int64) * s_cm + 2 * n0 + (lr * s_cm + l2), dh.to(C.dtype.element_ty), mask=m2)
 
 
 @triton.jit
