@@ -130,8 +130,10 @@ def test_goals_met_unmet_missing_and_newest_row(tmp_path):
         _row("context", "2026-01-02", {"cap_gib": 24.0, "max_tokens": 65536}),  # the newest counts, even if worse
         _row("cross_entropy", "2026-01-02", {"T": 65536, "speedup_vs_torch": None, "speedup_vs_liger": 1.2,
                                              "note": "torch: OOM"}),
-        _row("moe", "2026-01-02", {"T": 16384, "lora": True, "speedup_vs_peft": 3.5}),
-        _row("moe", "2026-01-03", {"T": 16384, "lora": True, "speedup_vs_peft": 0.1, "quick": True}),  # smoke run
+        _row("moe", "2026-01-02", {"T": 16384, "lora": True, "experts": "mxfp4", "speedup_vs_peft": 3.5}),
+        _row("moe", "2026-01-03", {"T": 16384, "lora": True, "experts": "mxfp4", "speedup_vs_peft": 0.1,
+                                   "quick": True}),  # smoke run
+        _row("moe", "2026-01-04", {"T": 16384, "lora": True, "experts": "bf16", "speedup_vs_peft": 0.2}),  # not 4-bit
         _row("convergence", "2026-01-02", {"within_2pct": False, "max_rel_diff": 0.031}),
     ]
     results = tmp_path / "results.jsonl"
@@ -151,8 +153,8 @@ def test_goals_met_unmet_missing_and_newest_row(tmp_path):
     assert torch_65k[:2] == ["— (torch: OOM)", "not measured"] and torch_65k[2] == "2026-01-02"
     assert lines["cross_entropy (T=65536): `speedup_vs_liger` > 1"][:2] == ["1.2", "yes"]
     assert lines["cross_entropy (T=4096): `speedup_vs_torch` > 1"][1] == "not measured"
-    assert lines["moe (T=16384, lora=true): `speedup_vs_peft` ≥ 3"][:2] == ["3.5", "yes"]
-    assert lines["moe (T=16384, lora=false): `speedup_vs_grouped_mm` ≥ 1.5"][1] == "not measured"
+    assert lines["moe (T=16384, lora=true, experts=mxfp4): `speedup_vs_peft` ≥ 3"][:2] == ["3.5", "yes"]
+    assert lines["moe (T=16384, lora=false, experts=mxfp4): `speedup_vs_grouped_mm` ≥ 1.5"][1] == "not measured"
     assert lines["convergence: `within_2pct` = true"][:2] == ["false; max_rel_diff 0.031", "**no**"]
     assert lines["weights_memory: `resident_gib` ≤ 11"][1] == "not measured"
     met = [v[1] for v in lines.values()]
