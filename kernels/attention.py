@@ -94,6 +94,17 @@ if triton is not None:
         return tok, hoff, r < (BLOCK_M // PACK) * PACK
 
     @triton.jit
+    def _query_tile(T, GROUPS: tl.constexpr, PACK: tl.constexpr, BLOCK_M: tl.constexpr):
+        """The query tile of this program (forward and dq): its first head h0 (PACK heads of kv head kvh), first token
+        m0, and per row the token and head offsets, the token itself and whether the row is live. Heads vary fastest
+        (program axis 0); tiles run last-first (axis 1), since late tokens see the most keys."""
+        h0 = tl.program_id(0) * PACK
+        m0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * (BLOCK_M // PACK)
+        tok, hoff, used = _tile_rows(BLOCK_M, PACK)
+        offs_m = m0 + tok
+        return h0, m0, h0 // GROUPS, tok, hoff, offs_m, used & (offs_m < T)
+
+    @triton.jit
     def _key_walk(DOC_START, offs_m, row_ok, m0, T, window, TOK: tl.constexpr, BLOCK_N: tl.constexpr):
         """Per-row lower bound lo_i, the key range [k_start, k_end) of the query tile holding tokens m0 .. m0+TOK-1
         (offs_m: each row's token), and the tile's unmasked run."""
@@ -143,17 +154,12 @@ if triton is not None:
                   stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                   GROUPS: tl.constexpr, PACK: tl.constexpr, HAS_SINKS: tl.constexpr, HEAD_DIM: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
-        # a program owns PACK heads (of one kv head) x TOK tokens. Heads vary fastest, so with PACK < Hq/Hkv the
-        # programs sharing a kv head run together (K/V stay in L2); tiles run last-first (late tokens see most keys).
+        # a program owns PACK heads (of one kv head) x TOK tokens; with PACK < Hq/Hkv the programs sharing a kv head
+        # run together (heads vary fastest), so K/V stay in L2
         TOK: tl.constexpr = BLOCK_M // PACK
-        h0 = tl.program_id(0) * PACK
-        m0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * TOK
-        kvh = h0 // GROUPS
-        tok, hoff, used = _tile_rows(BLOCK_M, PACK)
-        offs_m = m0 + tok
+        h0, m0, kvh, tok, hoff, offs_m, row_ok = _query_tile(T, GROUPS, PACK, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         offs_nb = tl.arange(0, BLOCK_N)
-        row_ok = used & (offs_m < T)
         lo, k_start, k_end, n_full_lo, n_full_hi = _key_walk(DOC_START, offs_m, row_ok, m0, T, window, TOK, BLOCK_N)
 
         io_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
@@ -220,14 +226,9 @@ if triton is not None:
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
         # same tiles and block walk as the forward
         TOK: tl.constexpr = BLOCK_M // PACK
-        h0 = tl.program_id(0) * PACK
-        m0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * TOK
-        kvh = h0 // GROUPS
-        tok, hoff, used = _tile_rows(BLOCK_M, PACK)
-        offs_m = m0 + tok
+        h0, m0, kvh, tok, hoff, offs_m, row_ok = _query_tile(T, GROUPS, PACK, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         offs_nb = tl.arange(0, BLOCK_N)
-        row_ok = used & (offs_m < T)
         lo, k_start, k_end, n_full_lo, n_full_hi = _key_walk(DOC_START, offs_m, row_ok, m0, T, window, TOK, BLOCK_N)
 
         io_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
