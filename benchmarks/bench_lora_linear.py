@@ -69,7 +69,7 @@ def main():
     ap.add_argument("--shapes", default=None, help="comma list of q,k,v,o (default all; q,o with --quick)")
     ap.add_argument("--device", default="cuda", help="cpu only for a smoke test under TRITON_INTERPRET=1")
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--slab-mib", type=float, default=None, help="slab scratch bound (default: the module's 8 MiB)")
+    ap.add_argument("--slab-mib", type=float, default=None, help="slab scratch bound (default: the module's SLAB_BYTES, 24 MiB)")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -79,7 +79,7 @@ def main():
     # the k/v steps are host-bound (~0.3 ms of GPU work): their medians jitter ~25 % at 20 samples, so take 100
     iters, warm = (5, 2) if args.quick else (100, 10)
     if args.slab_mib is not None:
-        lora_mod.SLAB_BYTES = int(args.slab_mib * 2**20)  # an A/B knob for the bound; the module default stays 8 MiB
+        lora_mod.SLAB_BYTES = int(args.slab_mib * 2**20)  # an A/B knob for the bound; the module default stays 24 MiB
     try:
         import bitsandbytes as bnb
     except Exception as e:  # noqa: BLE001

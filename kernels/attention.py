@@ -36,6 +36,8 @@ import math
 
 import torch
 
+from fastft.tensor_memo import TensorMemo
+
 try:
     import triton
     import triton.language as tl
@@ -353,7 +355,15 @@ def _tiles(tile, groups: int):
 
 
 def _doc_tables(cu_seqlens: torch.Tensor, T: int):
-    """doc_start[t], doc_end[t] (int32 [T]) of the document holding token t, with device ops only."""
+    """doc_start[t], doc_end[t] (int32 [T]) of the document holding token t, with device ops only; built once per
+    cu_seqlens tensor (every layer of a step passes the same one, forward and recompute)."""
+    return _DOC_TABLES.get(cu_seqlens, (T, cu_seqlens.device), lambda: _build_doc_tables(cu_seqlens, T))
+
+
+_DOC_TABLES = TensorMemo()
+
+
+def _build_doc_tables(cu_seqlens: torch.Tensor, T: int):
     cu = cu_seqlens.to(torch.int32)
     tok = torch.arange(T, device=cu.device, dtype=torch.int32)
     # right=True skips empty documents (repeated boundaries): a token belongs to the last doc starting at or before it

@@ -10,7 +10,9 @@ The LoRA term is an extra K=r dot in the epilogue, so the [T, out] LoRA output n
 
 slabs (T >= 1024, compute-bound: in-loop dequantisation then costs ALU that cuBLAS does not pay): a small Triton
 kernel decodes ONE SLAB of W at a time (the same ``_w_tile`` decode as the fused GEMM, so bit-exact with it) into a
-reused scratch buffer of at most SLAB_BYTES = 8 MiB, and cuBLAS consumes the slab. W is never dense whole.
+reused scratch buffer of at most SLAB_BYTES = 24 MiB, and cuBLAS consumes the slab. At gpt-oss shapes every projection
+is one slab (q_proj's 23.6 MB of bf16 fit): one decode and one GEMM per direction, fewer launches for the host to
+issue; larger weights are cut into slabs.
   forward  y = b + s * XA . B^T (one addmm, K=r); then per slab of output features y[:, n0:n1] += X . W[n0:n1]^T
   backward dX = s * (dY B) . A (* mask / keep); then per block of input features dX[:, k0:k1] += dY . W[:, k0:k1]
 Each slab GEMM writes a column block of the row-major y / dX in place (a valid cuBLAS matrix with ld = out / in,
@@ -28,7 +30,7 @@ A packed tile is unpacked into its two nibble halves [rows, cols/2] and interlea
 
 Memory: forward saves x (and a bool dropout mask when dropout is on) plus XA [T, r]; no [T, out] LoRA temporaries;
 backward allocates dX and, with dropout, one transient dropout(x) [T, in] for dA. The slab path adds the scratch
-(<= 8 MiB) in each direction and nothing else.
+(<= 24 MiB) in each direction and nothing else.
 """
 
 from __future__ import annotations
@@ -367,10 +369,11 @@ def _gemm(a, fields, trans_w, bias=None, p=None, q=None, scaling=0.0, mask=None,
 # ---------------------------------------------------------------------------------------------------------------------
 # Slab path (large T): one slab of W at a time is decoded into a reused scratch buffer and consumed by cuBLAS.
 
-# Scratch bound, bytes. Memory math (bf16): q_proj's W is 4096 x 2880 x 2 B = 23.6 MB dense; 8 MiB holds 1408 of its
-# 2880-wide rows (8.1 MB, ~1/3), so q/o split into 3 slabs per direction (GEMMs of T x 832..1408 x 2880..4096, big
-# enough for cuBLAS to run at full rate once T >= SLAB_MIN_T) and k/v (2.9 MB) into one.
-SLAB_BYTES = 8 << 20
+# Scratch bound, bytes. Memory math (bf16): q_proj's W is 4096 x 2880 x 2 B = 23.6 MB (22.5 MiB) dense, so 24 MiB
+# holds every gpt-oss projection whole: one decode + one cuBLAS GEMM per direction. With 8 MiB (3 slabs for q/o)
+# the host issued 4 more launches per q/o call and direction, ~11% of the wall time of a host-bound W1-qv step
+# (H200, 4096-token rows: 466 -> 413 ms median); the extra 16 MiB of transient scratch did not move the peak.
+SLAB_BYTES = 24 << 20
 SLAB_MIN_T = 1024
 # Decode tiles. Slabs along ``in`` are cut at multiples of BLOCK_C, so every tile starts on a scale-group boundary
 # (the grouped read's precondition) and every slab on a 16-byte-aligned address.
@@ -474,6 +477,13 @@ def _dx_slabs(dy, fields, g, A, scaling, mask, inv_keep):
     return dx
 
 
+def _masked_mm(a, mask, b, alpha):
+    """alpha * (a * mask) @ b (mask None: no mask), the scale applied inside the GEMM."""
+    if mask is not None:
+        a = a * mask
+    return a.new_empty(a.shape[0], b.shape[1]).addmm_(a, b, beta=0, alpha=alpha)
+
+
 class LoRALinearFunction(torch.autograd.Function):
     """x2d [T, in]; weight frozen (tensor or 4-bit holder); mask: bool [T, in] dropout keep-mask or None."""
 
@@ -485,8 +495,8 @@ class LoRALinearFunction(torch.autograd.Function):
         if lora_A is not None:
             A = lora_A if lora_A.dtype == x2d.dtype else lora_A.to(x2d.dtype)
             B = lora_B if lora_B.dtype == x2d.dtype else lora_B.to(x2d.dtype)
-            xd = x2d if mask is None else x2d * mask * inv_keep
-            xa = xd @ A.t()  # [T, r]: tiny, so the epilogue can add s * xa B^T
+            # [T, r]: tiny, so the epilogue can add s * xa B^T; 1/keep rides on the GEMM's alpha (one pass over x)
+            xa = _masked_mm(x2d, mask, A.t(), inv_keep)
         ctx.slabs = lora_path(x2d.shape[0]) == "slabs"
         if ctx.slabs:
             y = _forward_slabs(x2d, fields, bias, xa, B, scaling)
@@ -514,8 +524,7 @@ class LoRALinearFunction(torch.autograd.Function):
             d_bias = dy.sum(0, dtype=torch.float32).to(dy.dtype)  # fp32 accumulation without an fp32 copy of dY
         # alpha = s inside the GEMM: one launch and one rounding instead of a matmul then a scaling pass
         if ctx.needs_input_grad[3]:
-            xd = x2d if mask is None else x2d * mask * ctx.inv_keep
-            dA = g.new_empty(g.shape[1], xd.shape[1]).addmm_(g.t(), xd, beta=0, alpha=s).to(ctx.lora_dtypes[0])
+            dA = _masked_mm(g.t(), None, x2d if mask is None else x2d * mask, s * ctx.inv_keep).to(ctx.lora_dtypes[0])
         if ctx.needs_input_grad[4]:
             dB = dy.new_empty(dy.shape[1], xa.shape[1]).addmm_(dy.t(), xa, beta=0, alpha=s).to(ctx.lora_dtypes[1])
         return dx, None, d_bias, dA, dB, None, None, None

@@ -89,11 +89,11 @@ def experts_reference(x, weights, index, gate_up, gate_up_bias, down, down_bias,
 # Triton path.
 #
 # Shapes: T tokens, k = top_k, S = T*k (token, slot) pairs, E experts, H hidden, I intermediate, N1 = 2I, r rank.
-# Pairs are sorted by expert on the device (torch.sort, searchsorted for the offsets); every grouped kernel walks
-# a tile table of static length ceil(S/BM) + E (expert, first row) built on the device, so nothing in forward or
-# backward waits on the host. Rows are gathered inside the kernels through row_token (= pair // k): the sorted
-# copy of x is never materialised; outputs are scattered to pair order, and out = Y.view(T, k, H).sum(1)
-# (deterministic, no atomics).
+# Pairs are sorted by expert on the device (torch.sort, then one small kernel for the offsets and tiles); every
+# grouped kernel walks a tile table of static length ceil(S/BM) + E (expert, first row) built on the device, so
+# nothing in forward or backward waits on the host. Rows are gathered inside the kernels through row_token
+# (= pair // k): the sorted copy of x is never materialised; outputs are scattered to pair order, and
+# out = Y.view(T, k, H).sum(1) (deterministic, no atomics).
 #
 # Weights: dense in HF layout [E, in, out], or MXFP4 stored [E, out, in] (in contiguous, 32-value groups along in).
 # Forward GEMMs reduce over `in` (MXFP4 groups run along K); backward dX GEMMs reduce over `out` and read the
@@ -126,6 +126,7 @@ _GEMM_CONFIGS = [triton.Config(dict(BN=32, BK=32, SWAP_AB=False), num_warps=4, n
 # FASTFT_MOE_SWAP=0 or 1 keeps only that orientation (A/B runs); unset, the autotuner picks per GEMM.
 _SWAP_ONLY = os.environ.get("FASTFT_MOE_SWAP")
 _FORCE_META = None  # tests: launch the kernel with these meta-parameters instead of autotuning
+_TUNED = {}  # GEMM shape/dtypes -> the autotuner's pick (its meta-parameters and launch options)
 
 
 def _prune_configs(configs, named_args, **kwargs):
@@ -384,12 +385,8 @@ def _wgrad_kernel(P, p_idx, s_pm, Q, q_idx, s_qm, rowscale, O, offsets, DP, DQ,
              mask=(rp[:, None] < DP) & (rq[None, :] < DQ))
 
 
-def _routing_tables(index, num_experts, BM):
-    """Sort (token, slot) pairs by expert and build the tile table, all on the device (no host sync).
-
-    Returns row_token [S] int32 (token of each sorted row), pair [S] int32 (its flat pair index t*k + j),
-    offsets [E+1] int32, tile_expert / tile_row [ceil(S/BM) + E] int32 (expert -1 marks an unused tile).
-    """
+def _routing_tables_reference(index, num_experts, BM):
+    """Torch version of the routing tables (tests); see _routing_tables for what they are."""
     k = index.shape[-1]
     flat = index.reshape(-1)
     S = flat.numel()
@@ -406,7 +403,82 @@ def _routing_tables(index, num_experts, BM):
     tile_row = offsets[te_c] + (t - (tile_end - tiles)[te_c]) * BM
     tile_expert = torch.where(te < num_experts, te, -1)
     return ((pair // k).to(torch.int32), pair.to(torch.int32), offsets.to(torch.int32),
-            tile_expert.to(torch.int32), tile_row.to(torch.int32))
+            tile_expert.to(torch.int32), torch.where(te < num_experts, tile_row, 0).to(torch.int32))
+
+
+@triton.jit
+def _lower_bound(sorted_e, S, target):
+    """First index i with sorted_e[i] >= target (S if none), for a vector of targets: a fixed 32-step binary search
+    (S < 2**31), lanes that have converged stay put."""
+    lo = tl.zeros_like(target)
+    hi = tl.zeros_like(target) + S
+    for _ in range(32):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        v = tl.load(sorted_e + mid, mask=active & (mid < S), other=0)
+        right = active & (v < target)
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(active & ~right, mid, hi)
+    return lo
+
+
+@triton.jit
+def _routing_kernel(sorted_e, pair_in, weights, row_token, pair_out, rowscale, offsets, tile_expert, tile_row,
+                    S, TOP_K, E, num_tiles, HAS_W: tl.constexpr, BM: tl.constexpr, E_PAD: tl.constexpr,
+                    BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Every program converts one block of sorted rows (pair -> int32, token, routing weight); program 0 also
+    writes the per-expert offsets and the tile table (E experts and ceil(S/BM) + E tiles: small)."""
+    pid = tl.program_id(0)
+    rs = pid * BLOCK_S + tl.arange(0, BLOCK_S)
+    m = rs < S
+    p = tl.load(pair_in + rs, mask=m, other=0)
+    tl.store(pair_out + rs, p.to(tl.int32), mask=m)
+    tl.store(row_token + rs, (p // TOP_K).to(tl.int32), mask=m)
+    if HAS_W:
+        tl.store(rowscale + rs, tl.load(weights + p, mask=m, other=0.0).to(tl.float32), mask=m)
+    if pid == 0:
+        e = tl.arange(0, E_PAD)
+        first = _lower_bound(sorted_e, S, e)  # offsets[e] for e <= E
+        tl.store(offsets + e, first, mask=e <= E)
+        tiles = tl.where(e < E, (_lower_bound(sorted_e, S, e + 1) - first + BM - 1) // BM, 0)
+        tile_end = tl.cumsum(tiles, 0)
+        tile_start = tile_end - tiles
+        for t0 in range(0, num_tiles, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            te = tl.sum((tile_end[None, :] <= t[:, None]).to(tl.int32), axis=1)  # experts whose tiles end by t
+            pick = e[None, :] == te[:, None]
+            row = tl.sum(tl.where(pick, first[None, :] + (t[:, None] - tile_start[None, :]) * BM, 0), axis=1)
+            used = te < E
+            tl.store(tile_expert + t, tl.where(used, te, -1), mask=t < num_tiles)
+            tl.store(tile_row + t, tl.where(used, row, 0), mask=t < num_tiles)
+
+
+def _routing_tables(index, num_experts, BM, weights=None):
+    """Sort (token, slot) pairs by expert and build the tile table, all on the device (no host sync): one sort and
+    one small kernel (the torch version, _routing_tables_reference, issues ~15 launches per call).
+
+    Returns row_token [S] int32 (token of each sorted row), pair [S] int32 (its flat pair index t*k + j),
+    offsets [E+1] int32, tile_expert / tile_row [ceil(S/BM) + E] int32 (expert -1 marks an unused tile), and with
+    weights [T, k] the routing weight of each sorted row (fp32 [S]).
+    """
+    k = index.shape[-1]
+    flat = index.reshape(-1)
+    S = flat.numel()
+    sorted_e, pair = torch.sort(flat, stable=True)
+    max_tiles = triton.cdiv(S, BM) + num_experts  # static bound: every expert wastes at most one partial tile
+    dev = flat.device
+    row_token, pair32 = (torch.empty(S, device=dev, dtype=torch.int32) for _ in range(2))
+    offsets = torch.empty(num_experts + 1, device=dev, dtype=torch.int32)
+    tile_expert, tile_row = (torch.empty(max_tiles, device=dev, dtype=torch.int32) for _ in range(2))
+    rowscale = torch.empty(S, device=dev, dtype=torch.float32) if weights is not None else None
+    w = weights.detach().reshape(-1) if weights is not None else offsets
+    block_s = 1024
+    _routing_kernel[(max(1, triton.cdiv(S, block_s)),)](
+        sorted_e, pair, w, row_token, pair32, rowscale if rowscale is not None else offsets, offsets,
+        tile_expert, tile_row, S, k, num_experts, max_tiles, HAS_W=weights is not None, BM=BM,
+        E_PAD=triton.next_power_of_2(num_experts + 1), BLOCK_S=block_s, BLOCK_T=64, num_warps=4)
+    tables = (row_token, pair32, offsets, tile_expert, tile_row)
+    return tables if weights is None else (tables, rowscale)
 
 
 def _weight_args(w, dtype, forward):
@@ -442,7 +514,15 @@ def _gemm(a, a_idx, w_args, tables, out, *, c_idx=None, bias=None, lora=None, ro
     L, LB, s_lbe, s_lbn, s_lbr, scaling = lora if lora is not None else (dummy, dummy, 0, 0, 0, 0.0)
     R = L.shape[1] if lora is not None else 1
     grid = lambda meta: (num_tiles * triton.cdiv(N, meta["BN"]),)  # noqa: E731
-    kernel, meta = (_grouped_gemm_kernel, {}) if _FORCE_META is None else (_grouped_gemm_kernel.fn, _FORCE_META)
+    if _FORCE_META is not None:
+        kernel, meta = _grouped_gemm_kernel.fn, _FORCE_META
+    else:
+        # after the first launch of a GEMM shape, launch its tuned config directly: the autotuner's per-call key
+        # building is host time the step pays ~5 times per layer and pass
+        key = (K, N, quant, epi, lora is not None, a.dtype, W.dtype, out.dtype)
+        meta = _TUNED.get(key)
+        kernel = _grouped_gemm_kernel if meta is None else _grouped_gemm_kernel.fn
+        meta = meta or {}
     kernel[grid](
         a, a_idx if a_idx is not None else offsets, a.stride(0),
         W, WS, s_we, s_wk, s_wn, s_se,
@@ -458,6 +538,8 @@ def _gemm(a, a_idx, w_args, tables, out, *, c_idx=None, bias=None, lora=None, ro
         HAS_BIAS=bias is not None, HAS_LORA=lora is not None, ROWSCALE=rowscale is not None,
         STORE_ACT=act is not None, R_PAD=_r_pad(R), BM=BM, GROUP_M=GROUP_M, **meta,
     )
+    if kernel is _grouped_gemm_kernel:
+        _TUNED[key] = _grouped_gemm_kernel.best_config.all_kwargs()
     return out
 
 
@@ -484,6 +566,45 @@ def _wgrad(p, p_idx, q, q_idx, rowscale, offsets, E):
                         rowscale if rowscale is not None else out, out, offsets, DP, DQ,
                         GATHER_P=p_idx is not None, GATHER_Q=q_idx is not None, ROWSCALE=rowscale is not None,
                         BM=16 if _INTERPRET else 64, BP=BP, BQ=BQ, num_warps=4)
+    return out
+
+
+@triton.jit
+def _route_grad_kernel(DWP, s_dwp, n_part, dOut, s_dom, DB, s_dbe, row_token, pair, offsets, O, S, H, E,
+                       E_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """O[pair[i]] = sum_j DWP[i, j] + <dOut[token i], DB[expert of i]> for a block of sorted rows, in fp32, rounded
+    once to O's dtype: the routing weight's gradient <dOut, y + b_d> (the y part arrives as per-block partials)."""
+    ri = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    m = ri < S
+    e_idx = tl.arange(0, E_PAD)
+    ends = tl.load(offsets + 1 + e_idx, mask=e_idx < E, other=2147483647)
+    e = tl.sum((ends[None, :] <= ri[:, None]).to(tl.int32), axis=1)  # expert of each sorted row
+    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    rc = tl.arange(0, BLOCK_C)
+    for c0 in range(0, n_part, BLOCK_C):
+        acc += tl.sum(tl.load(DWP + ri[:, None].to(tl.int64) * s_dwp + c0 + rc[None, :],
+                              mask=m[:, None] & (c0 + rc[None, :] < n_part), other=0.0), axis=1)
+    tok = tl.load(row_token + ri, mask=m, other=0).to(tl.int64)
+    for h0 in range(0, H, BLOCK_C):
+        hm = m[:, None] & (h0 + rc[None, :] < H)
+        g = tl.load(dOut + tok[:, None] * s_dom + h0 + rc[None, :], mask=hm, other=0.0).to(tl.float32)
+        b = tl.load(DB + e[:, None].to(tl.int64) * s_dbe + h0 + rc[None, :], mask=hm, other=0.0).to(tl.float32)
+        acc += tl.sum(g * b, axis=1)
+    tl.store(O + tl.load(pair + ri, mask=m, other=0), acc.to(O.dtype.element_ty), mask=m)
+
+
+def _route_grad(dw_part, d_out, d_b, tables, dtype):
+    """Gradient of the routing weights in pair order ([S] in dtype); one launch (it was ~9 torch ops and an fp32
+    copy of dOut)."""
+    row_token, pair, offsets = tables[:3]
+    S, E = row_token.numel(), d_b.shape[0]
+    out = torch.empty(S, device=d_out.device, dtype=dtype)
+    d_b = d_b.contiguous()
+    block_r = 16 if _INTERPRET else 32
+    _route_grad_kernel[(triton.cdiv(S, block_r),)](
+        dw_part, dw_part.stride(0), dw_part.shape[1], d_out, d_out.stride(0), d_b, d_b.stride(0), row_token, pair,
+        offsets, out, S, d_out.shape[1], E, E_PAD=triton.next_power_of_2(E), BLOCK_R=block_r,
+        BLOCK_C=32 if _INTERPRET else 128, num_warps=4)
     return out
 
 
@@ -518,9 +639,8 @@ class _MoEExperts(torch.autograd.Function):
         k = index.shape[1]
         E = gu_b.shape[0]
         S = T * k
-        tables = _routing_tables(index, E, BM)
+        tables, rowscale = _routing_tables(index, E, BM, weights)  # rowscale: routing weight of each sorted row
         row_token, pair, offsets = tables[:3]
-        rowscale = weights.reshape(-1)[pair.long()].float()  # routing weight of each sorted row
         gu_args = _weight_args(gate_up, x.dtype, True)
         d_args = _weight_args(down, x.dtype, True)
         N1 = gu_args[8]
@@ -541,7 +661,7 @@ class _MoEExperts(torch.autograd.Function):
         else:
             y = torch.empty(S, H, device=x.device, dtype=x.dtype)
             _gemm(act, None, d_args, tables, y, c_idx=pair, bias=d_b, lora=lora_d, rowscale=rowscale)
-            out = y.view(T, k, H).sum(1, dtype=torch.float32).to(x.dtype)
+            out = y.view(T, k, H).sum(1)  # fp32 accumulation inside the reduction, rounded once
         ctx.save_for_backward(x, weights, index, gu_b, d_b, A_gu, B_gu, A_d, B_d, h, xa, act_a, rowscale, *tables)
         ctx.gate_up, ctx.down, ctx.s_gu, ctx.s_d, ctx.limit, ctx.alpha = gate_up, down, s_gu, s_d, limit, alpha
         return out
@@ -574,12 +694,7 @@ class _MoEExperts(torch.autograd.Function):
               act=act, limit=ctx.limit, alpha=ctx.alpha)
 
         if need_w:
-            # d weight = <dOut, y + b_d>; the b_d part per (token, expert) is one small GEMM
-            dw_sorted = dw_part.sum(1)
-            dw = torch.empty(S, device=x.device, dtype=torch.float32)
-            dw[pair.long()] = dw_sorted
-            dw = dw.view(T, k) + torch.gather(d_out.float() @ d_b.float().t(), 1, index)
-            grads[1] = dw.to(weights.dtype)
+            grads[1] = _route_grad(dw_part, d_out, d_b, tables, weights.dtype).view(T, k)
 
         if A_d is not None:
             grads[7] = (_wgrad(d_outB, None, act, None, rowscale, offsets, E) * ctx.s_d).reshape(A_d.shape).to(A_d.dtype)
@@ -604,7 +719,7 @@ class _MoEExperts(torch.autograd.Function):
         if need_x:
             dxs = torch.empty(S, H, device=x.device, dtype=x.dtype)
             _gemm(dh, None, gu_args, tables, dxs, c_idx=pair, lora=lora_gu)
-            grads[0] = dxs.view(T, k, H).sum(1, dtype=torch.float32).to(x.dtype)
+            grads[0] = dxs.view(T, k, H).sum(1)
         return tuple(grads)
 
 

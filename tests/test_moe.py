@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastft.kernels.moe import _routing_tables, experts_reference, moe, moe_reference, route
+from fastft.kernels.moe import _routing_tables, _routing_tables_reference, experts_reference, moe, moe_reference, route
 from fastft.mxfp4 import MXFP4Tensor
 
 
@@ -210,13 +210,21 @@ def test_bf16_reference_takes_the_bf16_routing():
     assert rel(torch.sort(w_32, 1).values, torch.sort(w_fair, 1).values) > 0.1  # what the old test compared
 
 
-def test_routing_tables_cover_every_row_once():
-    E, BM = 6, 4
-    index = torch.randint(0, E, (23, 3))
-    index[:, 0] = 1  # a crowded expert
-    row_token, pair, offsets, tile_expert, tile_row = _routing_tables(index, E, BM)
-    assert tile_expert.numel() == -(-69 // BM) + E
-    seen = torch.zeros(69, dtype=torch.int32)
+@pytest.mark.parametrize("T, E, k, BM, skew", [(23, 6, 3, 4, "crowded"), (1, 5, 2, 16, "none"), (0, 4, 2, 4, "none"),
+                                                (700, 32, 4, 16, "one_expert"), (301, 7, 1, 8, "empty_experts")])
+def test_routing_tables_cover_every_row_once(T, E, k, BM, skew):
+    index = torch.stack([torch.randperm(E)[:k] for _ in range(T)]) if T else torch.zeros(0, k, dtype=torch.long)
+    if skew == "crowded":
+        index[:, 0] = 1
+    elif skew == "one_expert":
+        index[:, 0] = E - 1  # every token goes to the last expert
+    elif skew == "empty_experts":
+        index = index % 3  # experts 3.. get nothing
+    weights = torch.rand(T, k)
+    (row_token, pair, offsets, tile_expert, tile_row), rowscale = _routing_tables(index, E, BM, weights)
+    S = T * k
+    assert tile_expert.numel() == -(-S // BM) + E
+    seen = torch.zeros(S, dtype=torch.int32)
     for e, r0 in zip(tile_expert.tolist(), tile_row.tolist()):
         if e < 0:
             continue
@@ -226,7 +234,11 @@ def test_routing_tables_cover_every_row_once():
     assert (seen == 1).all()
     flat = index.reshape(-1)
     assert torch.equal(flat[pair.long()], torch.sort(flat).values)
-    assert torch.equal(row_token.long(), pair.long() // 3)
+    assert torch.equal(row_token.long(), pair.long() // k)
+    assert torch.equal(rowscale, weights.reshape(-1)[pair.long()])
+    # the one-kernel tables are the torch reference's, entry for entry (unused tiles: expert -1, row 0)
+    for got, want in zip((row_token, pair, offsets, tile_expert, tile_row), _routing_tables_reference(index, E, BM)):
+        assert torch.equal(got, want)
 
 
 def _peft_mlp(p, E, H, I, k, r, alpha):
