@@ -182,7 +182,7 @@ def test_moe_skewed_routing_gpu_tiling(monkeypatch):
     """The GPU's row tile (BM=128) and tile grouping, every expert holding several tiles (the bf16 GPU test's case)."""
     import fastft.kernels.moe as moe_mod
 
-    monkeypatch.setattr(moe_mod, "BM", 128)
+    monkeypatch.setattr(moe_mod, "_BM_FIXED", 128)
     monkeypatch.setattr(moe_mod, "GROUP_M", 8)
     p = make_problem(300, 64, 32, 6, 4, 2, quant=True)
     bias = torch.full((6,), -1e4)
@@ -297,8 +297,12 @@ GPT_OSS = dict(H=2880, I=2880, E=32, k=4, r=16)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("bm", [None, 256])  # None: _row_tile's pick (128 at this T); 256: the large-T row tile
 @pytest.mark.parametrize("quant", [True, False])
-def test_moe_gpu_gpt_oss_shape_bf16(quant):
+def test_moe_gpu_gpt_oss_shape_bf16(quant, bm, monkeypatch):
+    import fastft.kernels.moe as moe_mod
+
+    monkeypatch.setattr(moe_mod, "_BM_FIXED", bm)
     c = GPT_OSS
     torch.manual_seed(1)
     p = make_problem(2053, c["H"], c["I"], c["E"], c["k"], c["r"], quant, device="cuda", dtype=torch.bfloat16)
@@ -310,7 +314,11 @@ def test_moe_gpu_gpt_oss_shape_bf16(quant):
 
 
 @pytest.mark.gpu
-def test_moe_gpu_skewed_routing_bf16():
+@pytest.mark.parametrize("bm", [None, 256])
+def test_moe_gpu_skewed_routing_bf16(bm, monkeypatch):
+    import fastft.kernels.moe as moe_mod
+
+    monkeypatch.setattr(moe_mod, "_BM_FIXED", bm)
     c = GPT_OSS
     p = make_problem(1031, c["H"], c["I"], c["E"], c["k"], c["r"], True, device="cuda", dtype=torch.bfloat16)
     bias = torch.full((c["E"],), -1e3, device="cuda", dtype=torch.bfloat16)
