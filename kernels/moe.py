@@ -436,7 +436,7 @@ def _lower_bound(sorted_e, S, target):
 
 @triton.jit
 def _routing_kernel(sorted_e, pair_in, weights, row_token, pair_out, rowscale, offsets, tile_expert, tile_row,
-                    S, TOP_K, E, num_tiles, HAS_W: tl.constexpr, BM: tl.constexpr, E_PAD: tl.constexpr,
+                    S, TOP_K, E, num_tiles, BM: tl.constexpr, E_PAD: tl.constexpr,
                     BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr):
     """Every program converts one block of sorted rows (pair -> int32, token, routing weight); program 0 also
     writes the per-expert offsets and the tile table (E experts and ceil(S/BM) + E tiles: small)."""
@@ -446,8 +446,7 @@ def _routing_kernel(sorted_e, pair_in, weights, row_token, pair_out, rowscale, o
     p = tl.load(pair_in + rs, mask=m, other=0)
     tl.store(pair_out + rs, p.to(tl.int32), mask=m)
     tl.store(row_token + rs, (p // TOP_K).to(tl.int32), mask=m)
-    if HAS_W:
-        tl.store(rowscale + rs, tl.load(weights + p, mask=m, other=0.0).to(tl.float32), mask=m)
+    tl.store(rowscale + rs, tl.load(weights + p, mask=m, other=0.0).to(tl.float32), mask=m)
     if pid == 0:
         e = tl.arange(0, E_PAD)
         first = _lower_bound(sorted_e, S, e)  # offsets[e] for e <= E
@@ -465,13 +464,13 @@ def _routing_kernel(sorted_e, pair_in, weights, row_token, pair_out, rowscale, o
             tl.store(tile_row + t, tl.where(used, row, 0), mask=t < num_tiles)
 
 
-def _routing_tables(index, num_experts, BM, weights=None):
+def _routing_tables(index, weights, num_experts, BM):
     """Sort (token, slot) pairs by expert and build the tile table, all on the device (no host sync): one sort and
     one small kernel (the torch version, _routing_tables_reference, issues ~15 launches per call).
 
     Returns row_token [S] int32 (token of each sorted row), pair [S] int32 (its flat pair index t*k + j),
-    offsets [E+1] int32, tile_expert / tile_row [ceil(S/BM) + E] int32 (expert -1 marks an unused tile), and with
-    weights [T, k] the routing weight of each sorted row (fp32 [S]).
+    offsets [E+1] int32, tile_expert / tile_row [ceil(S/BM) + E] int32 (expert -1 marks an unused tile); and the
+    routing weight (weights [T, k]) of each sorted row, fp32 [S].
     """
     k = index.shape[-1]
     flat = index.reshape(-1)
@@ -482,15 +481,13 @@ def _routing_tables(index, num_experts, BM, weights=None):
     row_token, pair32 = (torch.empty(S, device=dev, dtype=torch.int32) for _ in range(2))
     offsets = torch.empty(num_experts + 1, device=dev, dtype=torch.int32)
     tile_expert, tile_row = (torch.empty(max_tiles, device=dev, dtype=torch.int32) for _ in range(2))
-    rowscale = torch.empty(S, device=dev, dtype=torch.float32) if weights is not None else None
-    w = weights.detach().reshape(-1) if weights is not None else offsets
+    rowscale = torch.empty(S, device=dev, dtype=torch.float32)
     block_s = 1024
     _routing_kernel[(max(1, triton.cdiv(S, block_s)),)](
-        sorted_e, pair, w, row_token, pair32, rowscale if rowscale is not None else offsets, offsets,
-        tile_expert, tile_row, S, k, num_experts, max_tiles, HAS_W=weights is not None, BM=BM,
+        sorted_e, pair, weights.detach().reshape(-1), row_token, pair32, rowscale, offsets,
+        tile_expert, tile_row, S, k, num_experts, max_tiles, BM=BM,
         E_PAD=triton.next_power_of_2(num_experts + 1), BLOCK_S=block_s, BLOCK_T=64, num_warps=4)
-    tables = (row_token, pair32, offsets, tile_expert, tile_row)
-    return tables if weights is None else (tables, rowscale)
+    return (row_token, pair32, offsets, tile_expert, tile_row), rowscale
 
 
 def _weight_args(w, dtype, forward):
@@ -652,7 +649,7 @@ class _MoEExperts(torch.autograd.Function):
         E = gu_b.shape[0]
         S = T * k
         bm = _row_tile(S, E)
-        tables, rowscale = _routing_tables(index, E, bm, weights)  # rowscale: routing weight of each sorted row
+        tables, rowscale = _routing_tables(index, weights, E, bm)  # rowscale: routing weight of each sorted row
         row_token, pair, offsets = tables[:3]
         gu_args = _weight_args(gate_up, x.dtype, True)
         d_args = _weight_args(down, x.dtype, True)

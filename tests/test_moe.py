@@ -221,7 +221,7 @@ def test_routing_tables_cover_every_row_once(T, E, k, BM, skew):
     elif skew == "empty_experts":
         index = index % 3  # experts 3.. get nothing
     weights = torch.rand(T, k)
-    (row_token, pair, offsets, tile_expert, tile_row), rowscale = _routing_tables(index, E, BM, weights)
+    (row_token, pair, offsets, tile_expert, tile_row), rowscale = _routing_tables(index, weights, E, BM)
     S = T * k
     assert tile_expert.numel() == -(-S // BM) + E
     seen = torch.zeros(S, dtype=torch.int32)
