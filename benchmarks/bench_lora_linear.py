@@ -69,7 +69,8 @@ def main():
     ap.add_argument("--shapes", default=None, help="comma list of q,k,v,o (default all; q,o with --quick)")
     ap.add_argument("--device", default="cuda", help="cpu only for a smoke test under TRITON_INTERPRET=1")
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--slab-mib", type=float, default=None, help="slab scratch bound (default: the module's SLAB_BYTES, 24 MiB)")
+    ap.add_argument("--slab-mib", type=float, default=None,
+                    help="slab scratch bound (default: the module's SLAB_BYTES, 24 MiB)")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():

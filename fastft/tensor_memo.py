@@ -25,12 +25,17 @@ class TensorMemo:
             version = tensor._version
         except RuntimeError:  # inference tensor
             return make()
-        slot = self._entries.get(id(tensor))
+        k = id(tensor)
+        slot = self._entries.get(k)
         if slot is not None and slot[0]() is tensor and slot[1] == version and slot[2] == key:
             return slot[3]
         value = make()
-        k = id(tensor)
-        ref = weakref.ref(tensor, lambda _ref, k=k, entries=self._entries: entries.pop(k, None)
-                          if entries.get(k, (None,))[0] is _ref else None)
+        ref = weakref.ref(tensor, lambda dead, k=k: self._forget(k, dead))
         self._entries[k] = (ref, version, key, value)
         return value
+
+    def _forget(self, k, dead_ref):
+        # a later tensor may reuse the id: drop the entry only if it is still the dead tensor's
+        slot = self._entries.get(k)
+        if slot is not None and slot[0] is dead_ref:
+            del self._entries[k]

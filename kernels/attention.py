@@ -96,6 +96,12 @@ if triton is not None:
         return tok, hoff, r < (BLOCK_M // PACK) * PACK
 
     @triton.jit
+    def _row_offsets(tok, hoff, offs_d, stride_t, stride_h):
+        """Element offsets of a query tile's rows (token offset tok, head offset hoff) x head dims offs_d, relative to
+        the tile's first token and head."""
+        return (tok * stride_t + hoff * stride_h)[:, None] + offs_d[None, :]
+
+    @triton.jit
     def _query_tile(T, GROUPS: tl.constexpr, PACK: tl.constexpr, BLOCK_M: tl.constexpr):
         """The query tile of this program (forward and dq): its first head h0 (PACK heads of kv head kvh), first token
         m0, and per row the token and head offsets, the token itself and whether the row is live. Heads vary fastest
@@ -166,7 +172,7 @@ if triton is not None:
 
         io_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
         # with q contiguous, the PACK heads of one token are one PACK * D run: the packed load stays coalesced
-        q_rows = (tok * stride_qt + hoff * stride_qh)[:, None] + offs_d[None, :]
+        q_rows = _row_offsets(tok, hoff, offs_d, stride_qt, stride_qh)
         q = tl.load(Q + m0.to(tl.int64) * stride_qt + h0 * stride_qh + q_rows, mask=io_mask, other=0.0)
         if HAS_SINKS:
             m_i = tl.load(SINKS + h0 + hoff).to(tl.float32) * 1.4426950408889634
@@ -181,7 +187,7 @@ if triton is not None:
                                   BLOCK_N, HEAD_DIM, DOT_PREC)
         l_safe = tl.where(row_ok, l_i, 1.0)
         out = acc / l_safe[:, None]
-        o_rows = (tok * stride_ot + hoff * stride_oh)[:, None] + offs_d[None, :]
+        o_rows = _row_offsets(tok, hoff, offs_d, stride_ot, stride_oh)
         tl.store(O + m0.to(tl.int64) * stride_ot + h0 * stride_oh + o_rows, out.to(O.dtype.element_ty), mask=io_mask)
         # LSE is [Hq, T]; hoff * T stays in int32 for T < 2^31 / PACK
         tl.store(LSE + h0.to(tl.int64) * T + hoff * T + offs_m, m_i + tl.math.log2(l_safe), mask=row_ok)
@@ -234,8 +240,8 @@ if triton is not None:
         lo, k_start, k_end, n_full_lo, n_full_hi = _key_walk(DOC_START, offs_m, row_ok, m0, T, window, TOK, BLOCK_N)
 
         io_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-        q_rows = (tok * stride_qt + hoff * stride_qh)[:, None] + offs_d[None, :]
-        do_rows = (tok * stride_dot + hoff * stride_doh)[:, None] + offs_d[None, :]
+        q_rows = _row_offsets(tok, hoff, offs_d, stride_qt, stride_qh)
+        do_rows = _row_offsets(tok, hoff, offs_d, stride_dot, stride_doh)
         q = tl.load(Q + m0.to(tl.int64) * stride_qt + h0 * stride_qh + q_rows, mask=io_mask, other=0.0)
         do = tl.load(DO + m0.to(tl.int64) * stride_dot + h0 * stride_doh + do_rows, mask=io_mask, other=0.0)
         stat_rows = h0.to(tl.int64) * T + hoff * T + offs_m
@@ -245,7 +251,7 @@ if triton is not None:
         dq = _dq_loop(dq, q, do, lse, delta, K + kvh * stride_kh, V + kvh * stride_vh, stride_kt, stride_vt, offs_m,
                       lo, offs_nb, offs_d, k_start, k_end, n_full_lo, n_full_hi, T, qk_scale,
                       BLOCK_N, HEAD_DIM, DOT_PREC)
-        dq_rows = (tok * stride_dqt + hoff * stride_dqh)[:, None] + offs_d[None, :]
+        dq_rows = _row_offsets(tok, hoff, offs_d, stride_dqt, stride_dqh)
         tl.store(DQ + m0.to(tl.int64) * stride_dqt + h0 * stride_dqh + dq_rows,
                  (dq * sm_scale).to(DQ.dtype.element_ty), mask=io_mask)
 
@@ -308,8 +314,8 @@ if triton is not None:
         m_full_lo = n0 + tl.cdiv(BLOCK_N - 1, TOK) * TOK
         m_full_hi = n0 + (q_full_hi - n0) // TOK * TOK
         tok, hoff, used = _tile_rows(BLOCK_M, PACK)
-        q_rows = (tok * stride_qt + hoff * stride_qh)[:, None] + offs_d[None, :]
-        do_rows = (tok * stride_dot + hoff * stride_doh)[:, None] + offs_d[None, :]
+        q_rows = _row_offsets(tok, hoff, offs_d, stride_qt, stride_qh)
+        do_rows = _row_offsets(tok, hoff, offs_d, stride_dot, stride_doh)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         for g0 in range(0, GROUPS, PACK):

@@ -50,8 +50,6 @@ gradient in the kernel, and an out-of-range label gives a NaN loss (never an out
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
@@ -61,6 +59,7 @@ try:
 except ImportError:  # CPU-only installs without triton fall back to the reference
     triton = None
 
+from fastft.kernels._env import triton_runs
 from fastft.quant import Int8RowsTensor
 
 _BUFFER_BYTES = 200 * 2**20
@@ -191,12 +190,6 @@ if triton is not None:
         tl.store(s_ptr + row, s_new)
         tl.store(t_ptr + row, tl.where(in_slab, t_here, t_old))
         tl.store(alpha_ptr + row, tl.exp(m_old - m_new))
-
-
-def _use_triton(t: torch.Tensor) -> bool:
-    if triton is None:
-        return False
-    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _chunk_rows(n_rows: int, vocab: int, chunk_rows: int | None) -> int:
@@ -456,7 +449,7 @@ def fused_linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduct
             raise ValueError(f"int8 weight on {weight.device}, hidden on {hidden.device}")
         if method == "rows":
             raise ValueError("an int8 weight runs on method='slabs' (or 'auto'): the rows path reads a dense weight")
-    if not _use_triton(hidden):
+    if not triton_runs(hidden):
         return linear_cross_entropy_reference(hidden, weight, labels, ignore_index, reduction)
     if not int8 and hidden.dtype != weight.dtype:  # cast the small operand; autograd casts its grad back
         hidden = hidden.to(weight.dtype)

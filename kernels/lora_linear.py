@@ -46,6 +46,7 @@ try:
 except ImportError:  # CPU-only installs without triton use the reference
     triton = None
 
+from fastft.kernels._env import FLOAT_DTYPES, interpreting, triton_runs
 from fastft.mxfp4 import MXFP4Tensor
 
 
@@ -245,10 +246,6 @@ if triton is not None:
         tl.store(dst, w.to(out_ptr.dtype.element_ty), mask=(r[:, None] < SLAB_ROWS) & (c[None, :] < SLAB_COLS))
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _gpu_configs():
     """Hopper candidates. In-loop dequantisation costs ALU per W element per M-tile, so tall M tiles (amortising it
     over more MMA work) and the swapped orientation (dequantised tile as the register operand) are in the set; the
@@ -271,7 +268,7 @@ _kernel_cache = {}
 def _kernel():
     """(launcher, fixed meta): autotuned on GPU (keyed on the weight shape, format and direction, not on T, so a
     varying token count never re-tunes); fixed tiles in the interpreter."""
-    if _interpreting():
+    if interpreting():
         return _lora_gemm_kernel, INTERPRETER_META
     if "k" not in _kernel_cache:
         tuned = triton.autotune(_gpu_configs(), key=["N_OUT", "K_RED", "FMT", "TRANS_W", "HAS_LORA", "IEEE"])
@@ -361,7 +358,7 @@ def _gemm(a, fields, trans_w, bias=None, p=None, q=None, scaling=0.0, mask=None,
         mask.stride(0) if mask is not None else 0, mask.stride(1) if mask is not None else 0,
         c.stride(0), c.stride(1),
         FMT=fmt, NF4_BS=nf4_bs, GROUP=_group(fmt, nf4_bs, k_w), TRANS_W=trans_w, HAS_BIAS=bias is not None, HAS_LORA=p is not None,
-        HAS_MASK=mask is not None, IEEE=a.dtype == torch.float32 or _interpreting(), BLOCK_R=block_r, **fixed,
+        HAS_MASK=mask is not None, IEEE=a.dtype == torch.float32 or interpreting(), BLOCK_R=block_r, **fixed,
     )
     return c
 
@@ -414,7 +411,7 @@ def _slabs(fields, dtype, along_in: bool):
     if fmt == FMT_DENSE and w.dtype == dtype:
         yield 0, total, w
         return
-    meta = INTERPRETER_DECODE_META if _interpreting() else DECODE_META
+    meta = INTERPRETER_DECODE_META if interpreting() else DECODE_META
     step = _slab_len(total, other, torch.finfo(dtype).bits // 8, meta["BLOCK_C"])
     scratch = torch.empty(step * other, device=w.device, dtype=dtype)
     sw = (w.stride(0), w.stride(1)) if fmt == FMT_DENSE else (0, 0)
@@ -477,11 +474,15 @@ def _dx_slabs(dy, fields, g, A, scaling, mask, inv_keep):
     return dx
 
 
-def _masked_mm(a, mask, b, alpha):
-    """alpha * (a * mask) @ b (mask None: no mask), the scale applied inside the GEMM."""
-    if mask is not None:
-        a = a * mask
+def _scaled_mm(a, b, alpha):
+    """alpha * a @ b with the scale applied inside the GEMM: one launch and one rounding instead of a matmul then a
+    scaling pass."""
     return a.new_empty(a.shape[0], b.shape[1]).addmm_(a, b, beta=0, alpha=alpha)
+
+
+def _dropped(x2d, mask):
+    """x with the dropout mask applied, unscaled (1/keep rides on the GEMM alpha that consumes it)."""
+    return x2d if mask is None else x2d * mask
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -495,8 +496,7 @@ class LoRALinearFunction(torch.autograd.Function):
         if lora_A is not None:
             A = lora_A if lora_A.dtype == x2d.dtype else lora_A.to(x2d.dtype)
             B = lora_B if lora_B.dtype == x2d.dtype else lora_B.to(x2d.dtype)
-            # [T, r]: tiny, so the epilogue can add s * xa B^T; 1/keep rides on the GEMM's alpha (one pass over x)
-            xa = _masked_mm(x2d, mask, A.t(), inv_keep)
+            xa = _scaled_mm(_dropped(x2d, mask), A.t(), inv_keep)  # [T, r]: tiny, the epilogue adds s * xa B^T
         ctx.slabs = lora_path(x2d.shape[0]) == "slabs"
         if ctx.slabs:
             y = _forward_slabs(x2d, fields, bias, xa, B, scaling)
@@ -522,18 +522,15 @@ class LoRALinearFunction(torch.autograd.Function):
                 dx = _gemm(dy, fields, True, p=g, q=A, scaling=s, mask=mask, inv_keep=ctx.inv_keep)
         if ctx.needs_input_grad[2]:
             d_bias = dy.sum(0, dtype=torch.float32).to(dy.dtype)  # fp32 accumulation without an fp32 copy of dY
-        # alpha = s inside the GEMM: one launch and one rounding instead of a matmul then a scaling pass
         if ctx.needs_input_grad[3]:
-            dA = _masked_mm(g.t(), None, x2d if mask is None else x2d * mask, s * ctx.inv_keep).to(ctx.lora_dtypes[0])
+            dA = _scaled_mm(g.t(), _dropped(x2d, mask), s * ctx.inv_keep).to(ctx.lora_dtypes[0])
         if ctx.needs_input_grad[4]:
-            dB = dy.new_empty(dy.shape[1], xa.shape[1]).addmm_(dy.t(), xa, beta=0, alpha=s).to(ctx.lora_dtypes[1])
+            dB = _scaled_mm(dy.t(), xa, s).to(ctx.lora_dtypes[1])
         return dx, None, d_bias, dA, dB, None, None, None
 
 
 def _kernel_can_run(x, weight) -> bool:
-    if triton is None or not (x.is_cuda or _interpreting()):
-        return False
-    return x.dtype in (torch.bfloat16, torch.float16, torch.float32) and _weight_fields(weight) is not None
+    return triton_runs(x, FLOAT_DTYPES) and _weight_fields(weight) is not None
 
 
 def lora_linear(x, weight, bias=None, lora_A=None, lora_B=None, scaling=1.0, dropout=0.0, training=False):

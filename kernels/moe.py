@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from fastft.backends import is_output_unused
+from fastft.kernels._env import interpreting
 from fastft.kernels.lora_linear import dense_weight
 from fastft.mxfp4 import MXFP4Tensor
 
@@ -107,7 +108,7 @@ def experts_reference(x, weights, index, gate_up, gate_up_bias, down, down_bias,
 # what the down GEMM's dX pass computes anyway.
 # ----------------------------------------------------------------------------------------------------------------
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRET = interpreting()
 # BN and BK are multiples of 32 (one MXFP4 scale group) and are tuned per GEMM shape on the GPU; the interpreter
 # gets one small config. The row tile BM is chosen per call (the tile table is built for it): see _row_tile.
 # FASTFT_MOE_BM fixes it (A/B runs), read once per process; the interpreter always uses 16.

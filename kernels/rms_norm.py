@@ -21,9 +21,9 @@ the fp32 sum of squares.
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from fastft.kernels._env import FLOAT_DTYPES, triton_runs
 
 try:
     import triton
@@ -85,15 +85,6 @@ def rms_norm_reference(x, weight, eps):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Triton
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _kernel_can_run(x) -> bool:
-    return (triton is not None and (x.is_cuda or _interpreting())
-            and x.dtype in (torch.bfloat16, torch.float16, torch.float32))
-
 
 def _num_warps(block: int) -> int:
     return 4 if block <= 1024 else 8 if block <= 8192 else 16
@@ -202,7 +193,7 @@ class RMSNormFunction(torch.autograd.Function):
 def rms_norm(x, weight, eps):
     """The backend contract: x [..., H] (bf16/fp16/fp32; other dtypes and CPU without the interpreter take the
     reference), weight [H] -> [..., H] in x's dtype; differentiable in x and weight."""
-    if not _kernel_can_run(x):
+    if not triton_runs(x, FLOAT_DTYPES):
         return rms_norm_reference(x, weight, eps)
     return RMSNormFunction.apply(x, weight, float(eps))
 

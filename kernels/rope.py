@@ -21,9 +21,9 @@ the closer to exact). fp32 agrees to fp32 rounding.
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from fastft.kernels._env import FLOAT_DTYPES, triton_runs
 
 try:
     import triton
@@ -37,15 +37,6 @@ def apply_rope_reference(x, cos, sin):
     x1, x2 = x.chunk(2, dim=-1)
     cos, sin = cos[:, None, :], sin[:, None, :]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _kernel_can_run(x) -> bool:
-    return (triton is not None and (x.is_cuda or _interpreting())
-            and x.dtype in (torch.bfloat16, torch.float16, torch.float32))
 
 
 # elements per half-tile: 128 rows x 32 (gpt-oss D/2) = 4096, 16 per thread at 4 warps
@@ -108,7 +99,7 @@ def apply_rope(x, cos, sin):
     if D % 2 or cos.shape != (T, D // 2) or sin.shape != (T, D // 2):
         raise ValueError(f"rope: x {tuple(x.shape)} needs cos/sin [{T}, {D // 2}], got {tuple(cos.shape)} and "
                          f"{tuple(sin.shape)}")
-    if not _kernel_can_run(x):
+    if not triton_runs(x, FLOAT_DTYPES):
         return apply_rope_reference(x, cos, sin)
     return RopeFunction.apply(x, cos, sin)
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fastft.kernels.moe as moe_mod
 from fastft.kernels.moe import _routing_tables, _routing_tables_reference, experts_reference, moe, moe_reference, route
 from fastft.mxfp4 import MXFP4Tensor
 
@@ -118,8 +119,6 @@ def test_moe_matches_reference(quant):
 @pytest.mark.parametrize("quant", [True, False])
 def test_moe_swapped_operands_match_reference(quant, monkeypatch):
     """The SWAP_AB tiles (C^T = W^T A^T, the autotuner's other orientation on the GPU) compute the same function."""
-    import fastft.kernels.moe as moe_mod
-
     monkeypatch.setattr(moe_mod, "_FORCE_META", dict(BN=32, BK=32, SWAP_AB=True, num_warps=4, num_stages=1))
     T, H, I, E, k, r = (29, 64, 32, 5, 3, 3) if quant else (19, 40, 24, 5, 3, 3)
     out, grads, ref, ref_grads = run_both(make_problem(T, H, I, E, k, r, quant))
@@ -180,8 +179,6 @@ def test_moe_skewed_routing(k, hot):
 
 def test_moe_skewed_routing_gpu_tiling(monkeypatch):
     """The GPU's row tile (BM=128) and tile grouping, every expert holding several tiles (the bf16 GPU test's case)."""
-    import fastft.kernels.moe as moe_mod
-
     monkeypatch.setattr(moe_mod, "_BM_FIXED", 128)
     monkeypatch.setattr(moe_mod, "GROUP_M", 8)
     p = make_problem(300, 64, 32, 6, 4, 2, quant=True)
@@ -300,8 +297,6 @@ GPT_OSS = dict(H=2880, I=2880, E=32, k=4, r=16)
 @pytest.mark.parametrize("bm", [None, 256])  # None: _row_tile's pick (128 at this T); 256: the large-T row tile
 @pytest.mark.parametrize("quant", [True, False])
 def test_moe_gpu_gpt_oss_shape_bf16(quant, bm, monkeypatch):
-    import fastft.kernels.moe as moe_mod
-
     monkeypatch.setattr(moe_mod, "_BM_FIXED", bm)
     c = GPT_OSS
     torch.manual_seed(1)
@@ -316,8 +311,6 @@ def test_moe_gpu_gpt_oss_shape_bf16(quant, bm, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("bm", [None, 256])
 def test_moe_gpu_skewed_routing_bf16(bm, monkeypatch):
-    import fastft.kernels.moe as moe_mod
-
     monkeypatch.setattr(moe_mod, "_BM_FIXED", bm)
     c = GPT_OSS
     p = make_problem(1031, c["H"], c["I"], c["E"], c["k"], c["r"], True, device="cuda", dtype=torch.bfloat16)
