@@ -103,7 +103,7 @@ def experts_reference(x, weights, index, gate_up, gate_up_bias, down, down_bias,
 #
 # Saved for backward (bytes, T=16384, k=4, I=2880, r=16): gate_up pre-activation h [S, 2I] in x's dtype
 # (2 B * 65536 * 5760 = 755 MB), xa = x A_gu^T and act_a = act A_d^T [S, r] fp32 (8 MB), the routing tables
-# (~1 MB). The activation (377 MB) is recomputed from h in the backward epilogue; the down output y is never
+# (~1 MB). The activation (377 MB) is recomputed from h in the SwiGLU backward; the down output y is never
 # kept: d(routing weight) = <dOut, y> = <g, act> + <dOut, b_d> with g = dOut W_d^T + s (dOut B_d) A_d, and g is
 # what the down GEMM's dX pass computes anyway.
 # ----------------------------------------------------------------------------------------------------------------
@@ -126,31 +126,28 @@ def _row_tile(S: int, E: int) -> int:
 
 
 GROUP_M = 2 if _INTERPRET else 8
-MIN_BN = 32
 # SWAP_AB computes C^T = W^T A^T: the dequantised weight tile becomes wgmma's register operand, so it is not written
 # to shared memory and read back each K step (the activations, loaded as they are, take the shared-memory side).
 _GEMM_CONFIGS = [triton.Config(dict(BN=32, BK=32, SWAP_AB=False), num_warps=4, num_stages=1)] if _INTERPRET else [
     triton.Config(dict(BN=bn, BK=bk, SWAP_AB=swap), num_warps=w, num_stages=st)
     for bn, bk, w, st, swap in ((128, 64, 8, 3, False), (128, 128, 8, 3, False), (128, 64, 8, 4, False),
-                                (64, 64, 4, 4, False), (128, 64, 8, 3, True),
-                                (64, 64, 8, 3, False), (32, 64, 8, 3, False), (32, 128, 8, 3, False))
+                                (64, 64, 4, 4, False), (128, 64, 8, 3, True), (64, 64, 8, 3, False))
 ]  # BN=256 and 4-warp BN=128 tiles were dropped: with the LoRA epilogue their sm_90 builds spill registers
 # FASTFT_MOE_SWAP=0 or 1 keeps only that orientation (A/B runs); unset, the autotuner picks per GEMM.
 _SWAP_ONLY = os.environ.get("FASTFT_MOE_SWAP")
+# Forward GEMMs on MXFP4 experts with bf16 activations run tl.dot_scaled (QUANT 3); FASTFT_MOE_DOT_SCALED=0 keeps
+# the hand-written decode (QUANT 1) for A/B runs. See _load_mx_k.
+# (Triton 3.6's interpreter has no dot_scaled: the CPU tests run QUANT 1, the GPU tests QUANT 3.)
+_DOT_SCALED = not _INTERPRET and os.environ.get("FASTFT_MOE_DOT_SCALED", "1") != "0"
 _FORCE_META = None  # tests: launch the kernel with these meta-parameters instead of autotuning
 _TUNED = {}  # GEMM shape/dtypes -> the autotuner's pick (its meta-parameters and launch options)
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    # The SwiGLU-backward epilogue (EPI 2) holds h, the accumulator and the activation's pieces, [BM, BN] fp32 each:
-    # compiled for sm_90 at BM=128, BN=128 spills ~3 KB per thread, BN=64 over 8 warps a few hundred bytes (over 4
-    # warps ~3 KB); BN=32 over 8 warps (16 values per thread per tile) is the one shape that fits. So EPI 2 tries the
-    # 8-warp tiles of BN <= 64, and only EPI 2 tries BN=32 (elsewhere it would only halve the MMA width).
     # A BM=256 tile's accumulator alone is 128 registers per thread at BN=128 over 8 warps.
-    epi2 = kwargs.get("EPI") == 2
     BM = kwargs["BM"]
     keep = [c for c in configs
-            if ((c.kwargs["BN"] <= 64 and c.num_warps == 8) if epi2 else c.kwargs["BN"] > 32)
+            if not (kwargs["QUANT"] == 3 and c.kwargs["SWAP_AB"])  # dot_scaled orients the MMA itself
             and not (BM >= 256 and c.kwargs["BN"] * BM > 128 * 256)
             and (_SWAP_ONLY is None or c.kwargs["SWAP_AB"] == (_SWAP_ONLY == "1"))]
     return keep or configs[:1]
@@ -207,6 +204,20 @@ def _load_w(W, WS, e, k0, n0, K, N, s_we, s_wk, s_wn, s_se,
 
 
 @triton.jit
+def _load_mx_k(W, WS, e, k0, n0, K, N, s_we, s_se, BK: tl.constexpr, BN: tl.constexpr):
+    """QUANT 3: the packed bytes [BN, BK/2] and e8m0 scales [BN, BK/32] of an MXFP4 [N, K] tile, as stored, for
+    tl.dot_scaled. Zero bytes pad the edges (zero values whatever the scale)."""
+    rn = n0 + tl.arange(0, BN)
+    hk = k0 // 2 + tl.arange(0, BK // 2)
+    b = tl.load(W + e.to(tl.int64) * s_we + rn[:, None] * (K // 2) + hk[None, :],
+                mask=(rn[:, None] < N) & (hk[None, :] < K // 2), other=0)
+    gk = k0 // 32 + tl.arange(0, BK // 32)
+    s = tl.load(WS + e.to(tl.int64) * s_se + rn[:, None] * (K // 32) + gk[None, :],
+                mask=(rn[:, None] < N) & (gk[None, :] < K // 32), other=0)
+    return b, s
+
+
+@triton.jit
 def _tile(tile_expert, tile_row, offsets, pid_t, BM: tl.constexpr):
     e = tl.load(tile_expert + pid_t)
     row0 = tl.load(tile_row + pid_t)
@@ -214,8 +225,7 @@ def _tile(tile_expert, tile_row, offsets, pid_t, BM: tl.constexpr):
     return e, row0, row_end
 
 
-# reset_to_zero: configs with other BN write other DW partial columns; the winner must start from zeros
-@triton.autotune(configs=_GEMM_CONFIGS, key=["K", "N", "QUANT", "EPI", "HAS_LORA", "BM"], reset_to_zero=["DW"],
+@triton.autotune(configs=_GEMM_CONFIGS, key=["K", "N", "QUANT", "EPI", "HAS_LORA", "BM"],
                  prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _grouped_gemm_kernel(
@@ -225,20 +235,20 @@ def _grouped_gemm_kernel(
     L, s_lm, LB, s_lbe, s_lbn, s_lbr, lora_scale, R,   # LoRA: acc += s * L[i, :R] @ LB_e[n, :R]^T
     C, c_idx, s_cm,                       # output rows: C[c_idx[i]] (SCATTER_C) or C[i]
     rowscale,                             # [S] fp32 routing weight of each sorted row
-    AUX, s_xm, DW, s_dwm,                 # EPI 1: h out [S, N]; EPI 2: h in [S, 2N], DW partials [S, n_blocks]
-    ACT, s_actm,                          # EPI 2: recomputed activation out [S, N] (STORE_ACT)
+    AUX, s_xm,                            # EPI 1: h out [S, N]
     tile_expert, tile_row, offsets, num_tiles,
     K, N, limit, alpha,
     QUANT: tl.constexpr, EPI: tl.constexpr, GATHER_A: tl.constexpr, SCATTER_C: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, ROWSCALE: tl.constexpr, STORE_ACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, ROWSCALE: tl.constexpr,
     R_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     SWAP_AB: tl.constexpr,
 ):
-    """One (BM rows of one expert) x (BN columns) tile of a grouped GEMM, with one of three epilogues:
+    """One (BM rows of one expert) x (BN columns) tile of a grouped GEMM, with one of two epilogues:
     EPI 0: (acc + bias) * rowscale -> C.
     EPI 1: h = acc + bias (interleaved gate/up columns) -> AUX; clamped SwiGLU(h) -> C [S, N/2].
-    EPI 2: acc = g = dOut W_d^T (+ LoRA) over I columns; with h from AUX: DW partial = sum(g * act),
-           dh = rowscale * g * dact/dh (clamp masks) -> C [S, 2N] interleaved.
+    The SwiGLU backward is a separate kernel (_swiglu_backward_kernel): fused here as a third epilogue, its fp32
+    [BM, BN] pieces held the down dX GEMM to spill-free BN <= 64 tiles at ~130 TFLOP/s on the H200 (8.4 ms of a
+    24.5 ms block at T=16384), while the split costs one extra bf16 [S, I] round trip.
     """
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BN)
@@ -262,19 +272,24 @@ def _grouped_gemm_kernel(
     rn = n0 + tl.arange(0, BN)
     nmask = rn < N
 
-    if SWAP_AB:
+    SWAPPED: tl.constexpr = SWAP_AB and QUANT != 3  # dot_scaled orients its MMA itself
+    if SWAPPED:
         acc_t = tl.zeros((BN, BM), dtype=tl.float32)
     else:
         acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
         a = tl.load(A + arow[:, None] * s_am + rk[None, :], mask=mmask[:, None] & (rk[None, :] < K), other=0.0)
-        w = _load_w(W, WS, e, k0, n0, K, N, s_we, s_wk, s_wn, s_se, QUANT, BK, BN)
-        if SWAP_AB:
-            acc_t = tl.dot(tl.trans(w).to(a.dtype), tl.trans(a), acc_t)
+        if QUANT == 3:
+            b, s = _load_mx_k(W, WS, e, k0, n0, K, N, s_we, s_se, BK, BN)
+            acc = tl.dot_scaled(a, None, "bf16", tl.trans(b), s, "e2m1", acc)
         else:
-            acc = tl.dot(a, w.to(a.dtype), acc)
-    if SWAP_AB:
+            w = _load_w(W, WS, e, k0, n0, K, N, s_we, s_wk, s_wn, s_se, QUANT, BK, BN)
+            if SWAPPED:
+                acc_t = tl.dot(tl.trans(w).to(a.dtype), tl.trans(a), acc_t)
+            else:
+                acc = tl.dot(a, w.to(a.dtype), acc)
+    if SWAPPED:
         acc = tl.trans(acc_t)  # once per tile
 
     if HAS_LORA:
@@ -301,7 +316,7 @@ def _grouped_gemm_kernel(
                  mask=mmask[:, None] & nmask[None, :])
     elif EPI == 1:
         # tile-local int32 offsets from an int64 tile base: the epilogue's [BM, BN] address tensors take half the
-        # registers of int64 pointers (the SwiGLU epilogues run close to the register limit)
+        # registers of int64 pointers (the SwiGLU epilogue runs close to the register limit)
         lr = tl.arange(0, BM)[:, None]
         h = acc.to(AUX.dtype.element_ty)
         tl.store(AUX + row0.to(tl.int64) * s_xm + n0 + (lr * s_xm + tl.arange(0, BN)[None, :]), h,
@@ -315,46 +330,77 @@ def _grouped_gemm_kernel(
         lh = tl.arange(0, BN // 2)[None, :]
         tl.store(C + row0.to(tl.int64) * s_cm + n0 // 2 + (lr * s_cm + lh), act.to(C.dtype.element_ty),
                  mask=mmask[:, None] & (n0 // 2 + lh < N // 2))
-    else:
-        lr = tl.arange(0, BM)[:, None]  # tile-local int32 offsets, as in EPI 1
-        l2 = tl.arange(0, 2 * BN)[None, :]
-        m2 = mmask[:, None] & (2 * n0 + l2 < 2 * N)
-        h = tl.load(AUX + row0.to(tl.int64) * s_xm + 2 * n0 + (lr * s_xm + l2), mask=m2, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _swiglu_backward_kernel(G, s_gm, Hh, s_hm, rowscale, DH, s_dhm, DW, ACT, s_actm, S, I, limit, alpha,
+                            STORE_ACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """For BM sorted rows, walking the I columns: g = dL/d(act) before the routing weight (the down GEMM's dX),
+    h the saved gate_up output (interleaved gate/up). dh = rowscale * g * d act/dh with the clamp masks -> DH
+    [S, 2I] interleaved; DW[row] = <g, act> (the routing weight's gradient without the down-bias term); the
+    recomputed act -> ACT (STORE_ACT: the down LoRA's dA needs it)."""
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    mmask = rm < S
+    rows = rm.to(tl.int64)[:, None]
+    scale = tl.load(rowscale + rm, mask=mmask, other=0.0)[:, None]
+    dw = tl.zeros((BM,), dtype=tl.float32)
+    for n0 in range(0, I, BN):
+        rn = n0 + tl.arange(0, BN)[None, :]
+        m = mmask[:, None] & (rn < I)
+        r2 = 2 * n0 + tl.arange(0, 2 * BN)[None, :]
+        m2 = mmask[:, None] & (r2 < 2 * I)
+        g = tl.load(G + rows * s_gm + rn, mask=m, other=0.0).to(tl.float32)
+        h = tl.load(Hh + rows * s_hm + r2, mask=m2, other=0.0).to(tl.float32)
         gate, up = tl.split(tl.reshape(h, (BM, BN, 2)))
         gate_c = tl.minimum(gate, limit)
         up_c = tl.minimum(tl.maximum(up, -limit), limit)
         sig = tl.sigmoid(gate_c * alpha)
         glu = gate_c * sig
         act = (up_c + 1.0) * glu
-        dw = tl.sum(acc * act, axis=1)
-        tl.store(DW + rm.to(tl.int64) * s_dwm + pid_n, dw, mask=mmask)
+        dw += tl.sum(g * act, axis=1)
         if STORE_ACT:
-            tl.store(ACT + row0.to(tl.int64) * s_actm + n0 + (lr * s_actm + tl.arange(0, BN)[None, :]),
-                     act.to(ACT.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
-        dact = acc * tl.load(rowscale + rm, mask=mmask, other=0.0)[:, None]
+            tl.store(ACT + rows * s_actm + rn, act.to(ACT.dtype.element_ty), mask=m)
+        dact = g * scale
         # torch.clamp passes the gradient where min <= x <= max (bounds included)
         d_up = tl.where((up >= -limit) & (up <= limit), dact * glu, 0.0)
         d_gate = tl.where(gate <= limit, dact * (up_c + 1.0) * (sig + glu * alpha * (1.0 - sig)), 0.0)
         dh = tl.reshape(tl.join(d_gate, d_up), (BM, 2 * BN))
-        tl.store(C + row0.to(tl.int64) * s_cm + 2 * n0 + (lr * s_cm + l2), dh.to(C.dtype.element_ty), mask=m2)
+        tl.store(DH + rows * s_dhm + r2, dh.to(DH.dtype.element_ty), mask=m2)
+    tl.store(DW + rm, dw, mask=mmask)
+
+
+def _swiglu_backward(g, h, rowscale, limit, alpha, store_act):
+    """(dh [S, 2I] in h's dtype, dw [S] fp32, act [S, I] or None); see _swiglu_backward_kernel."""
+    S, I = g.shape
+    dh = torch.empty(S, 2 * I, device=g.device, dtype=h.dtype)
+    dw = torch.empty(S, device=g.device, dtype=torch.float32)
+    act = torch.empty(S, I, device=g.device, dtype=h.dtype) if store_act else dh
+    BM, BN = (16, 32) if _INTERPRET else (16, 128)
+    _swiglu_backward_kernel[(triton.cdiv(S, BM),)](
+        g, g.stride(0), h, h.stride(0), rowscale, dh, dh.stride(0), dw, act, act.stride(0), S, I,
+        float(limit), float(alpha), STORE_ACT=store_act, BM=BM, BN=BN, num_warps=4)
+    return dh, dw, act if store_act else None
 
 
 @triton.jit
 def _lowrank_kernel(P, p_idx, s_pm, F, s_fe, s_fr, s_fk, O, tile_expert, tile_row, offsets, K, R,
-                    GATHER_P: tl.constexpr, R_PAD: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
-    """O[i, :R] = P[row i] @ F_e^T for the rows of one expert tile; F_e [R, K] strided (LoRA A or B^T)."""
-    pid_t = tl.program_id(0)
-    e, row0, row_end = _tile(tile_expert, tile_row, offsets, pid_t, BM)
-    if e < 0:
+                    GATHER_P: tl.constexpr, R_PAD: tl.constexpr, BM: tl.constexpr, SUB_M: tl.constexpr,
+                    BK: tl.constexpr):
+    """O[i, :R] = P[row i] @ F_e^T for SUB_M rows of one expert tile (program_id(1) picks which); F_e [R, K]
+    strided (LoRA A or B^T). A skinny product that only streams P: one program per BM=256 tile kept ~260 programs
+    walking K serially (4.2 ms for the four calls of a T=16384 block on the H200, ~8x the bytes' time)."""
+    e, row0, row_end = _tile(tile_expert, tile_row, offsets, tl.program_id(0), BM)
+    row0 += tl.program_id(1) * SUB_M
+    if (e < 0) | (row0 >= row_end):
         return
-    rm = row0 + tl.arange(0, BM)
+    rm = row0 + tl.arange(0, SUB_M)
     mmask = rm < row_end
     if GATHER_P:
         prow = tl.load(p_idx + rm, mask=mmask, other=0).to(tl.int64)
     else:
         prow = rm.to(tl.int64)
     rr = tl.arange(0, R_PAD)
-    acc = tl.zeros((BM, R_PAD), dtype=tl.float32)
+    acc = tl.zeros((SUB_M, R_PAD), dtype=tl.float32)
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
         p = tl.load(P + prow[:, None] * s_pm + rk[None, :], mask=mmask[:, None] & (rk[None, :] < K), other=0.0)
@@ -515,9 +561,11 @@ def _r_pad(r):
 
 
 def _gemm(a, a_idx, w_args, tables, bm, out, *, c_idx=None, bias=None, lora=None, rowscale=None, epi=0,
-          aux=None, dw=None, act=None, limit=7.0, alpha=1.702):
+          aux=None, limit=7.0, alpha=1.702):
     """Launch _grouped_gemm_kernel. lora = (L [S, r], LB, s_lbe, s_lbn, s_lbr, scaling)."""
     W, WS, quant, s_we, s_wk, s_wn, s_se, K, N = w_args
+    if quant == 1 and a.dtype == torch.bfloat16 and _DOT_SCALED:
+        quant = 3
     _, _, offsets, tile_expert, tile_row = tables
     num_tiles = tile_expert.numel()
     dummy = out
@@ -541,12 +589,10 @@ def _gemm(a, a_idx, w_args, tables, bm, out, *, c_idx=None, bias=None, lora=None
         out, c_idx if c_idx is not None else offsets, out.stride(0),
         rowscale if rowscale is not None else dummy,
         aux if aux is not None else dummy, aux.stride(0) if aux is not None else 0,
-        dw if dw is not None else dummy, dw.stride(0) if dw is not None else 0,
-        act if act is not None else dummy, act.stride(0) if act is not None else 0,
         tile_expert, tile_row, offsets, num_tiles, K, N, float(limit), float(alpha),
         QUANT=quant, EPI=epi, GATHER_A=a_idx is not None, SCATTER_C=c_idx is not None,
         HAS_BIAS=bias is not None, HAS_LORA=lora is not None, ROWSCALE=rowscale is not None,
-        STORE_ACT=act is not None, R_PAD=_r_pad(R), BM=bm, GROUP_M=GROUP_M, **meta,
+        R_PAD=_r_pad(R), BM=bm, GROUP_M=GROUP_M, **meta,
     )
     if kernel is _grouped_gemm_kernel:
         _TUNED[key] = _grouped_gemm_kernel.best_config.all_kwargs()
@@ -558,10 +604,11 @@ def _lowrank(p, p_idx, factor, tables, S, bm):
     F_, s_fe, s_fr, s_fk, r, K = factor
     _, _, offsets, tile_expert, tile_row = tables
     out = torch.empty(S, r, device=p.device, dtype=torch.float32)
-    _lowrank_kernel[(tile_expert.numel(),)](
+    sub = min(bm, 16 if _INTERPRET else 64)
+    _lowrank_kernel[(tile_expert.numel(), bm // sub)](
         p, p_idx if p_idx is not None else offsets, p.stride(0), F_, s_fe, s_fr, s_fk, out,
         tile_expert, tile_row, offsets, K, r, GATHER_P=p_idx is not None, R_PAD=_r_pad(r),
-        BM=bm, BK=64 if not _INTERPRET else 32, num_warps=4)
+        BM=bm, SUB_M=sub, BK=32 if _INTERPRET else 128, num_warps=4)
     return out
 
 
@@ -580,20 +627,17 @@ def _wgrad(p, p_idx, q, q_idx, rowscale, offsets, E):
 
 
 @triton.jit
-def _route_grad_kernel(DWP, s_dwp, n_part, dOut, s_dom, DB, s_dbe, row_token, pair, offsets, O, S, H, E,
+def _route_grad_kernel(DW, dOut, s_dom, DB, s_dbe, row_token, pair, offsets, O, S, H, E,
                        E_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """O[pair[i]] = sum_j DWP[i, j] + <dOut[token i], DB[expert of i]> for a block of sorted rows, in fp32, rounded
-    once to O's dtype: the routing weight's gradient <dOut, y + b_d> (the y part arrives as per-block partials)."""
+    """O[pair[i]] = DW[i] + <dOut[token i], DB[expert of i]> for a block of sorted rows, in fp32, rounded once to
+    O's dtype: the routing weight's gradient <dOut, y + b_d> (DW[i] = <dOut, y> from the SwiGLU backward)."""
     ri = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     m = ri < S
     e_idx = tl.arange(0, E_PAD)
     ends = tl.load(offsets + 1 + e_idx, mask=e_idx < E, other=2147483647)
     e = tl.sum((ends[None, :] <= ri[:, None]).to(tl.int32), axis=1)  # expert of each sorted row
-    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    acc = tl.load(DW + ri, mask=m, other=0.0)
     rc = tl.arange(0, BLOCK_C)
-    for c0 in range(0, n_part, BLOCK_C):
-        acc += tl.sum(tl.load(DWP + ri[:, None].to(tl.int64) * s_dwp + c0 + rc[None, :],
-                              mask=m[:, None] & (c0 + rc[None, :] < n_part), other=0.0), axis=1)
     tok = tl.load(row_token + ri, mask=m, other=0).to(tl.int64)
     for h0 in range(0, H, BLOCK_C):
         hm = m[:, None] & (h0 + rc[None, :] < H)
@@ -603,7 +647,7 @@ def _route_grad_kernel(DWP, s_dwp, n_part, dOut, s_dom, DB, s_dbe, row_token, pa
     tl.store(O + tl.load(pair + ri, mask=m, other=0), acc.to(O.dtype.element_ty), mask=m)
 
 
-def _route_grad(dw_part, d_out, d_b, tables, dtype):
+def _route_grad(dw, d_out, d_b, tables, dtype):
     """Gradient of the routing weights in pair order ([S] in dtype); one launch (it was ~9 torch ops and an fp32
     copy of dOut)."""
     row_token, pair, offsets = tables[:3]
@@ -612,9 +656,8 @@ def _route_grad(dw_part, d_out, d_b, tables, dtype):
     d_b = d_b.contiguous()
     block_r = 16 if _INTERPRET else 32
     _route_grad_kernel[(triton.cdiv(S, block_r),)](
-        dw_part, dw_part.stride(0), dw_part.shape[1], d_out, d_out.stride(0), d_b, d_b.stride(0), row_token, pair,
-        offsets, out, S, d_out.shape[1], E, E_PAD=triton.next_power_of_2(E), BLOCK_R=block_r,
-        BLOCK_C=32 if _INTERPRET else 128, num_warps=4)
+        dw, d_out, d_out.stride(0), d_b, d_b.stride(0), row_token, pair, offsets, out, S, d_out.shape[1], E,
+        E_PAD=triton.next_power_of_2(E), BLOCK_R=block_r, BLOCK_C=32 if _INTERPRET else 128, num_warps=4)
     return out
 
 
@@ -694,20 +737,19 @@ class _MoEExperts(torch.autograd.Function):
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grads = [None] * 16
 
-        # down projection: g = dOut W_d^T + s (dOut B_d) A_d over the I columns, fused with the SwiGLU backward
+        # down projection: g = dOut W_d^T + s (dOut B_d) A_d over the I columns (in x's dtype, as autograd's
+        # bf16 gradient of HF's down-projection input is), then the SwiGLU backward
         lora_d = d_outB = None
         if A_d is not None:
             d_outB = _lowrank(d_out, row_token, _bt_factor(B_d, E), tables, S, bm)
             lora_d = _a_epilogue(A_d, E, d_outB, ctx.s_d)
-        # one partial <g, act> per column block; sized for the smallest BN the autotuner may pick, zeros elsewhere
-        dw_part = torch.zeros(S, triton.cdiv(I, MIN_BN), device=x.device, dtype=torch.float32)
-        act = torch.empty(S, I, device=x.device, dtype=x.dtype) if A_d is not None else None
-        dh = torch.empty(S, 2 * I, device=x.device, dtype=x.dtype)
-        _gemm(d_out, row_token, d_args, tables, bm, dh, lora=lora_d, rowscale=rowscale, epi=2, aux=h, dw=dw_part,
-              act=act, limit=ctx.limit, alpha=ctx.alpha)
+        g = torch.empty(S, I, device=x.device, dtype=x.dtype)
+        _gemm(d_out, row_token, d_args, tables, bm, g, lora=lora_d)
+        dh, dw, act = _swiglu_backward(g, h, rowscale, ctx.limit, ctx.alpha, store_act=A_d is not None)
+        del g
 
         if need_w:
-            grads[1] = _route_grad(dw_part, d_out, d_b, tables, weights.dtype).view(T, k)
+            grads[1] = _route_grad(dw, d_out, d_b, tables, weights.dtype).view(T, k)
 
         if A_d is not None:
             grads[7] = (_wgrad(d_outB, None, act, None, rowscale, offsets, E) * ctx.s_d).reshape(A_d.shape).to(A_d.dtype)
