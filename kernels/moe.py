@@ -132,7 +132,7 @@ _GEMM_CONFIGS = [triton.Config(dict(BN=32, BK=32, SWAP_AB=False), num_warps=4, n
     triton.Config(dict(BN=bn, BK=bk, SWAP_AB=swap), num_warps=w, num_stages=st)
     for bn, bk, w, st, swap in ((128, 64, 8, 3, False), (128, 128, 8, 3, False), (128, 64, 8, 4, False),
                                 (64, 64, 4, 4, False), (128, 64, 8, 3, True), (64, 64, 8, 3, False))
-]  # BN=256 and 4-warp BN=128 tiles were dropped while the LoRA term sat in the epilogue (their sm_90 builds spilled)
+]  # BN=256 and 4-warp BN=128 tiles were dropped: with the LoRA epilogue their sm_90 builds spill registers
 # FASTFT_MOE_SWAP=0 or 1 keeps only that orientation (A/B runs); unset, the autotuner picks per GEMM.
 _SWAP_ONLY = os.environ.get("FASTFT_MOE_SWAP")
 # Forward GEMMs on MXFP4 experts with bf16 activations run tl.dot_scaled (QUANT 3); FASTFT_MOE_DOT_SCALED=0 keeps
@@ -273,21 +273,7 @@ def _grouped_gemm_kernel(
     nmask = rn < N
 
     SWAPPED: tl.constexpr = SWAP_AB and QUANT != 3  # dot_scaled orients its MMA itself
-    if HAS_LORA:
-        # The LoRA term initialises the accumulator (scale folded into the [BM, r] factor): in the epilogue its
-        # operands were live beside the full accumulator, and every BM=256 build with LoRA spilled ~400 B per
-        # thread on sm_90. tf32x3 (~fp32): with plain tf32 the term's ~1e-3 error moves h across a bf16 rounding
-        # boundary next to the +-7 clamps often enough to flip ~1e-4 of the clamp masks, i.e. ~1% of dX.
-        rr = tl.arange(0, R_PAD)
-        la = tl.load(L + rm[:, None].to(tl.int64) * s_lm + rr[None, :], mask=mmask[:, None] & (rr[None, :] < R),
-                     other=0.0)
-        lb = tl.load(LB + e.to(tl.int64) * s_lbe + rr[:, None] * s_lbr + rn[None, :] * s_lbn,
-                     mask=(rr[:, None] < R) & nmask[None, :], other=0.0)
-        acc = tl.dot(la.to(tl.float32) * lora_scale, lb.to(tl.float32), tl.zeros((BM, BN), dtype=tl.float32),
-                     input_precision="tf32x3")
-        if SWAPPED:
-            acc_t = tl.trans(acc)
-    elif SWAPPED:
+    if SWAPPED:
         acc_t = tl.zeros((BN, BM), dtype=tl.float32)
     else:
         acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -306,6 +292,16 @@ def _grouped_gemm_kernel(
     if SWAPPED:
         acc = tl.trans(acc_t)  # once per tile
 
+    if HAS_LORA:
+        rr = tl.arange(0, R_PAD)
+        la = tl.load(L + rm[:, None].to(tl.int64) * s_lm + rr[None, :], mask=mmask[:, None] & (rr[None, :] < R),
+                     other=0.0)
+        lb = tl.load(LB + e.to(tl.int64) * s_lbe + rr[:, None] * s_lbr + rn[None, :] * s_lbn,
+                     mask=(rr[:, None] < R) & nmask[None, :], other=0.0)
+        # tf32x3 (~fp32): with plain tf32 the LoRA term's ~1e-3 error moves h across a bf16 rounding boundary
+        # next to the +-7 clamps often enough to flip ~1e-4 of the clamp masks, i.e. ~1% of dX. Accumulating into
+        # acc (scale folded into the [BM, r] factor) avoids a second [BM, BN] fp32 tile in registers.
+        acc = tl.dot(la.to(tl.float32) * lora_scale, lb.to(tl.float32), acc, input_precision="tf32x3")
     if HAS_BIAS:
         acc += tl.load(bias + e * s_be + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
 
@@ -410,7 +406,7 @@ def _lowrank_kernel(P, p_idx, s_pm, F, s_fe, s_fr, s_fk, O, tile_expert, tile_ro
         p = tl.load(P + prow[:, None] * s_pm + rk[None, :], mask=mmask[:, None] & (rk[None, :] < K), other=0.0)
         f = tl.load(F + e.to(tl.int64) * s_fe + rr[None, :] * s_fr + rk[:, None] * s_fk,
                     mask=(rr[None, :] < R) & (rk[:, None] < K), other=0.0)
-        acc = tl.dot(p.to(tl.float32), f.to(tl.float32), acc, input_precision="tf32x3")  # see the LoRA term of the GEMM
+        acc = tl.dot(p.to(tl.float32), f.to(tl.float32), acc, input_precision="tf32x3")  # see the LoRA epilogue
     tl.store(O + rm[:, None].to(tl.int64) * R + rr[None, :], acc, mask=mmask[:, None] & (rr[None, :] < R))
 
 
@@ -677,13 +673,13 @@ def _bt_factor(B, E):
     return B, B.stride(1), E * B.stride(1), B.stride(0), r, B.shape[0]
 
 
-def _b_term(B, E, L, scaling):
-    """LoRA term L @ B_e^T of a forward GEMM: LB_e[n, j] = B[n, j*E + e]."""
+def _b_epilogue(B, E, L, scaling):
+    """LoRA term L @ B_e^T for the GEMM epilogue: LB_e[n, j] = B[n, j*E + e]."""
     return (L, B, B.stride(1), B.stride(0), E * B.stride(1), scaling)
 
 
-def _a_term(A, E, L, scaling):
-    """LoRA term L @ A_e of a backward dX GEMM: LB_e[n, j] = A[e*r + j, n]."""
+def _a_epilogue(A, E, L, scaling):
+    """LoRA term L @ A_e for the backward epilogue: LB_e[n, j] = A[e*r + j, n]."""
     r = A.shape[0] // E
     return (L, A, r * A.stride(0), A.stride(1), A.stride(0), scaling)
 
@@ -707,13 +703,13 @@ class _MoEExperts(torch.autograd.Function):
         xa = act_a = None
         if A_gu is not None:
             xa = _lowrank(x, row_token, _a_factor(A_gu, E), tables, S, bm)
-            lora_gu = _b_term(B_gu, E, xa, s_gu)
+            lora_gu = _b_epilogue(B_gu, E, xa, s_gu)
         h = torch.empty(S, N1, device=x.device, dtype=x.dtype)
         act = torch.empty(S, I, device=x.device, dtype=x.dtype)
         _gemm(x, row_token, gu_args, tables, bm, act, bias=gu_b, lora=lora_gu, epi=1, aux=h, limit=limit, alpha=alpha)
         if A_d is not None:
             act_a = _lowrank(act, None, _a_factor(A_d, E), tables, S, bm)
-            lora_d = _b_term(B_d, E, act_a, s_d)
+            lora_d = _b_epilogue(B_d, E, act_a, s_d)
         if skip_output:  # a checkpoint recompute (backends.output_unused): backward needs only what is saved below
             out = x.new_zeros(T, H)
         else:
@@ -746,7 +742,7 @@ class _MoEExperts(torch.autograd.Function):
         lora_d = d_outB = None
         if A_d is not None:
             d_outB = _lowrank(d_out, row_token, _bt_factor(B_d, E), tables, S, bm)
-            lora_d = _a_term(A_d, E, d_outB, ctx.s_d)
+            lora_d = _a_epilogue(A_d, E, d_outB, ctx.s_d)
         g = torch.empty(S, I, device=x.device, dtype=x.dtype)
         _gemm(d_out, row_token, d_args, tables, bm, g, lora=lora_d)
         dh, dw, act = _swiglu_backward(g, h, rowscale, ctx.limit, ctx.alpha, store_act=A_d is not None)
@@ -771,7 +767,7 @@ class _MoEExperts(torch.autograd.Function):
         lora_gu = dhB = None
         if A_gu is not None:
             dhB = _lowrank(dh, None, _bt_factor(B_gu, E), tables, S, bm)
-            lora_gu = _a_term(A_gu, E, dhB, ctx.s_gu)
+            lora_gu = _a_epilogue(A_gu, E, dhB, ctx.s_gu)
             grads[5] = (_wgrad(dhB, None, x, row_token, None, offsets, E) * ctx.s_gu).reshape(A_gu.shape).to(A_gu.dtype)
             dB = _wgrad(dh, None, xa, None, None, offsets, E) * ctx.s_gu  # [E, 2I, r]
             grads[6] = dB.permute(1, 2, 0).reshape(B_gu.shape).to(B_gu.dtype)
