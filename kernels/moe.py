@@ -604,11 +604,11 @@ def _lowrank(p, p_idx, factor, tables, S, bm):
     F_, s_fe, s_fr, s_fk, r, K = factor
     _, _, offsets, tile_expert, tile_row = tables
     out = torch.empty(S, r, device=p.device, dtype=torch.float32)
-    sub = min(bm, 16 if _INTERPRET else 64)
+    sub = min(bm, 16 if _INTERPRET else 64)  # 64 rows x BK 64, 4 stages: the best of 7 shapes swept on the H200
     _lowrank_kernel[(tile_expert.numel(), bm // sub)](
         p, p_idx if p_idx is not None else offsets, p.stride(0), F_, s_fe, s_fr, s_fk, out,
         tile_expert, tile_row, offsets, K, r, GATHER_P=p_idx is not None, R_PAD=_r_pad(r),
-        BM=bm, SUB_M=sub, BK=32 if _INTERPRET else 128, num_warps=4)
+        BM=bm, SUB_M=sub, BK=32 if _INTERPRET else 64, num_warps=4, num_stages=1 if _INTERPRET else 4)
     return out
 
 
@@ -668,9 +668,13 @@ def _a_factor(A, E):
 
 
 def _bt_factor(B, E):
-    """LoRA B [N, r*E] (expert e owns columns e, E+e, ...) as F_e = B_e^T [r, N]."""
-    r = B.shape[1] // E
-    return B, B.stride(1), E * B.stride(1), B.stride(0), r, B.shape[0]
+    """LoRA B [N, r*E] (expert e owns columns e, E+e, ...) as F_e = B_e^T [r, N], copied to [E, r, N] so the
+    low-rank kernel's factor tiles load contiguously (read in place, each [BK, r] tile touched BK*r scattered
+    words: the T=16384 dh B_gu product ran at ~0.5 TB/s); the copy is N*r*E floats (<= 12 MB at gpt-oss shape)."""
+    N, rE = B.shape
+    r = rE // E
+    F_ = B.view(N, r, E).permute(2, 1, 0).contiguous()
+    return F_, r * N, N, 1, r, N
 
 
 def _b_epilogue(B, E, L, scaling):
