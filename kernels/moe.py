@@ -298,16 +298,10 @@ def _grouped_gemm_kernel(
                      other=0.0)
         lb = tl.load(LB + e.to(tl.int64) * s_lbe + rr[:, None] * s_lbr + rn[None, :] * s_lbn,
                      mask=(rr[:, None] < R) & nmask[None, :], other=0.0)
-        # ~fp32, not tf32: with plain tf32 the LoRA term's ~1e-3 error moves h across a bf16 rounding boundary
+        # tf32x3 (~fp32): with plain tf32 the LoRA term's ~1e-3 error moves h across a bf16 rounding boundary
         # next to the +-7 clamps often enough to flip ~1e-4 of the clamp masks, i.e. ~1% of dX. Accumulating into
-        # acc (scale folded into the [BM, r] factor) avoids a second [BM, BN] fp32 tile in registers. The
-        # backward dX GEMMs (QUANT 2, unswapped) take exact fp32 FMAs (~1% of a tile's FLOPs): their sm_90 BM=256
-        # builds spilled ~400 B per thread with tf32x3 and spill nothing so; builds whose accumulator comes from
-        # a swapped MMA (SWAP_AB, dot_scaled) spill with FMAs, so they keep tf32x3.
-        if QUANT == 2 and not SWAP_AB:
-            acc = tl.dot(la.to(tl.float32) * lora_scale, lb.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(la.to(tl.float32) * lora_scale, lb.to(tl.float32), acc, input_precision="tf32x3")
+        # acc (scale folded into the [BM, r] factor) avoids a second [BM, BN] fp32 tile in registers.
+        acc = tl.dot(la.to(tl.float32) * lora_scale, lb.to(tl.float32), acc, input_precision="tf32x3")
     if HAS_BIAS:
         acc += tl.load(bias + e * s_be + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
 
