@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from fastft.backends import is_output_unused
+from fastft.kernels import moe_hopper
 from fastft.kernels._env import interpreting
 from fastft.kernels.lora_linear import dense_weight
 from fastft.mxfp4 import MXFP4Tensor
@@ -99,7 +100,8 @@ def experts_reference(x, weights, index, gate_up, gate_up_bias, down, down_bias,
 # Weights: dense in HF layout [E, in, out], or MXFP4 stored [E, out, in] (in contiguous, 32-value groups along in).
 # Forward GEMMs reduce over `in` (MXFP4 groups run along K); backward dX GEMMs reduce over `out` and read the
 # same bytes transposed (groups run along N). Either way a [BK, BN] tile is dequantised in registers, then bf16
-# tl.dot with an fp32 accumulator; no dense copy of an expert exists anywhere.
+# tl.dot with an fp32 accumulator; no dense copy of an expert exists anywhere. On sm_90 the MXFP4 GEMMs with bf16
+# activations go to moe_hopper (Gluon): the same tiles and epilogues, with loads, decode and wgmma in separate warps.
 #
 # Saved for backward (bytes, T=16384, k=4, I=2880, r=16): gate_up pre-activation h [S, 2I] in x's dtype
 # (2 B * 65536 * 5760 = 755 MB), xa = x A_gu^T and act_a = act A_d^T [S, r] fp32 (8 MB), the routing tables
@@ -559,8 +561,12 @@ def _r_pad(r):
 
 def _gemm(a, a_idx, w_args, tables, bm, out, *, c_idx=None, bias=None, lora=None, rowscale=None, epi=0,
           aux=None, limit=7.0, alpha=1.702):
-    """Launch _grouped_gemm_kernel. lora = (L [S, r], LB, s_lbe, s_lbn, s_lbr, scaling)."""
+    """Launch _grouped_gemm_kernel (or, for MXFP4 weights on sm_90, moe_hopper's warp-specialised kernel).
+    lora = (L [S, r], LB, s_lbe, s_lbn, s_lbr, scaling)."""
     W, WS, quant, s_we, s_wk, s_wn, s_se, K, N = w_args
+    if quant in (1, 2) and _FORCE_META is None and not _INTERPRET and moe_hopper.can_run(a, out, K, bm):
+        return moe_hopper.ws_gemm(a, a_idx, W, WS, quant == 2, K, N, tables, bm, out, c_idx=c_idx, bias=bias,
+                                  lora=lora, rowscale=rowscale, epi=epi, aux=aux, limit=limit, alpha=alpha)
     if quant == 1 and a.dtype == torch.bfloat16 and _DOT_SCALED:
         quant = 3
     _, _, offsets, tile_expert, tile_row = tables

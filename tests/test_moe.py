@@ -293,15 +293,30 @@ def test_moe_matches_transformers_gpt_oss_mlp_with_peft():
 GPT_OSS = dict(H=2880, I=2880, E=32, k=4, r=16)
 
 
+def count_ws_launches(monkeypatch):
+    """Counts moe_hopper launches: on sm_90 the MXFP4 GEMMs must take it unless FASTFT_MOE_WS=0."""
+    calls = []
+    launch = moe_mod.moe_hopper.ws_gemm
+    monkeypatch.setattr(moe_mod.moe_hopper, "ws_gemm", lambda *a, **kw: calls.append(kw.get("epi")) or launch(*a, **kw))
+    return calls
+
+
+def expect_ws(quant):
+    return quant and moe_mod.moe_hopper.enabled() and torch.cuda.get_device_capability() == (9, 0)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("bm", [None, 256])  # None: _row_tile's pick (128 at this T); 256: the large-T row tile
-@pytest.mark.parametrize("quant", [True, False])
-def test_moe_gpu_gpt_oss_shape_bf16(quant, bm, monkeypatch):
+@pytest.mark.parametrize("quant,ws", [(True, "1"), (True, "0"), (False, "1")])  # ws 0: the Triton kernel on sm_90
+def test_moe_gpu_gpt_oss_shape_bf16(quant, ws, bm, monkeypatch):
     monkeypatch.setattr(moe_mod, "_BM_FIXED", bm)
+    monkeypatch.setenv("FASTFT_MOE_WS", ws)
+    calls = count_ws_launches(monkeypatch)
     c = GPT_OSS
     torch.manual_seed(1)
     p = make_problem(2053, c["H"], c["I"], c["E"], c["k"], c["r"], quant, device="cuda", dtype=torch.bfloat16)
     out, grads, ref, ref_grads = run_both(p)
+    assert len(calls) == (4 if expect_ws(quant) else 0), calls  # gate_up and down, forward and dX
     assert torch.isfinite(out).all()
     assert rel(out, ref) < 1e-2, rel(out, ref)
     errs = [rel(g, rg) for g, rg in zip(grads, ref_grads)]
@@ -310,8 +325,10 @@ def test_moe_gpu_gpt_oss_shape_bf16(quant, bm, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("bm", [None, 256])
-def test_moe_gpu_skewed_routing_bf16(bm, monkeypatch):
+@pytest.mark.parametrize("ws", ["1", "0"])
+def test_moe_gpu_skewed_routing_bf16(ws, bm, monkeypatch):
     monkeypatch.setattr(moe_mod, "_BM_FIXED", bm)
+    monkeypatch.setenv("FASTFT_MOE_WS", ws)
     c = GPT_OSS
     p = make_problem(1031, c["H"], c["I"], c["E"], c["k"], c["r"], True, device="cuda", dtype=torch.bfloat16)
     bias = torch.full((c["E"],), -1e3, device="cuda", dtype=torch.bfloat16)

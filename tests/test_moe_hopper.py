@@ -1,0 +1,71 @@
+"""The Hopper MoE GEMM (fastft.kernels.moe_hopper) builds for sm_90 without a GPU: Triton's own ptxas compiles each
+variant the MoE block launches, so a Gluon API change or a register / shared-memory overflow fails here, on CPU.
+Its numerics are tested on the GPU against the fp32 reference (tests/test_moe.py, -m gpu)."""
+
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+moe_hopper = pytest.importorskip("fastft.kernels.moe_hopper")
+if not moe_hopper.HAS_GLUON:
+    pytest.skip("this triton has no Gluon", allow_module_level=True)
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
+
+BIN = Path(triton.__path__[0]) / "backends" / "nvidia" / "bin"
+SMEM_LIMIT = 232448  # sm_90: 227 KB of dynamic shared memory per block
+POINTERS = {"A": "*bf16", "a_idx": "*i32", "W": "*u8", "WS": "*u8", "bias": "*bf16", "L": "*fp32", "LB": "*bf16",
+            "C": "*bf16", "c_idx": "*i32", "rowscale": "*fp32", "AUX": "*bf16", "tile_expert": "*i32",
+            "tile_row": "*i32", "offsets": "*i32"}
+FLOATS = ("lora_scale", "limit", "alpha")
+# Arguments not specialised as multiples of 16 at gpt-oss shape (e.g. the scale rows, in / 32 = 90 bytes).
+ODD = ("num_tiles", "R", "s_sr", "s_lbe", "s_lbn", "s_lbr", "s_lm", "s_be") + FLOATS
+# The four GEMMs of one MoE block: (TRANS, EPI, GATHER_A, SCATTER_C, HAS_BIAS, ROWSCALE)
+VARIANTS = {
+    "gate_up forward": (False, 1, True, False, True, False),
+    "down forward": (False, 0, False, True, True, True),
+    "down dX": (True, 0, True, False, False, False),
+    "gate_up dX": (True, 0, False, True, False, False),
+}
+
+
+def build(variant, bm):
+    fn = moe_hopper._ws_gemm_kernel
+    trans, epi, gather, scatter, has_bias, rowscale = VARIANTS[variant]
+    meta = dict(moe_hopper.META[bm])
+    num_warps = meta.pop("num_warps")
+    const = dict(TRANS=trans, EPI=epi, GATHER_A=gather, SCATTER_C=scatter, HAS_BIAS=has_bias, ROWSCALE=rowscale,
+                 BM=bm, BK=moe_hopper.BK, GROUP=moe_hopper.GROUP_M, num_warps=num_warps, **meta)
+    sig = {n: "constexpr" if n in const else POINTERS.get(n, "fp32" if n in FLOATS else "i32") for n in fn.arg_names}
+    attrs = {(i, ): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+             if sig[n] != "constexpr" and n not in ODD}
+    return triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
+                          target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=1))
+
+
+def main_loop_spills(cubin: bytes) -> int:
+    """Local-memory ops between the MMA partition's first wgmma and its loop's back branch."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([str(BIN / "cuobjdump"), "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout.splitlines()
+    first = next(i for i, ln in enumerate(sass) if "HGMMA" in ln)
+    last = max(i for i, ln in enumerate(sass) if "HGMMA" in ln)
+    end = next(i for i in range(last, len(sass)) if re.search(r"\bBRA\b", sass[i]))
+    return sum(bool(re.search(r"\b(LDL|STL)\b", ln)) for ln in sass[first:end + 1])
+
+
+@pytest.mark.skipif(not (BIN / "ptxas").exists(), reason="triton without its bundled ptxas")
+@pytest.mark.parametrize("bm", [128, 256])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_builds_for_sm90_within_smem_without_main_loop_spills(variant, bm):
+    c = build(variant, bm)
+    assert c.metadata.shared <= SMEM_LIMIT
+    assert "wgmma.mma_async" in c.asm["ptx"]
+    assert main_loop_spills(c.asm["cubin"]) == 0
