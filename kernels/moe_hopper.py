@@ -28,7 +28,9 @@ Every partition walks the same K // BK steps of one tile, so all counters start 
 
 The LoRA term (acc += s * L[rows, :R] @ LB_e[cols, :R]^T, R = 16) is R rank-1 fp32 updates of the accumulator in
 the epilogue: exact fp32 (the Triton kernel needs tf32x3 to keep the clamp masks of h stable, see moe.py) and no
-second [BM, BN] tile in registers.
+second [BM, BN] tile in registers. The loader stages both factors' tiles in shared memory once its K loop is done,
+so the epilogue does not wait on global loads: read from global memory there, 16 dependent load rounds per tile
+made the T=16384 block's four GEMMs 6.3 ms slower with LoRA than without (H200).
 
 Shared memory per program (bf16 A and B rings of NUM_STAGES, raw ring of RAW_STAGES): BM=256: 4 * 32 KB + 4 * 16 KB
 + 6 * 4 KB ~ 218 KB of the 227 KB an sm_90 block may have, so one program per SM.
@@ -57,12 +59,18 @@ except ImportError:  # triton without Gluon (or no triton): the Triton kernel se
 
 BK = 64
 GROUP_M = 8  # programs sharing GROUP_M row tiles walk all column blocks (A stays in L2), as in moe.py
-# Per row tile BM (the routing tables are built for one): BN=128 tiles; 4 loader and 4 decoder warps at 56-64
-# registers leave the MMA warps 256 (BM=128, one warp group) or 200 (BM=256, two) registers, spill-free.
+# Per row tile BM (the routing tables are built for one) and LoRA or not: BN=128 tiles; 4 loader and 4 decoder
+# warps at 56-64 registers leave the MMA warps 256 (BM=128, one warp group) or 200 (BM=256, two) registers,
+# spill-free. At BM=256 the LoRA tiles (20 KB) fit beside 3 stages only, and the loader, which also stages them,
+# needs 72 registers not to spill in its K loop (sm_90 builds, tests/test_moe_hopper.py).
 META = {
-    128: dict(BN=128, NUM_STAGES=4, RAW_STAGES=6, LOAD_WARPS=4, DEC_WARPS=4, LOAD_REGS=56, DEC_REGS=64, num_warps=4),
-    256: dict(BN=128, NUM_STAGES=4, RAW_STAGES=6, LOAD_WARPS=4, DEC_WARPS=4, LOAD_REGS=56, DEC_REGS=56, num_warps=8),
+    (128, False): dict(BN=128, NUM_STAGES=4, RAW_STAGES=6, LOAD_WARPS=4, DEC_WARPS=4, LOAD_REGS=56, DEC_REGS=64,
+                       num_warps=4),
+    (256, False): dict(BN=128, NUM_STAGES=4, RAW_STAGES=6, LOAD_WARPS=4, DEC_WARPS=4, LOAD_REGS=56, DEC_REGS=56,
+                       num_warps=8),
 }
+META[128, True] = META[128, False]
+META[256, True] = dict(META[256, False], NUM_STAGES=3, LOAD_REGS=72, DEC_REGS=48)
 
 
 def enabled() -> bool:
@@ -75,7 +83,7 @@ def can_run(a: torch.Tensor, out: torch.Tensor, K: int, bm: int) -> bool:
     tile. (MXFP4 weights are the caller's check: QUANT 1 or 2.)"""
     return (enabled() and a.is_cuda and torch.cuda.get_device_capability(a.device) == (9, 0)
             and a.dtype == torch.bfloat16 and out.dtype == torch.bfloat16 and a.stride(1) == 1
-            and out.stride(1) == 1 and K % BK == 0 and bm in META)
+            and out.stride(1) == 1 and K % BK == 0 and (bm, False) in META)
 
 
 if HAS_GLUON:
@@ -104,10 +112,11 @@ if HAS_GLUON:
         return gl.BlockedLayout([1, 1, 16], [32 // G, G, 1], [num_warps, 1, 1], [2, 1, 0])
 
     @gluon.jit
-    def _loader(A, a_idx, s_am, W, WS, s_we, s_wr, s_se, s_sr, e, row0, row_end, n0, K, N,
-                a_bufs, raw_bufs, sc_bufs, a_ready, ab_empty, raw_ready, raw_empty,
-                TRANS: gl.constexpr, GATHER_A: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
-                BK: gl.constexpr, NUM_STAGES: gl.constexpr, RAW_STAGES: gl.constexpr, LOAD_WARPS: gl.constexpr):
+    def _loader(A, a_idx, s_am, W, WS, s_we, s_wr, s_se, s_sr, L, s_lm, LBt, lora_scale, R, e, row0, row_end, n0,
+                K, N, a_bufs, raw_bufs, sc_bufs, l_smem, lb_smem, a_ready, ab_empty, raw_ready, raw_empty, lora_ready,
+                TRANS: gl.constexpr, GATHER_A: gl.constexpr, R_PAD: gl.constexpr, BM: gl.constexpr,
+                BN: gl.constexpr, BK: gl.constexpr, NUM_STAGES: gl.constexpr, RAW_STAGES: gl.constexpr,
+                LOAD_WARPS: gl.constexpr):
         RR: gl.constexpr = BK if TRANS else BN  # raw tile [RR, RC/2] bytes: rows as stored, RC values per row
         RC: gl.constexpr = BN if TRANS else BK
         G: gl.constexpr = RC // 32
@@ -162,6 +171,17 @@ if HAS_GLUON:
             async_copy.async_copy_global_to_shared(a_bufs.index(s), a_ptr + i * BK)
             async_copy.mbarrier_arrive(a_ready.index(s), increment_count=False)
             sc = sc_next
+        if R_PAD > 0:
+            # LoRA tiles, transposed ([R, BM] scaled L, [R, BN] of LBt = [E, R, N]) so the epilogue reads one
+            # rank's row and column vectors at a time; rows past the end read a valid row, columns are clamped
+            V: gl.constexpr = gl.BlockedLayout([1], [32], [LOAD_WARPS], [0])
+            rl = row0 + gl.arange(0, BM, layout=V)
+            l_ptr = L + gl.where(rl < row_end, rl, row0).to(gl.int64) * s_lm
+            lb_ptr = LBt + e.to(gl.int64) * R * N + gl.minimum(n0 + gl.arange(0, BN, layout=V), N - 1)
+            for j in gl.static_range(R_PAD):
+                l_smem.index(j).store(gl.load(l_ptr + j, mask=j < R, other=0.0).to(gl.float32) * lora_scale)
+                lb_smem.index(j).store(gl.load(lb_ptr + j * N, mask=j < R, other=0.0))
+            mbarrier.arrive(lora_ready, count=1)
 
     @gluon.jit
     def _decoder(raw_bufs, sc_bufs, b_bufs, ab_empty, raw_ready, raw_empty, b_ready, K,
@@ -188,10 +208,10 @@ if HAS_GLUON:
             mbarrier.arrive(b_ready.index(s), count=1)
 
     @gluon.jit
-    def _mma(bias, s_be, L, s_lm, LB, s_lbe, s_lbn, s_lbr, lora_scale, R, C, c_idx, s_cm, rowscale, AUX, s_xm,
-             e, row0, row_end, n0, K, N, limit, alpha, a_bufs, b_bufs, a_ready, ab_empty, b_ready,
+    def _mma(bias, s_be, R, C, c_idx, s_cm, rowscale, AUX, s_xm, e, row0, row_end, n0, K, N, limit, alpha,
+             a_bufs, b_bufs, l_smem, lb_smem, a_ready, ab_empty, b_ready, lora_ready,
              TRANS: gl.constexpr, EPI: gl.constexpr, SCATTER_C: gl.constexpr, HAS_BIAS: gl.constexpr,
-             ROWSCALE: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
+             ROWSCALE: gl.constexpr, R_PAD: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
              NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):
         MMA_L: gl.constexpr = _mma_layout(BM, BN, num_warps)
         acc = gl.zeros([BM, BN], gl.float32, layout=MMA_L)
@@ -216,11 +236,12 @@ if HAS_GLUON:
         mmask = rm < row_end
         rn = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, MMA_L))
         nmask = rn < N
-        # LoRA: R rank-1 fp32 updates, a loop the compiler keeps rolled (unrolled, its hoisted loads spill)
-        for j in range(R):
-            lo = gl.load(L + rm.to(gl.int64) * s_lm + j, mask=mmask, other=0.0).to(gl.float32) * lora_scale
-            lb = gl.load(LB + e.to(gl.int64) * s_lbe + rn * s_lbn + j * s_lbr, mask=nmask, other=0.0)
-            acc += gl.expand_dims(lo, 1) * gl.expand_dims(lb.to(gl.float32), 0)
+        if R_PAD > 0:  # LoRA: R rank-1 fp32 updates from the staged tiles (a rolled loop: unrolled, it spills)
+            mbarrier.wait(lora_ready, 0)
+            for j in range(R):
+                lo = l_smem.index(j).load(gl.SliceLayout(1, MMA_L))
+                lb = lb_smem.index(j).load(gl.SliceLayout(0, MMA_L)).to(gl.float32)
+                acc += gl.expand_dims(lo, 1) * gl.expand_dims(lb, 0)
         if HAS_BIAS:
             acc += gl.expand_dims(gl.load(bias + e * s_be + rn, mask=nmask, other=0.0).to(gl.float32), 0)
         if EPI == 0:
@@ -249,10 +270,10 @@ if HAS_GLUON:
 
     @gluon.jit
     def _ws_gemm_kernel(A, a_idx, s_am, W, WS, s_we, s_wr, s_se, s_sr, bias, s_be,
-                        L, s_lm, LB, s_lbe, s_lbn, s_lbr, lora_scale, R, C, c_idx, s_cm, rowscale, AUX, s_xm,
+                        L, s_lm, LBt, lora_scale, R, C, c_idx, s_cm, rowscale, AUX, s_xm,
                         tile_expert, tile_row, offsets, num_tiles, K, N, limit, alpha,
                         TRANS: gl.constexpr, EPI: gl.constexpr, GATHER_A: gl.constexpr, SCATTER_C: gl.constexpr,
-                        HAS_BIAS: gl.constexpr, ROWSCALE: gl.constexpr,
+                        HAS_BIAS: gl.constexpr, ROWSCALE: gl.constexpr, R_PAD: gl.constexpr,
                         BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, GROUP: gl.constexpr,
                         NUM_STAGES: gl.constexpr, RAW_STAGES: gl.constexpr, LOAD_WARPS: gl.constexpr,
                         DEC_WARPS: gl.constexpr, LOAD_REGS: gl.constexpr, DEC_REGS: gl.constexpr,
@@ -284,6 +305,12 @@ if HAS_GLUON:
             ab_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
             raw_ready = gl.allocate_shared_memory(gl.int64, [RAW_STAGES, 1], mbarrier.MBarrierLayout())
             raw_empty = gl.allocate_shared_memory(gl.int64, [RAW_STAGES, 1], mbarrier.MBarrierLayout())
+            lora_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+            # the LoRA tiles (a token allocation without LoRA)
+            LR: gl.constexpr = R_PAD if R_PAD > 0 else 1
+            vec_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
+            l_smem = gl.allocate_shared_memory(gl.float32, [LR, BM if R_PAD > 0 else 32], vec_layout)
+            lb_smem = gl.allocate_shared_memory(LBt.dtype.element_ty, [LR, BN if R_PAD > 0 else 32], vec_layout)
             for j in gl.static_range(NUM_STAGES):
                 mbarrier.init(a_ready.index(j), count=LOAD_WARPS * 32)  # one cp.async arrival per loader thread
                 mbarrier.init(b_ready.index(j), count=1)
@@ -291,14 +318,16 @@ if HAS_GLUON:
             for j in gl.static_range(RAW_STAGES):
                 mbarrier.init(raw_ready.index(j), count=LOAD_WARPS * 32 + 1)  # + the scale stores' arrival
                 mbarrier.init(raw_empty.index(j), count=1)
+            mbarrier.init(lora_ready, count=1)
 
             gl.warp_specialize([
-                (_mma, (bias, s_be, L, s_lm, LB, s_lbe, s_lbn, s_lbr, lora_scale, R, C, c_idx, s_cm, rowscale, AUX,
-                        s_xm, e, row0, row_end, n0, K, N, limit, alpha, a_bufs, b_bufs, a_ready, ab_empty, b_ready,
-                        TRANS, EPI, SCATTER_C, HAS_BIAS, ROWSCALE, BM, BN, BK, NUM_STAGES, num_warps)),
-                (_loader, (A, a_idx, s_am, W, WS, s_we, s_wr, s_se, s_sr, e, row0, row_end, n0, K, N,
-                           a_bufs, raw_bufs, sc_bufs, a_ready, ab_empty, raw_ready, raw_empty,
-                           TRANS, GATHER_A, BM, BN, BK, NUM_STAGES, RAW_STAGES, LOAD_WARPS)),
+                (_mma, (bias, s_be, R, C, c_idx, s_cm, rowscale, AUX, s_xm, e, row0, row_end, n0, K, N, limit,
+                        alpha, a_bufs, b_bufs, l_smem, lb_smem, a_ready, ab_empty, b_ready, lora_ready,
+                        TRANS, EPI, SCATTER_C, HAS_BIAS, ROWSCALE, R_PAD, BM, BN, BK, NUM_STAGES, num_warps)),
+                (_loader, (A, a_idx, s_am, W, WS, s_we, s_wr, s_se, s_sr, L, s_lm, LBt, lora_scale, R, e, row0,
+                           row_end, n0, K, N, a_bufs, raw_bufs, sc_bufs, l_smem, lb_smem, a_ready, ab_empty,
+                           raw_ready, raw_empty, lora_ready, TRANS, GATHER_A, R_PAD, BM, BN, BK, NUM_STAGES,
+                           RAW_STAGES, LOAD_WARPS)),
                 (_decoder, (raw_bufs, sc_bufs, b_bufs, ab_empty, raw_ready, raw_empty, b_ready, K,
                             TRANS, BN, BK, NUM_STAGES, RAW_STAGES, DEC_WARPS)),
             ], [LOAD_WARPS, DEC_WARPS], [LOAD_REGS, DEC_REGS])
@@ -308,21 +337,25 @@ def ws_gemm(a, a_idx, blocks, scales, trans, K, N, tables, bm, out, *, c_idx=Non
             rowscale=None, epi=0, aux=None, limit=7.0, alpha=1.702):
     """moe._gemm's launch for MXFP4 weights on sm_90 (check can_run first). blocks / scales: the expert stack's
     uint8 bytes [E, out * in / 2] and scales [E, out * in / 32]; trans: the backward orientation (QUANT 2)."""
-    m = META[bm]
+    m = META[bm, lora is not None]
     _, _, offsets, tile_expert, tile_row = tables
     num_tiles = tile_expert.numel()
     s_wr = (N if trans else K) // 2  # bytes per stored row (the forward's input features / 2)
-    dummy = out
-    L, LB, s_lbe, s_lbn, s_lbr, scaling = lora if lora is not None else (dummy, dummy, 0, 0, 0, 0.0)
+    L, LBt, R, scaling = out, out, 0, 0.0
+    if lora is not None:
+        L, LB, s_lbe, s_lbn, s_lbr, scaling = lora
+        R = L.shape[1]
+        # the expert factor as [E, R, N], N contiguous (<= 6 MB at gpt-oss shape): the loader reads rank rows
+        LBt = torch.as_strided(LB, (blocks.shape[0], R, N), (s_lbe, s_lbr, s_lbn)).contiguous()
     _ws_gemm_kernel[(num_tiles * triton.cdiv(N, m["BN"]), )](
         a, a_idx if a_idx is not None else offsets, a.stride(0),
         blocks, scales, blocks.stride(0), s_wr, scales.stride(0), s_wr // 16,
-        bias if bias is not None else dummy, bias.stride(0) if bias is not None else 0,
-        L, L.stride(0), LB, s_lbe, s_lbn, s_lbr, float(scaling), L.shape[1] if lora is not None else 0,
+        bias if bias is not None else out, bias.stride(0) if bias is not None else 0,
+        L, L.stride(0), LBt, float(scaling), R,
         out, c_idx if c_idx is not None else offsets, out.stride(0),
-        rowscale if rowscale is not None else dummy,
-        aux if aux is not None else dummy, aux.stride(0) if aux is not None else 0,
+        rowscale if rowscale is not None else out,
+        aux if aux is not None else out, aux.stride(0) if aux is not None else 0,
         tile_expert, tile_row, offsets, num_tiles, K, N, float(limit), float(alpha),
         TRANS=trans, EPI=epi, GATHER_A=a_idx is not None, SCATTER_C=c_idx is not None, HAS_BIAS=bias is not None,
-        ROWSCALE=rowscale is not None, BM=bm, BK=BK, GROUP=GROUP_M, **m)
+        ROWSCALE=rowscale is not None, R_PAD=triton.next_power_of_2(R) if R else 0, BM=bm, BK=BK, GROUP=GROUP_M, **m)
     return out

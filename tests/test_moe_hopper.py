@@ -19,12 +19,12 @@ from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
 
 BIN = Path(triton.__path__[0]) / "backends" / "nvidia" / "bin"
 SMEM_LIMIT = 232448  # sm_90: 227 KB of dynamic shared memory per block
-POINTERS = {"A": "*bf16", "a_idx": "*i32", "W": "*u8", "WS": "*u8", "bias": "*bf16", "L": "*fp32", "LB": "*bf16",
+POINTERS = {"A": "*bf16", "a_idx": "*i32", "W": "*u8", "WS": "*u8", "bias": "*bf16", "L": "*fp32", "LBt": "*bf16",
             "C": "*bf16", "c_idx": "*i32", "rowscale": "*fp32", "AUX": "*bf16", "tile_expert": "*i32",
             "tile_row": "*i32", "offsets": "*i32"}
 FLOATS = ("lora_scale", "limit", "alpha")
 # Arguments not specialised as multiples of 16 at gpt-oss shape (e.g. the scale rows, in / 32 = 90 bytes).
-ODD = ("num_tiles", "R", "s_sr", "s_lbe", "s_lbn", "s_lbr", "s_lm", "s_be") + FLOATS
+ODD = ("num_tiles", "R", "s_sr", "s_be") + FLOATS
 # The four GEMMs of one MoE block: (TRANS, EPI, GATHER_A, SCATTER_C, HAS_BIAS, ROWSCALE)
 VARIANTS = {
     "gate_up forward": (False, 1, True, False, True, False),
@@ -34,13 +34,13 @@ VARIANTS = {
 }
 
 
-def build(variant, bm):
+def build(variant, bm, lora):
     fn = moe_hopper._ws_gemm_kernel
     trans, epi, gather, scatter, has_bias, rowscale = VARIANTS[variant]
-    meta = dict(moe_hopper.META[bm])
+    meta = dict(moe_hopper.META[bm, lora])
     num_warps = meta.pop("num_warps")
     const = dict(TRANS=trans, EPI=epi, GATHER_A=gather, SCATTER_C=scatter, HAS_BIAS=has_bias, ROWSCALE=rowscale,
-                 BM=bm, BK=moe_hopper.BK, GROUP=moe_hopper.GROUP_M, num_warps=num_warps, **meta)
+                 R_PAD=16 if lora else 0, BM=bm, BK=moe_hopper.BK, GROUP=moe_hopper.GROUP_M, num_warps=num_warps, **meta)
     sig = {n: "constexpr" if n in const else POINTERS.get(n, "fp32" if n in FLOATS else "i32") for n in fn.arg_names}
     attrs = {(i, ): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
              if sig[n] != "constexpr" and n not in ODD}
@@ -62,10 +62,10 @@ def main_loop_spills(cubin: bytes) -> int:
 
 
 @pytest.mark.skipif(not (BIN / "ptxas").exists(), reason="triton without its bundled ptxas")
-@pytest.mark.parametrize("bm", [128, 256])
+@pytest.mark.parametrize("bm,lora", [(128, True), (256, True), (256, False)])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_builds_for_sm90_within_smem_without_main_loop_spills(variant, bm):
-    c = build(variant, bm)
+def test_builds_for_sm90_within_smem_without_main_loop_spills(variant, bm, lora):
+    c = build(variant, bm, lora)
     assert c.metadata.shared <= SMEM_LIMIT
     assert "wgmma.mma_async" in c.asm["ptx"]
     assert main_loop_spills(c.asm["cubin"]) == 0
