@@ -5,7 +5,12 @@ Rivals, measured in the same invocation, same x / dy / adapters (bf16, rank --ra
             peft's LoRA runs);  bf16: cuBLAS F.linear over a bf16 weight + the same LoRA matmuls.
 fastft is timed three ways: auto (fastft_ms: what users get; `path` says which path it chose at this T), and each
 path forced through FASTFT_LORA_PATH (fastft_fused_ms, fastft_slabs_ms). rel_err_* is the worst of the three against
-an fp32 reference over the same dequantised weight. One row per T x projection x fastft weight format. Usage:
+an fp32 reference over the same dequantised weight. One row per T x projection x fastft weight format.
+
+Timing (`timing` column): every contender's step is captured once in a CUDA graph and its replays are timed
+("cuda_graph": GPU time); the k/v steps (~0.3 ms of kernels at T=16384) are host-bound when launched eagerly, so
+eager timing ranks the implementations' Python dispatch rather than their GPU work (METHOD.md). The eager medians
+stay in *_eager_ms. If any contender fails to capture, the row falls back to eager times ("eager"). Usage:
   python benchmarks/bench_lora_linear.py [--quick] [--T 4096,16384] [--shapes q,k,v,o] [--rank 16] [--slab-mib 8]
 """
 
@@ -20,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import extra_peak_gib, record, time_ms  # noqa: E402
+from benchmarks.common import extra_peak_gib, record, time_graph_ms, time_ms  # noqa: E402
 import fastft.kernels.lora_linear as lora_mod  # noqa: E402
 from fastft.kernels.lora_linear import lora_linear, lora_path  # noqa: E402
 from fastft.quant import quantize_mxfp4, quantize_nf4  # noqa: E402
@@ -56,6 +61,11 @@ class _forced_path:
         os.environ.pop("FASTFT_LORA_PATH", None)
         if self.saved is not None:
             os.environ["FASTFT_LORA_PATH"] = self.saved
+
+
+def _times(step, warm, iters):
+    """(eager median ms, CUDA-graph replay median ms or None) of one contender's step."""
+    return time_ms(step, warm, iters), time_graph_ms(step, warmup=warm, iters=max(5, iters // 5))
 
 
 def _rel(a, b):
@@ -101,13 +111,13 @@ def main():
             params = (A, B)
 
             bf16_step = _fwd_bwd(lambda: F.linear(x, w, bias) + _peft_lora(x, A, B, s), x, params, dy)
-            bf16_ms = time_ms(bf16_step, warm, iters)
-            bnb_ms = None
+            bf16_t = _times(bf16_step, warm, iters)
+            bnb_t = None
             if bnb is not None:
                 wq, qs = bnb.functional.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
                 bnb_step = _fwd_bwd(lambda: bnb.matmul_4bit(x, wq.t(), quant_state=qs, bias=bias)
                                     + _peft_lora(x, A, B, s), x, params, dy)
-                bnb_ms = time_ms(bnb_step, warm, iters)
+                bnb_t = _times(bnb_step, warm, iters)
                 del wq, qs, bnb_step
 
             for fmt in ("nf4", "mxfp4"):
@@ -121,7 +131,7 @@ def main():
                 yf.backward(dy.float())
                 ref_dx, ref_dA = xf.grad, Af.grad
                 del xf, Af, Bf, yf
-                ms, peak, err_dx, err_dA = {}, {}, 0.0, 0.0
+                times, peak, err_dx, err_dA = {}, {}, 0.0, 0.0
                 for path in PATHS:
                     with _forced_path(path):
                         if path == "auto":
@@ -129,9 +139,14 @@ def main():
                         step()
                         err_dx = max(err_dx, _rel(x.grad.float(), ref_dx))
                         err_dA = max(err_dA, _rel(A.grad.float(), ref_dA))
-                        ms[path] = time_ms(step, warm, iters)
+                        times[path] = _times(step, warm, iters)
                         peak[path] = extra_peak_gib(step)
                 del ref_dx, ref_dA
+                contenders = [bf16_t, *times.values()] + ([bnb_t] if bnb_t else [])
+                timing = "cuda_graph" if all(t[1] is not None for t in contenders) else "eager"
+                pick = 1 if timing == "cuda_graph" else 0
+                ms = {path: t[pick] for path, t in times.items()}
+                bf16_ms, bnb_ms = bf16_t[pick], bnb_t[pick] if bnb_t else None
                 fastft_ms = ms["auto"]
                 metrics = {
                     "shape": f"{proj}:{in_f}->{out_f}", "format": fmt, "T": T, "rank": args.rank,
@@ -148,6 +163,9 @@ def main():
                     "fastft_slabs_extra_peak_gib": round(peak["slabs"], 4),
                     "bf16_extra_peak_gib": round(extra_peak_gib(bf16_step), 4),
                     "slab_mib": round(lora_mod.SLAB_BYTES / 2**20, 2),
+                    "timing": timing,
+                    "fastft_eager_ms": round(times["auto"][0], 4), "bf16_eager_ms": round(bf16_t[0], 4),
+                    "bnb_peft_eager_ms": round(bnb_t[0], 4) if bnb_t else None,
                     "rel_err_dx": err_dx, "rel_err_dA": err_dA,
                 }
                 print(f"T={T} {metrics['shape']} {fmt}: auto({metrics['path']}) {fastft_ms:.3f} ms, fused "

@@ -64,6 +64,41 @@ def time_ms(fn, warmup: int = 5, iters: int = 20) -> float:
     return statistics.median(times)
 
 
+def time_graph_ms(fn, warmup: int = 3, iters: int = 20, per_sample: int = 10):
+    """Median GPU time of fn() in ms from replays of a CUDA graph of one call (per_sample replays between each pair
+    of events), or None when fn cannot be captured. For steps whose kernels take less time than the host takes to
+    launch them: eager timing then measures each implementation's Python dispatch, not its GPU work (METHOD.md)."""
+    if not torch.cuda.is_available():
+        return None
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as torch's capture recipe asks
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception:  # noqa: BLE001 - e.g. a host synchronisation inside fn
+        torch.cuda.synchronize()
+        return None
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(per_sample):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / per_sample)
+    del graph
+    return statistics.median(times)
+
+
 def extra_peak_gib(fn) -> float:
     """Peak GPU memory allocated by fn() above what was allocated before it, in GiB (0 on CPU)."""
     if not torch.cuda.is_available():
