@@ -38,6 +38,7 @@ Shared memory per program (bf16 A and B rings of NUM_STAGES, raw ring of RAW_STA
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -78,10 +79,15 @@ def enabled() -> bool:
     return HAS_GLUON and os.environ.get("FASTFT_MOE_WS", "1") != "0"
 
 
+@functools.lru_cache(maxsize=None)
+def _is_sm90(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) == (9, 0)
+
+
 def can_run(a: torch.Tensor, out: torch.Tensor, K: int, bm: int) -> bool:
     """Whether this kernel serves a GEMM: sm_90, bf16 activations and output, K in whole BK steps, a known row
     tile. (MXFP4 weights are the caller's check: QUANT 1 or 2.)"""
-    return (enabled() and a.is_cuda and torch.cuda.get_device_capability(a.device) == (9, 0)
+    return (enabled() and a.is_cuda and _is_sm90(a.device)
             and a.dtype == torch.bfloat16 and out.dtype == torch.bfloat16 and a.stride(1) == 1
             and out.stride(1) == 1 and K % BK == 0 and (bm, False) in META)
 
