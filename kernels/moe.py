@@ -564,7 +564,7 @@ def _gemm(a, a_idx, w_args, tables, bm, out, *, c_idx=None, bias=None, lora=None
     """Launch _grouped_gemm_kernel (or, for MXFP4 weights on sm_90, moe_hopper's warp-specialised kernel).
     lora = (L [S, r], LB, s_lbe, s_lbn, s_lbr, scaling)."""
     W, WS, quant, s_we, s_wk, s_wn, s_se, K, N = w_args
-    if quant in (1, 2) and _FORCE_META is None and not _INTERPRET and moe_hopper.can_run(a, out, K, bm):
+    if quant in (1, 2) and _FORCE_META is None and moe_hopper.can_run(a, out, K, bm):
         return moe_hopper.ws_gemm(a, a_idx, W, WS, quant == 2, K, N, tables, bm, out, c_idx=c_idx, bias=bias,
                                   lora=lora, rowscale=rowscale, epi=epi, aux=aux, limit=limit, alpha=alpha)
     if quant == 1 and a.dtype == torch.bfloat16 and _DOT_SCALED:

@@ -44,6 +44,8 @@ import os
 
 import torch
 
+from fastft.kernels._env import interpreting
+
 try:
     import triton
     from triton.experimental import gluon
@@ -86,9 +88,9 @@ def _is_sm90(device: torch.device) -> bool:
 
 
 def can_run(a: torch.Tensor, out: torch.Tensor, K: int, bm: int) -> bool:
-    """Whether this kernel serves a GEMM: sm_90, bf16 activations and output, K in whole BK steps, a known row
-    tile. (MXFP4 weights are the caller's check: QUANT 1 or 2.)"""
-    return (enabled() and a.is_cuda and _is_sm90(a.device)
+    """Whether this kernel serves a GEMM: sm_90 (not under Triton's interpreter, which has no Gluon), bf16
+    activations and output, K in whole BK steps, a known row tile. (MXFP4 weights are the caller's check.)"""
+    return (enabled() and a.is_cuda and not interpreting() and _is_sm90(a.device)
             and a.dtype == torch.bfloat16 and out.dtype == torch.bfloat16 and a.stride(1) == 1
             and out.stride(1) == 1 and K % BK == 0 and (bm, False) in META)
 
