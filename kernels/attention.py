@@ -25,8 +25,9 @@ sinks and the [Hq, T] LSE / delta rows per head.
 Memory (T tokens, Hq heads): forward saves O plus LSE (4 * Hq * T bytes); backward adds delta (4 * Hq * T bytes)
 and dq/dk/dv. Nothing is O(T^2).
 
-Backward, FlashAttention-2 style: (1) delta = rowsum(dO * O); (2) dK/dV over key blocks, each program walking the
-query tiles of the Hq / Hkv heads of its kv head (PACK at a time) so GQA needs no atomics; (3) dQ over query tiles.
+Backward, FlashAttention-2 style, two kernels: (1) dQ over query tiles, each program first computing
+delta = rowsum(dO * O) for its rows (stored for (2); no separate delta pass); (2) dK/dV over key blocks, each program
+walking the query tiles of the Hq / Hkv heads of its kv head (PACK at a time) so GQA needs no atomics.
 dsinks, when asked for, is -sum_i P_sink(i, h) * delta(i, h), a cheap torch reduction over [Hq, T].
 """
 
@@ -193,18 +194,6 @@ if triton is not None:
         tl.store(LSE + h0.to(tl.int64) * T + hoff * T + offs_m, m_i + tl.math.log2(l_safe), mask=row_ok)
 
     @triton.jit
-    def _bwd_delta(O, DO, DELTA, T, stride_ot, stride_oh, stride_dot, stride_doh,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-        h = tl.program_id(0)
-        offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        mask = (offs_m < T)[:, None] & (offs_d[None, :] < HEAD_DIM)
-        rows = offs_m.to(tl.int64)[:, None]
-        o = tl.load(O + rows * stride_ot + h * stride_oh + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-        do = tl.load(DO + rows * stride_dot + h * stride_doh + offs_d[None, :], mask=mask, other=0.0)
-        tl.store(DELTA + h.to(tl.int64) * T + offs_m, tl.sum(o * do.to(tl.float32), 1), mask=offs_m < T)
-
-    @triton.jit
     def _dq_loop(dq, q, do, lse, delta, k_ptr, v_ptr, stride_kt, stride_vt, offs_m, lo, offs_nb, offs_d,
                  n_begin, n_end, n_full_lo, n_full_hi, T, qk_scale,
                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -227,12 +216,13 @@ if triton is not None:
         return dq
 
     @triton.jit
-    def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, DOC_START, T, window, qk_scale, sm_scale,
-                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    def _attn_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA, DOC_START, T, window, qk_scale, sm_scale,
+                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                      stride_dot, stride_doh, stride_dqt, stride_dqh,
                      GROUPS: tl.constexpr, PACK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
-        # same tiles and block walk as the forward
+        # same tiles and block walk as the forward; runs first and also computes delta = rowsum(dO * O) for its
+        # rows, stored for the dK/dV kernel (every row of every head lies in exactly one tile)
         TOK: tl.constexpr = BLOCK_M // PACK
         h0, m0, kvh, tok, hoff, offs_m, row_ok = _query_tile(T, GROUPS, PACK, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
@@ -244,9 +234,12 @@ if triton is not None:
         do_rows = _row_offsets(tok, hoff, offs_d, stride_dot, stride_doh)
         q = tl.load(Q + m0.to(tl.int64) * stride_qt + h0 * stride_qh + q_rows, mask=io_mask, other=0.0)
         do = tl.load(DO + m0.to(tl.int64) * stride_dot + h0 * stride_doh + do_rows, mask=io_mask, other=0.0)
+        o_rows = _row_offsets(tok, hoff, offs_d, stride_ot, stride_oh)
+        o = tl.load(O + m0.to(tl.int64) * stride_ot + h0 * stride_oh + o_rows, mask=io_mask, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         stat_rows = h0.to(tl.int64) * T + hoff * T + offs_m
+        tl.store(DELTA + stat_rows, delta, mask=row_ok)
         lse = tl.load(LSE + stat_rows, mask=row_ok, other=0.0)
-        delta = tl.load(DELTA + stat_rows, mask=row_ok, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         dq = _dq_loop(dq, q, do, lse, delta, K + kvh * stride_kh, V + kvh * stride_vh, stride_kt, stride_vt, offs_m,
                       lo, offs_nb, offs_d, k_start, k_end, n_full_lo, n_full_hi, T, qk_scale,
@@ -417,21 +410,18 @@ class _VarlenAttention(torch.autograd.Function):
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         delta = torch.empty((Hq, T), device=q.device, dtype=torch.float32)
         if T > 0:
-            _bwd_delta[(Hq, triton.cdiv(T, 64))](
-                o, do, delta, T, o.stride(0), o.stride(1), do.stride(0), do.stride(1),
-                HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=64)
+            bm, bn, warps, stages, pack = _tiles(config["dq"], Hq // Hkv)
+            _attn_bwd_dq[(Hq // pack, triton.cdiv(T, bm // pack))](
+                q, k, v, o, do, dq, lse, delta, doc_start, T, win, qk_scale, softmax_scale,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
+                do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
+                GROUPS=Hq // Hkv, PACK=pack, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, DOT_PREC=prec,
+                num_warps=warps, num_stages=stages)
             bm, bn, warps, stages, pack = _tiles(config["dkdv"], Hq // Hkv)
             _attn_bwd_dkdv[(Hkv, triton.cdiv(T, bn))](
                 q, k, v, do, dk, dv, lse, delta, doc_start, doc_end, T, win, qk_scale, softmax_scale,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-                GROUPS=Hq // Hkv, PACK=pack, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, DOT_PREC=prec,
-                num_warps=warps, num_stages=stages)
-            bm, bn, warps, stages, pack = _tiles(config["dq"], Hq // Hkv)
-            _attn_bwd_dq[(Hq // pack, triton.cdiv(T, bm // pack))](
-                q, k, v, do, dq, lse, delta, doc_start, T, win, qk_scale, softmax_scale,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
                 GROUPS=Hq // Hkv, PACK=pack, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, DOT_PREC=prec,
                 num_warps=warps, num_stages=stages)
         dsinks = None

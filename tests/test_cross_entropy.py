@@ -144,8 +144,8 @@ def _run_slabs(hidden, weight, labels, need_dh=True, **kw):
 
 
 @pytest.mark.parametrize("T,H,V,dtype,ignore_frac,kw", [
-    (13, 48, 131, torch.float32, 0.0, dict(block_rows=5, slab_cols=40, block_v=16)),   # 4 slabs of 33, two-pass
-    (13, 48, 131, torch.bfloat16, 0.4, dict(block_rows=4, slab_cols=40, block_v=64)),  # one-block kernel
+    (13, 48, 131, torch.float32, 0.0, dict(block_rows=5, slab_cols=40, block_v=16)),   # 4 slabs of 33, 3 chunks
+    (13, 48, 131, torch.bfloat16, 0.4, dict(block_rows=4, slab_cols=40, block_v=64)),  # one chunk per slab row
     (37, 33, 250, torch.bfloat16, 0.0, dict(block_rows=16, slab_cols=77, block_v=32)),  # 4 slabs of 63
     (1, 48, 97, torch.float16, 0.0, dict(slab_cols=30, block_v=8)),
     (9, 48, 300, torch.bfloat16, 0.2, dict(block_rows=3, slab_cols=160, block_v=256)),  # 2 slabs, 128-rounded
@@ -175,6 +175,27 @@ def test_slabs_target_at_every_column(block_v):
     loss, gh = _run_slabs(hidden, weight, labels, block_rows=16, slab_cols=16, block_v=block_v, num_warps=1)
     assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
     assert _rel(gh, ref_gh) <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_slabs_anchor_moves_within_and_across_slabs(dtype):
+    # Logits climbing ~1 per column over a 120-wide range (past every dtype's headroom several times inside a slab
+    # and across slabs) for half of the rows, falling for the other half: the kernel moves the anchor, rescales the
+    # P it already wrote and the rows of the dH accumulator. Exact against fp64 only if every rescale is right.
+    T, H, V = 10, 48, 120
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    hidden, weight, labels = _inputs(T, H, V, torch.float32, gen=g)
+    u = torch.randn(H, generator=g)
+    u /= u.norm()
+    ramp = torch.linspace(-60, 60, V)
+    weight = weight * 0.1 + ramp[:, None] * u / 8
+    hidden = hidden * 0.1 + u * 8 * torch.where(torch.arange(T) % 2 == 0, 1.0, -1.0)[:, None]
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    ref_loss, ref_gh, _ = _reference(hidden, weight, labels)
+    loss, gh = _run_slabs(hidden, weight, labels, block_rows=4, slab_cols=50, block_v=8, num_warps=1)
+    tol_loss, tol_grad = (1e-5, 1e-4) if dtype == torch.float32 else (1e-4, 1e-2)
+    assert abs(loss.item() - ref_loss.item()) <= tol_loss * abs(ref_loss.item())
+    assert _rel(gh, ref_gh) <= tol_grad
 
 
 def test_slabs_without_compaction_zero_ignored_rows_and_nan_bad_labels(monkeypatch):
