@@ -77,9 +77,10 @@ _BLOCK_ROWS = 2048
 _SLAB_BYTES = 128 * 2**20
 # int8 weight: the decoded slab [w, H] in the hidden dtype is the extra buffer; its budget caps the slab width.
 _SCRATCH_BYTES = 90 * 2**20
-# Slab kernel: columns per streamed chunk and warps (a row's chunks stream through one program).
-_SLAB_BLOCK_V = 4096
-_SLAB_WARPS = 8
+# Slab kernel: columns per streamed chunk and warps (a row's chunks stream through one program); swept at T=16384
+# on an H200 over 2048-16384 columns x 4-16 warps: within 5%, this the fastest (65.4 ms for the whole op).
+_SLAB_BLOCK_V = 2048
+_SLAB_WARPS = 4
 # How far a chunk's max may pass the row's anchor before the anchor moves: P <= exp(headroom) must fit P's dtype
 # (fp16 tops out at 65504 ~ e^11) and sums of 201k such terms stay far inside fp32.
 _HEADROOM = {torch.float32: 16.0, torch.bfloat16: 16.0, torch.float16: 8.0}
