@@ -37,10 +37,11 @@ rounded once to the hidden dtype, into one reused scratch [w, H]; the W[label] r
 scratch (free by then) at the end of a block. So the op is exactly the dense op on ``weight.dequantize(hidden.dtype)``
 plus one streaming pass over the codes per block of rows: V * H * 3 bytes moved (1.7 GB for gpt-oss, ~0.4 ms at an
 H200's bandwidth) against ~7 ms of GEMMs per 2048-row block (bench_cross_entropy.py --int8 measures it). The scratch
-is capped at _SCRATCH_BYTES (90 MiB: w <= 16384 at H=2880 in bf16). Extra peak at gpt-oss shapes (S=2048, w=15488
-after balancing; any T): logits 121 MiB + scratch 85 MiB + acc 22.5 MiB + the int8 label rows 5.6 MiB = 234 MiB; with
-ignored labels the compacted block's hidden rows (11.25 MiB) live through the block and the bf16 copy of its dH (11.25
-MiB) replaces the freed label rows at its end: 251 MiB, under 256 MiB at T=16384 or any other T.
+is capped at _SCRATCH_BYTES (90 MiB: w <= 16384 at H=2880 in bf16). Blocks are 4096 rows (_INT8_PLAN: the decode is
+per block); extra peak at gpt-oss shapes (S=4096, w=7552 after balancing; any T): logits 118 MiB + scratch 41.5 MiB +
+acc 45 MiB (the W[label] rows decode into the scratch, free by then) = 205 MiB; with ignored labels the compacted
+block's hidden rows (22.5 MiB) live through the block and the bf16 copy of its dH (22.5 MiB) is made at its end:
+250 MiB, under 256 MiB at T=16384 or any other T.
 
 Precision: the logits are never rounded to bf16, so the loss is fp32-exact up to the GEMM's own accumulation (it
 meets 1e-4 relative against fp64 even for peaked softmaxes, where bf16 logits miss by 1e-3). G is unscaled (values
@@ -77,6 +78,10 @@ _BLOCK_ROWS = 2048
 _SLAB_BYTES = 128 * 2**20
 # int8 weight: the decoded slab [w, H] in the hidden dtype is the extra buffer; its budget caps the slab width.
 _SCRATCH_BYTES = 90 * 2**20
+# int8 weight: every block of rows decodes the whole weight once (1.7 GB moved), so blocks are twice as tall, with a
+# smaller logits buffer to stay under 256 MiB: 4096 x 7552 x 4 B = 118 MiB + scratch 41.5 + acc 45 + compaction 45 =
+# 250 MiB. Measured at T=4096 on an H200 (an e2e step's loss): 18.6 ms vs 20.6 ms at 2048-row blocks.
+_INT8_PLAN = (4096, 120 * 2**20)
 # Slab kernel: columns per streamed chunk and warps (a row's chunks stream through one program); swept at T=16384
 # on an H200 over 2048-16384 columns x 4-16 warps: within 5%, this the fastest (65.4 ms for the whole op).
 _SLAB_BLOCK_V = 2048
@@ -309,13 +314,14 @@ def _forward(hidden, weight, labels, ignore_index, need_dh, need_dw, chunk_rows=
     return loss_rows.sum(), n_valid, grad_h, grad_w
 
 
-def _slab_plan(n_rows, vocab, block_rows, slab_cols, max_cols=None):
+def _slab_plan(n_rows, vocab, block_rows, slab_cols, max_cols=None, defaults=(_BLOCK_ROWS, _SLAB_BYTES)):
     """(rows per block, columns per slab): blocks and slabs balanced so the last ones are not slivers. max_cols caps
-    the default slab width (an int8 weight's decode scratch)."""
-    block_rows = max(1, min(block_rows or _BLOCK_ROWS, n_rows))
+    the default slab width (an int8 weight's decode scratch); defaults = (rows per block, logits buffer bytes)."""
+    default_rows, slab_bytes = defaults
+    block_rows = max(1, min(block_rows or default_rows, n_rows))
     block_rows = -(-n_rows // -(-n_rows // block_rows))
     if slab_cols is None:  # the fp32 [block, slab] logits buffer is the big allocation
-        slab_cols = max(128, _SLAB_BYTES // (block_rows * 4) // 128 * 128)
+        slab_cols = max(128, slab_bytes // (block_rows * 4) // 128 * 128)
         if max_cols is not None:
             slab_cols = max(128, min(slab_cols, max_cols // 128 * 128))
     slab_cols = max(1, min(slab_cols, vocab))
@@ -342,8 +348,11 @@ def _forward_slabs(hidden, weight, labels, ignore_index, need_dh, block_rows=Non
     if n_rows == 0:
         return loss_rows.sum(), n_valid, grad_h
 
-    max_cols = _SCRATCH_BYTES // (H * hidden.element_size()) if int8 else None
-    S, W = _slab_plan(n_rows, V, block_rows, slab_cols, max_cols)
+    if int8:
+        S, W = _slab_plan(n_rows, V, block_rows, slab_cols, _SCRATCH_BYTES // (H * hidden.element_size()),
+                          defaults=_INT8_PLAN)
+    else:
+        S, W = _slab_plan(n_rows, V, block_rows, slab_cols)
     block_v = block_v or min(_SLAB_BLOCK_V, triton.next_power_of_2(W))
     num_warps = num_warps or _SLAB_WARPS
     headroom = _HEADROOM[hidden.dtype]

@@ -330,12 +330,14 @@ def test_int8_weight_errors():
 def test_int8_slab_plan_caps_the_scratch():
     T, H, V = 16384, 2880, 201088
     max_cols = ce._SCRATCH_BYTES // (H * 2)
-    for n_rows in (T, 4096, 2049, 1025, 7):
-        S, W = ce._slab_plan(n_rows, V, None, None, max_cols)
+    for n_rows in (T, 8193, 4096, 2049, 1025, 7):
+        S, W = ce._slab_plan(n_rows, V, None, None, max_cols, defaults=ce._INT8_PLAN)
         assert W * H * 2 <= ce._SCRATCH_BYTES and W % 128 == 0
         # logits slab + scratch + acc + (compaction) the block's hidden rows + the larger of the int8 label rows
-        # (freed once decoded) and the block's dH copy
-        assert S * W * 4 + W * H * 2 + S * H * 4 + S * H * 2 + max(S * H, S * H * 2) <= 256 * 2**20, (n_rows, S, W)
+        # (freed once decoded, unless they do not fit the scratch) and the block's dH copy
+        label_rows = S * H if S > W else 0
+        assert S * W * 4 + W * H * 2 + S * H * 4 + S * H * 2 + max(label_rows, S * H * 2) <= 256 * 2**20, (n_rows, S, W)
+    assert ce._slab_plan(T, V, None, None, max_cols, defaults=ce._INT8_PLAN) == (4096, 7552)
     assert ce._slab_plan(T, V, None, None, max_cols) == ce._slab_plan(T, V, None, None)  # 15488 either way
     assert ce._slab_plan(T, V, None, 30000, max_cols)[1] > max_cols  # an explicit width is the caller's
 
