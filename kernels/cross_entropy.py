@@ -45,7 +45,8 @@ block's hidden rows (22.5 MiB) live through the block and the bf16 copy of its d
 
 Precision: the logits are never rounded to bf16, so the loss is fp32-exact up to the GEMM's own accumulation (it
 meets 1e-4 relative against fp64 even for peaked softmaxes, where bf16 logits miss by 1e-3). G is unscaled (values
-in [-1, 1], safe in fp16; the slabs' P is at most e^8 in fp16); 1/n and the upstream gradient are applied to dH/dW in backward.
+in [-1, 1], safe in fp16; the slabs' P is at most e^8 in fp16); 1/n and the upstream gradient are applied to dH/dW in
+backward.
 
 Memory: extra = C * V * 4 bytes (the buffer; G lives inside it) + O(C * H). C is sized to keep the buffer under
 _BUFFER_BYTES (200 MiB): C = 256 at V=201088 (196 MiB). The hidden grad [T, H] is the op's output, not counted.
@@ -197,6 +198,7 @@ if triton is not None:
                 s = s * f
                 s_vec = s_vec * f
                 if WRITE_P:  # this row's P columns [0, start): bytes below the unread logits, so no overlap
+                    tl.debug_barrier()  # (rare path) every thread's earlier P stores are visible to all
                     for s0 in range(0, start, BLOCK_V):
                         o = s0 + tl.arange(0, BLOCK_V)
                         pv = tl.load(p_row + o).to(tl.float32)

@@ -344,6 +344,25 @@ def test_int8_slab_plan_caps_the_scratch():
 
 # ----------------------------------------------------------------------------------------------------- GPU only
 @pytest.mark.gpu
+def test_gpu_slabs_anchor_moves():
+    # The anchor-moving paths at the GPU's default chunk and warps (4 warps share a row: the rescale of P already
+    # written by other warps, and the acc rows across slabs), on logits climbing ~0.02 per column over +-200.
+    T, H, V = 64, 256, 20000
+    g = torch.Generator(device="cuda").manual_seed(int(torch.randint(0, 2**31, ())))
+    hidden, weight, labels = _inputs(T, H, V, torch.float32, device="cuda", gen=g)
+    u = torch.randn(H, device="cuda", generator=g)
+    u /= u.norm()
+    ramp = torch.linspace(-200, 200, V, device="cuda")
+    weight = weight * 0.1 + ramp[:, None] * u / 8
+    hidden = hidden * 0.1 + u * 8 * torch.where(torch.arange(T, device="cuda") % 2 == 0, 1.0, -1.0)[:, None]
+    hidden, weight = hidden.bfloat16(), weight.bfloat16()
+    ref_loss, ref_gh, _ = _reference(hidden, weight, labels)
+    loss, gh = _run_slabs(hidden, weight, labels, slab_cols=6000)
+    assert abs(loss.item() - ref_loss.item()) <= 1e-4 * abs(ref_loss.item())
+    assert _rel(gh, ref_gh) <= 1e-2
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("method", ["slabs", "rows"])
 @pytest.mark.parametrize("T,ignore_frac", [(1, 0.0), (1000, 0.0), (4099, 0.5)])
 def test_gpu_real_vocab_against_fp64(T, ignore_frac, method):
