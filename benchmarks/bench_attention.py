@@ -138,10 +138,9 @@ def bench_case(T: int, layer: str, packed: bool, iters: int, flex_mask: FlexMask
     got = fast_fwd().detach().float()
     rel_err = ((got - ref).norm() / ref.norm()).item()
 
-    eager = {name: time_ms(fn, warmup=2, iters=iters) for name, fn in
-             (("fast", fast_step), ("flex", flex_step), ("fast_fwd", fast_fwd), ("flex_fwd", flex_fwd))}
-    graph = {name: time_graph_ms(fn, warmup=2, iters=max(5, iters // 5)) for name, fn in
-             (("fast", fast_step), ("flex", flex_step), ("fast_fwd", fast_fwd), ("flex_fwd", flex_fwd))}
+    timed = {"fast": fast_step, "flex": flex_step, "fast_fwd": fast_fwd, "flex_fwd": flex_fwd}
+    eager = {name: time_ms(fn, warmup=2, iters=iters) for name, fn in timed.items()}
+    graph = {name: time_graph_ms(fn, warmup=2, iters=max(5, iters // 5)) for name, fn in timed.items()}
     timing = "cuda_graph" if all(t is not None for t in graph.values()) else "eager"
     times = graph if timing == "cuda_graph" else eager
     fast_ms, flex_ms, fast_fwd_ms, flex_fwd_ms = times["fast"], times["flex"], times["fast_fwd"], times["flex_fwd"]

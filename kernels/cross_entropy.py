@@ -73,10 +73,11 @@ from fastft.quant import Int8RowsTensor
 
 _BUFFER_BYTES = 200 * 2**20
 # Slab path: rows per block (GEMMs with M=2048 run near peak) and the fp32 [block, slab] logits buffer's budget:
-# 2048 x 16384 x 4 B = 128 MiB (a power-of-two slab fits the LSE kernel's one-block case); with acc 2048 x 2880 x 4 B
-# = 22.5 MiB and the W[label] gather (11.3 MiB bf16) the extra peak is ~165 MiB at any T.
+# 2048 x 16384 x 4 B = 128 MiB; with acc 2048 x 2880 x 4 B = 22.5 MiB and the W[label] gather (11.3 MiB bf16) the
+# extra peak is ~165 MiB at any T.
 _BLOCK_ROWS = 2048
 _SLAB_BYTES = 128 * 2**20
+_DENSE_PLAN = (_BLOCK_ROWS, _SLAB_BYTES)
 # int8 weight: the decoded slab [w, H] in the hidden dtype is the extra buffer; its budget caps the slab width.
 _SCRATCH_BYTES = 90 * 2**20
 # int8 weight: every block of rows decodes the whole weight once (1.7 GB moved), so blocks are twice as tall, with a
@@ -316,10 +317,10 @@ def _forward(hidden, weight, labels, ignore_index, need_dh, need_dw, chunk_rows=
     return loss_rows.sum(), n_valid, grad_h, grad_w
 
 
-def _slab_plan(n_rows, vocab, block_rows, slab_cols, max_cols=None, defaults=(_BLOCK_ROWS, _SLAB_BYTES)):
+def _slab_plan(n_rows, vocab, block_rows, slab_cols, max_cols=None, defaults=None):
     """(rows per block, columns per slab): blocks and slabs balanced so the last ones are not slivers. max_cols caps
     the default slab width (an int8 weight's decode scratch); defaults = (rows per block, logits buffer bytes)."""
-    default_rows, slab_bytes = defaults
+    default_rows, slab_bytes = defaults or _DENSE_PLAN
     block_rows = max(1, min(block_rows or default_rows, n_rows))
     block_rows = -(-n_rows // -(-n_rows // block_rows))
     if slab_cols is None:  # the fp32 [block, slab] logits buffer is the big allocation
@@ -350,12 +351,10 @@ def _forward_slabs(hidden, weight, labels, ignore_index, need_dh, block_rows=Non
     if n_rows == 0:
         return loss_rows.sum(), n_valid, grad_h
 
-    if int8:
-        S, W = _slab_plan(n_rows, V, block_rows, slab_cols, _SCRATCH_BYTES // (H * hidden.element_size()),
-                          defaults=_INT8_PLAN)
-    else:
-        S, W = _slab_plan(n_rows, V, block_rows, slab_cols)
+    max_cols, plan = (_SCRATCH_BYTES // (H * hidden.element_size()), _INT8_PLAN) if int8 else (None, _DENSE_PLAN)
+    S, W = _slab_plan(n_rows, V, block_rows, slab_cols, max_cols, defaults=plan)
     block_v = block_v or min(_SLAB_BLOCK_V, triton.next_power_of_2(W))
+    block_h = min(1024, triton.next_power_of_2(H))
     num_warps = num_warps or _SLAB_WARPS
     headroom = _HEADROOM[hidden.dtype]
     buf = torch.empty(S, W, dtype=torch.float32, device=dev)
@@ -382,7 +381,7 @@ def _forward_slabs(hidden, weight, labels, ignore_index, need_dh, block_rows=Non
                 z, z.stride(0), p, p.stride(0), z if a is None else a, 0 if a is None else a.stride(0),  # no dH: unread
                 y, m, s, t, col0, width, H, ignore_index, headroom,
                 FIRST=col0 == 0, WRITE_P=need_dh, RESCALE_ACC=need_dh and col0 > 0, BLOCK_V=block_v,
-                BLOCK_H=min(1024, triton.next_power_of_2(H)), num_warps=num_warps,
+                BLOCK_H=block_h, num_warps=num_warps,
             )
             if need_dh:  # the kernel rescaled the acc rows whose anchor moved
                 _mm_fp32(p, w_slab, a, accumulate=col0 > 0)
