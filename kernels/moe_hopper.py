@@ -282,11 +282,14 @@ if HAS_GLUON:
                         L, s_lm, LBt, lora_scale, R, C, c_idx, s_cm, rowscale, AUX, s_xm,
                         tile_expert, tile_row, offsets, num_tiles, K, N, limit, alpha,
                         TRANS: gl.constexpr, EPI: gl.constexpr, GATHER_A: gl.constexpr, SCATTER_C: gl.constexpr,
-                        HAS_BIAS: gl.constexpr, ROWSCALE: gl.constexpr, R_PAD: gl.constexpr,
+                        HAS_BIAS: gl.constexpr, ROWSCALE: gl.constexpr, R_PAD: gl.constexpr, TILES: gl.constexpr,
                         BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, GROUP: gl.constexpr,
                         NUM_STAGES: gl.constexpr, RAW_STAGES: gl.constexpr, LOAD_WARPS: gl.constexpr,
                         DEC_WARPS: gl.constexpr, LOAD_REGS: gl.constexpr, DEC_REGS: gl.constexpr,
                         num_warps: gl.constexpr):
+        # TILES (see ws_gemm): 0 (ALL_TILES) every tile of the table, built for BM rows; 1 (LONG_TILES) those
+        # with more than BM / 2 rows; 2 (SHORT_TAILS) one tile per expert (num_tiles = E): its last tile of a table
+        # built for 2 * BM rows, when that tile has at most BM rows.
         pid = gl.program_id(0)
         num_n = gl.cdiv(N, BN)
         width = GROUP * num_n
@@ -294,10 +297,20 @@ if HAS_GLUON:
         gsize = gl.minimum(num_tiles - first_t, GROUP)
         pid_t = first_t + (pid % width) % gsize
         pid_n = (pid % width) // gsize
-        e = gl.load(tile_expert + pid_t)
-        if e >= 0:
-            row0 = gl.load(tile_row + pid_t)
+        if TILES == 2:
+            e = pid_t
+            start = gl.load(offsets + e)
             row_end = gl.load(offsets + e + 1)
+            row0 = start + gl.maximum(row_end - start - 1, 0) // (2 * BM) * (2 * BM)
+            go = (row_end > start) & (row_end - row0 <= BM)
+        else:
+            e = gl.load(tile_expert + pid_t)
+            row0 = gl.load(tile_row + pid_t)
+            row_end = gl.load(offsets + gl.maximum(e, 0) + 1)
+            go = e >= 0
+            if TILES == 1:
+                go = go & (row_end - row0 > BM // 2)
+        if go:
             n0 = pid_n * BN
             RR: gl.constexpr = BK if TRANS else BN
             RC: gl.constexpr = BN if TRANS else BK
@@ -342,29 +355,48 @@ if HAS_GLUON:
             ], [LOAD_WARPS, DEC_WARPS], [LOAD_REGS, DEC_REGS])
 
 
+ALL_TILES, LONG_TILES, SHORT_TAILS = 0, 1, 2  # the kernel's TILES
+
+
+def split_tails() -> bool:
+    """FASTFT_MOE_TAILS=0 runs BM=256 tables as one launch, short tails included (A/B runs); read per call."""
+    return os.environ.get("FASTFT_MOE_TAILS", "1") != "0"
+
+
 def ws_gemm(a, a_idx, blocks, scales, trans, K, N, tables, bm, out, *, c_idx=None, bias=None, lora=None,
             rowscale=None, epi=0, aux=None, limit=7.0, alpha=1.702):
     """moe._gemm's launch for MXFP4 weights on sm_90 (check can_run first). blocks / scales: the expert stack's
-    uint8 bytes [E, out * in / 2] and scales [E, out * in / 32]; trans: the backward orientation (QUANT 2)."""
-    m = META[bm, lora is not None]
+    uint8 bytes [E, out * in / 2] and scales [E, out * in / 32]; trans: the backward orientation (QUANT 2).
+
+    With 256-row tables, an expert's last tile holds 1-256 rows: a BM=256 program for a few rows pays the MMA
+    work of 256. So the tiles with more than 128 rows go to the BM=256 kernel and the short tails (at most 128
+    rows, one per expert) to a second launch of the BM=128 kernel, which halves their waste. At T=4096 tokens
+    (top-4 of 32: ~512 rows per expert, so about half the experts end in a tail of a few rows) the expert GEMMs
+    ran ~20 % of their tiles for such tails."""
     _, _, offsets, tile_expert, tile_row = tables
-    num_tiles = tile_expert.numel()
-    s_wr = (N if trans else K) // 2  # bytes per stored row (the forward's input features / 2)
     L, LBt, R, scaling = out, out, 0, 0.0
     if lora is not None:
         L, LB, s_lbe, s_lbn, s_lbr, scaling = lora
         R = L.shape[1]
         # the expert factor as [E, R, N], N contiguous (<= 6 MB at gpt-oss shape): the loader reads rank rows
         LBt = torch.as_strided(LB, (blocks.shape[0], R, N), (s_lbe, s_lbr, s_lbn)).contiguous()
-    _ws_gemm_kernel[(num_tiles * triton.cdiv(N, m["BN"]), )](
-        a, a_idx if a_idx is not None else offsets, a.stride(0),
-        blocks, scales, blocks.stride(0), s_wr, scales.stride(0), s_wr // 16,
-        bias if bias is not None else out, bias.stride(0) if bias is not None else 0,
-        L, L.stride(0), LBt, float(scaling), R,
-        out, c_idx if c_idx is not None else offsets, out.stride(0),
-        rowscale if rowscale is not None else out,
-        aux if aux is not None else out, aux.stride(0) if aux is not None else 0,
-        tile_expert, tile_row, offsets, num_tiles, K, N, float(limit), float(alpha),
-        TRANS=trans, EPI=epi, GATHER_A=a_idx is not None, SCATTER_C=c_idx is not None, HAS_BIAS=bias is not None,
-        ROWSCALE=rowscale is not None, R_PAD=triton.next_power_of_2(R) if R else 0, BM=bm, BK=BK, GROUP=GROUP_M, **m)
+    s_wr = (N if trans else K) // 2  # bytes per stored row (the forward's input features / 2)
+    args = (a, a_idx if a_idx is not None else offsets, a.stride(0),
+            blocks, scales, blocks.stride(0), s_wr, scales.stride(0), s_wr // 16,
+            bias if bias is not None else out, bias.stride(0) if bias is not None else 0,
+            L, L.stride(0), LBt, float(scaling), R,
+            out, c_idx if c_idx is not None else offsets, out.stride(0),
+            rowscale if rowscale is not None else out,
+            aux if aux is not None else out, aux.stride(0) if aux is not None else 0,
+            tile_expert, tile_row, offsets)
+    flags = dict(TRANS=trans, EPI=epi, GATHER_A=a_idx is not None, SCATTER_C=c_idx is not None,
+                 HAS_BIAS=bias is not None, ROWSCALE=rowscale is not None,
+                 R_PAD=triton.next_power_of_2(R) if R else 0, BK=BK, GROUP=GROUP_M)
+    launches = [(bm, tile_expert.numel(), ALL_TILES)]
+    if bm == 256 and split_tails():
+        launches = [(256, tile_expert.numel(), LONG_TILES), (128, offsets.numel() - 1, SHORT_TAILS)]
+    for tile_m, num_tiles, tiles in launches:
+        m = META[tile_m, lora is not None]
+        _ws_gemm_kernel[(num_tiles * triton.cdiv(N, m["BN"]), )](
+            *args, num_tiles, K, N, float(limit), float(alpha), TILES=tiles, BM=tile_m, **flags, **m)
     return out

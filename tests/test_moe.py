@@ -326,11 +326,15 @@ def test_moe_gpu_gpt_oss_shape_bf16(quant, ws, bm, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("bm", [None, 256])
 @pytest.mark.parametrize("ws", ["1", "0"])
-def test_moe_gpu_skewed_routing_bf16(ws, bm, monkeypatch):
+@pytest.mark.parametrize("T,tails", [(1031, "1"), (1031, "0"), (1024, "1"), (1160, "1")])
+def test_moe_gpu_skewed_routing_bf16(ws, bm, T, tails, monkeypatch):
+    """Four experts get every token, 28 none. At 256-row tiles each busy expert ends in a 7-row tail (1031: the
+    BM=128 tail launch), in no tail (1024) or in a 136-row one (1160: a BM=256 tile); tails "0" = one launch."""
     monkeypatch.setattr(moe_mod, "_BM_FIXED", bm)
     monkeypatch.setenv("FASTFT_MOE_WS", ws)
+    monkeypatch.setenv("FASTFT_MOE_TAILS", tails)
     c = GPT_OSS
-    p = make_problem(1031, c["H"], c["I"], c["E"], c["k"], c["r"], True, device="cuda", dtype=torch.bfloat16)
+    p = make_problem(T, c["H"], c["I"], c["E"], c["k"], c["r"], True, device="cuda", dtype=torch.bfloat16)
     bias = torch.full((c["E"],), -1e3, device="cuda", dtype=torch.bfloat16)
     bias[[3, 7, 8, 30]] = 1e3  # every token to the same 4 experts; 28 experts get none
     p["router_bias"] = bias

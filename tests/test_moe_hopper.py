@@ -45,8 +45,11 @@ def build(variant, bm, lora):
     trans, epi, gather, scatter, has_bias, rowscale = VARIANTS[variant]
     meta = dict(moe_hopper.META[bm, lora])
     num_warps = meta.pop("num_warps")
+    # ws_gemm launches BM=256 for the long tiles of a 256-row table, BM=128 for its short tails (the BM=128 tables'
+    # ALL_TILES launch differs from that only in scalar code)
+    tiles = moe_hopper.LONG_TILES if bm == 256 else moe_hopper.SHORT_TAILS
     const = dict(TRANS=trans, EPI=epi, GATHER_A=gather, SCATTER_C=scatter, HAS_BIAS=has_bias, ROWSCALE=rowscale,
-                 R_PAD=16 if lora else 0, BM=bm, BK=moe_hopper.BK, GROUP=moe_hopper.GROUP_M, num_warps=num_warps, **meta)
+                 R_PAD=16 if lora else 0, TILES=tiles, BM=bm, BK=moe_hopper.BK, GROUP=moe_hopper.GROUP_M, num_warps=num_warps, **meta)
     sig = {n: "constexpr" if n in const else POINTERS.get(n, "fp32" if n in FLOATS else "i32") for n in fn.arg_names}
     attrs = {(i, ): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
              if sig[n] != "constexpr" and n not in ODD}
