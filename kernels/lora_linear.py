@@ -4,7 +4,7 @@ Two execution paths behind one autograd Function (same saved tensors); ``lora_pa
 
 fused (T < SLAB_MIN_T = 1024, memory-bound): one Triton GEMM serves both directions; W is dequantised tile by tile
 inside its main loop and is never densified, so W costs 4 bits per weight of HBM traffic:
-  forward  Y[T, out] = X[T, in]  . W^T  (+ b)  + s * XA[T, r] . B^T       XA = dropout(x) A^T, done first in torch
+  forward  Y[T, out] = X[T, in]  . W^T  (+ b)  + s * XA[T, r] . B^T       XA = dropout(x) A^T, computed first
   backward dX[T, in] = dY[T, out] . W          + s * (dY B)[T, r] . A  (* dropout mask / keep)
 The LoRA term is an extra K=r dot in the epilogue, so the [T, out] LoRA output never round-trips through memory.
 
@@ -19,7 +19,9 @@ Each slab GEMM writes a column block of the row-major y / dX in place (a valid c
 which torch passes without a copy); this keeps each output element a single full-K reduction, so no fp32 accumulator
 over K-slabs is needed. Dense weights skip the decode (cuBLAS reads them directly) unless their dtype differs from x.
 
-dA = s (dY B)^T dropout(x) and dB = s dY^T XA are [r, *] GEMMs over T, left to cuBLAS on both paths.
+dA = s (dY B)^T dropout(x) and dB = s dY^T XA are [r, *] GEMMs over T, left to cuBLAS on both paths, except with
+dropout: then XA, dA and the slab path's dX LoRA term come from two small Triton kernels that apply the bool mask
+as x streams in (_masked_down_kernel, _masked_up_kernel), so dropout(x) is never materialised.
 
 Weight formats read in-kernel (W's stored orientation is [out, in], ``in`` contiguous in all three):
   dense  bf16/fp16/fp32 tensor;
@@ -29,8 +31,8 @@ Weight formats read in-kernel (W's stored orientation is [out, in], ``in`` conti
 A packed tile is unpacked into its two nibble halves [rows, cols/2] and interleaved back with join+reshape.
 
 Memory: forward saves x (and a bool dropout mask when dropout is on) plus XA [T, r]; no [T, out] LoRA temporaries;
-backward allocates dX and, with dropout, one transient dropout(x) [T, in] for dA. The slab path adds the scratch
-(<= 24 MiB) in each direction and nothing else.
+backward allocates dX and, with dropout, fp32 partial sums of dA (chunks x r x in, ~2 MB at gpt-oss shapes). The slab
+path adds the scratch (<= 24 MiB) in each direction and nothing else.
 """
 
 from __future__ import annotations
@@ -245,6 +247,73 @@ if triton is not None:
         dst = out_ptr + r[:, None].to(tl.int64) * stride_on + c[None, :]
         tl.store(dst, w.to(out_ptr.dtype.element_ty), mask=(r[:, None] < SLAB_ROWS) & (c[None, :] < SLAB_COLS))
 
+    # The two LoRA dropout kernels below apply the bool keep-mask while x streams in, so dropout(x) [T, in] is never
+    # written: torch would write it in forward, again in the recompute, and read it back for dA; and the slab path's
+    # dX LoRA term would take a second pass for the mask. (H200, W1-qv step: those passes were 190 of its
+    # elementwise launches, 7.9 ms.)
+
+    @triton.jit
+    def _masked_down_kernel(x_ptr, m_ptr, a_ptr, out_ptr, T, K, R, stride_xt, stride_mt, stride_ar, stride_ot, scale,
+                            IEEE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+        """out[T, R] = scale * (x * keep) @ A^T for BLOCK_T rows (x [T, K], keep bool [T, K], A [R, K])."""
+        rt = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        rr = tl.arange(0, BLOCK_R)
+        t_in = rt < T
+        acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            tk = t_in[:, None] & (rk < K)[None, :]
+            x = tl.load(x_ptr + rt[:, None].to(tl.int64) * stride_xt + rk[None, :], mask=tk, other=0.0)
+            keep = tl.load(m_ptr + rt[:, None].to(tl.int64) * stride_mt + rk[None, :], mask=tk, other=0)
+            x = tl.where(keep, x, tl.zeros_like(x))
+            a = tl.load(a_ptr + rr[None, :] * stride_ar + rk[:, None], mask=(rr < R)[None, :] & (rk < K)[:, None],
+                        other=0.0)  # [BLOCK_K, BLOCK_R]
+            if IEEE:
+                acc = tl.dot(x.to(tl.float32), a.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, a.to(x.dtype), acc)
+        dst = out_ptr + rt[:, None].to(tl.int64) * stride_ot + rr[None, :]
+        tl.store(dst, (acc * scale).to(out_ptr.dtype.element_ty), mask=t_in[:, None] & (rr < R)[None, :])
+
+    @triton.jit
+    def _masked_up_kernel(g_ptr, a_ptr, m_ptr, x_ptr, dx_ptr, part_ptr, T, K, R, rows_per_chunk, stride_gt,
+                          stride_ar, stride_mt, stride_xt, stride_dt, scale, WRITE_DX: tl.constexpr,
+                          IEEE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+        """One column block of K and one chunk of rows: dX[rows, cols] = scale * (G @ A[:, cols]) * keep (when
+        WRITE_DX) and part[chunk, :, cols] = scale * G[rows]^T @ (x * keep)[rows, cols], fp32 (the caller sums the
+        chunks in a fixed order: deterministic). G [T, R], A [R, K], keep and x [T, K]."""
+        rk = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+        chunk = tl.program_id(1)
+        rr = tl.arange(0, BLOCK_R)
+        k_in = rk < K
+        r_in = rr < R
+        a = tl.load(a_ptr + rr[:, None] * stride_ar + rk[None, :], mask=r_in[:, None] & k_in[None, :], other=0.0)
+        acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+        t_end = tl.minimum(T, (chunk + 1) * rows_per_chunk)
+        for t0 in range(chunk * rows_per_chunk, t_end, BLOCK_T):
+            rt = t0 + tl.arange(0, BLOCK_T)
+            t_in = rt < t_end
+            tk = t_in[:, None] & k_in[None, :]
+            g = tl.load(g_ptr + rt[:, None].to(tl.int64) * stride_gt + rr[None, :], mask=t_in[:, None] & r_in[None, :],
+                        other=0.0)
+            keep = tl.load(m_ptr + rt[:, None].to(tl.int64) * stride_mt + rk[None, :], mask=tk, other=0)
+            x = tl.load(x_ptr + rt[:, None].to(tl.int64) * stride_xt + rk[None, :], mask=tk, other=0.0)
+            x = tl.where(keep, x, tl.zeros_like(x))
+            if IEEE:
+                acc = tl.dot(tl.trans(g.to(tl.float32)), x.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(tl.trans(g), x.to(g.dtype), acc)
+            if WRITE_DX:
+                if IEEE:
+                    d = tl.dot(g.to(tl.float32), a.to(tl.float32), input_precision="ieee")
+                else:
+                    d = tl.dot(g, a.to(g.dtype))
+                d = tl.where(keep, d * scale, 0.0)
+                tl.store(dx_ptr + rt[:, None].to(tl.int64) * stride_dt + rk[None, :], d.to(dx_ptr.dtype.element_ty),
+                         mask=tk)
+        dst = part_ptr + (chunk * R + rr[:, None]).to(tl.int64) * K + rk[None, :]
+        tl.store(dst, acc * scale, mask=r_in[:, None] & k_in[None, :])
+
 
 def _gpu_configs():
     """Hopper candidates. In-loop dequantisation costs ALU per W element per M-tile, so tall M tiles (amortising it
@@ -458,17 +527,12 @@ def _forward_slabs(x2d, fields, bias, xa, B, scaling):
     return y
 
 
-def _dx_slabs(dy, fields, g, A, scaling, mask, inv_keep):
-    """dX = dY W + s (dY B) A (* mask / keep): the LoRA term first (K=r), then per column block of W (all its rows,
+def _dx_slabs(dy, fields, lora_dx):
+    """dX = dY W + lora_dx: starting from the LoRA term [T, in] (or None), per column block of W (all its rows,
     in-features [k0:k1]) dX[:, k0:k1] += dY . Wcols, again into a column block of the row-major dX."""
     T, k_w = dy.shape[0], fields[6]
-    dx = torch.empty(T, k_w, device=dy.device, dtype=dy.dtype)
-    beta = 0
-    if g is not None:
-        dx.addmm_(g, A, beta=0, alpha=scaling * inv_keep)
-        if mask is not None:
-            dx.mul_(mask)
-        beta = 1
+    dx = lora_dx if lora_dx is not None else torch.empty(T, k_w, device=dy.device, dtype=dy.dtype)
+    beta = 0 if lora_dx is None else 1
     for k0, k1, w in _slabs(fields, dy.dtype, along_in=True):
         dx[:, k0:k1].addmm_(dy, w, beta=beta)
     return dx
@@ -480,9 +544,57 @@ def _scaled_mm(a, b, alpha):
     return a.new_empty(a.shape[0], b.shape[1]).addmm_(a, b, beta=0, alpha=alpha)
 
 
-def _dropped(x2d, mask):
-    """x with the dropout mask applied, unscaled (1/keep rides on the GEMM alpha that consumes it)."""
-    return x2d if mask is None else x2d * mask
+def _block_r(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+def _masked_down(x2d, mask, A, scale):
+    """scale * (x * mask) @ A^T, [T, r] in x's dtype: the LoRA input with dropout, mask applied on the fly."""
+    T, K = x2d.shape
+    A = A.contiguous()
+    out = torch.empty(T, A.shape[0], device=x2d.device, dtype=x2d.dtype)
+    if T == 0:
+        return out
+    bt, bk = (16, 32) if interpreting() else (32, 128)  # 32 rows: 128 programs at T=4096, each streams its rows once
+    _masked_down_kernel[(triton.cdiv(T, bt),)](
+        x2d, mask, A, out, T, K, A.shape[0], x2d.stride(0), mask.stride(0), A.stride(0), out.stride(0), float(scale),
+        IEEE=x2d.dtype == torch.float32 or interpreting(), BLOCK_T=bt, BLOCK_K=bk, BLOCK_R=_block_r(A.shape[0]),
+        num_warps=4)
+    return out
+
+
+def _sm_count(device) -> int:
+    if device.type != "cuda":
+        return 4
+    if device not in _sm_cache:
+        _sm_cache[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _sm_cache[device]
+
+
+_sm_cache = {}
+
+
+def _masked_lora_grads(g, A, mask, x2d, scale, write_dx):
+    """(dX LoRA term | None, dA fp32) of the dropout LoRA in one pass over x and the mask: dX = scale * (G A) *
+    mask and dA = scale * G^T (x * mask), G = dY B [T, r]. Rows are cut into chunks (~4 programs per SM over the
+    column blocks) whose fp32 partial dA are summed in chunk order, so dA is deterministic."""
+    T, K = x2d.shape
+    R = A.shape[0]
+    if T == 0:
+        return (torch.empty_like(x2d) if write_dx else None), x2d.new_zeros(R, K, dtype=torch.float32)
+    A = A.contiguous()
+    bt, bk = (16, 32) if interpreting() else (64, 64)
+    n_k = triton.cdiv(K, bk)
+    chunks = max(1, min(triton.cdiv(T, bt), triton.cdiv(4 * _sm_count(x2d.device), n_k)))
+    rows = triton.cdiv(triton.cdiv(T, chunks), bt) * bt
+    chunks = triton.cdiv(T, rows)
+    dx = torch.empty_like(x2d) if write_dx else None
+    part = torch.empty(chunks, R, K, device=x2d.device, dtype=torch.float32)
+    _masked_up_kernel[(n_k, chunks)](
+        g, A, mask, x2d, dx if write_dx else part, part, T, K, R, rows, g.stride(0), A.stride(0), mask.stride(0),
+        x2d.stride(0), dx.stride(0) if write_dx else 0, float(scale), WRITE_DX=write_dx,
+        IEEE=x2d.dtype == torch.float32 or interpreting(), BLOCK_T=bt, BLOCK_K=bk, BLOCK_R=_block_r(R), num_warps=4)
+    return dx, part.sum(0)
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -496,7 +608,8 @@ class LoRALinearFunction(torch.autograd.Function):
         if lora_A is not None:
             A = lora_A if lora_A.dtype == x2d.dtype else lora_A.to(x2d.dtype)
             B = lora_B if lora_B.dtype == x2d.dtype else lora_B.to(x2d.dtype)
-            xa = _scaled_mm(_dropped(x2d, mask), A.t(), inv_keep)  # [T, r]: tiny, the epilogue adds s * xa B^T
+            # [T, r]: tiny, the epilogue adds s * xa B^T
+            xa = _scaled_mm(x2d, A.t(), 1.0) if mask is None else _masked_down(x2d, mask, A, inv_keep)
         ctx.slabs = lora_path(x2d.shape[0]) == "slabs"
         if ctx.slabs:
             y = _forward_slabs(x2d, fields, bias, xa, B, scaling)
@@ -510,20 +623,25 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x2d, mask, xa, A, B = ctx.saved_tensors
-        s = ctx.scaling
+        s, inv_keep = ctx.scaling, ctx.inv_keep
+        need_dx, need_dA = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
         dy = dy.contiguous()
         g = dy @ B if B is not None else None  # [T, r]
-        dx = d_bias = dA = dB = None
-        if ctx.needs_input_grad[0]:
+        dx = d_bias = dA = dB = lora_dx = None
+        if mask is not None and (need_dA or (need_dx and ctx.slabs)):
+            lora_dx, dA = _masked_lora_grads(g, A, mask, x2d, s * inv_keep, write_dx=need_dx and ctx.slabs)
+        if need_dx:
             fields = _weight_fields(ctx.weight)
             if ctx.slabs:
-                dx = _dx_slabs(dy, fields, g, A, s, mask, ctx.inv_keep)
+                if g is not None and lora_dx is None:
+                    lora_dx = _scaled_mm(g, A, s)
+                dx = _dx_slabs(dy, fields, lora_dx)
             else:
-                dx = _gemm(dy, fields, True, p=g, q=A, scaling=s, mask=mask, inv_keep=ctx.inv_keep)
+                dx = _gemm(dy, fields, True, p=g, q=A, scaling=s, mask=mask, inv_keep=inv_keep)
         if ctx.needs_input_grad[2]:
             d_bias = dy.sum(0, dtype=torch.float32).to(dy.dtype)  # fp32 accumulation without an fp32 copy of dY
-        if ctx.needs_input_grad[3]:
-            dA = _scaled_mm(g.t(), _dropped(x2d, mask), s * ctx.inv_keep).to(ctx.lora_dtypes[0])
+        if need_dA:
+            dA = (dA if dA is not None else _scaled_mm(g.t(), x2d, s)).to(ctx.lora_dtypes[0])
         if ctx.needs_input_grad[4]:
             dB = _scaled_mm(dy.t(), xa, s).to(ctx.lora_dtypes[1])
         return dx, None, d_bias, dA, dB, None, None, None

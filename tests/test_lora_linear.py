@@ -129,6 +129,44 @@ def test_bf16_io_cpu(fmt, swap_ab):
     _check_bf16_io(w, T, in_f, out_f, r)
 
 
+@pytest.mark.parametrize("T,K,r", [(77, 70, 5), (33, 160, 16), (1, 40, 3), (0, 24, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_lora_kernels_cpu(T, K, r, dtype):
+    # the dropout LoRA kernels against fp64: several row chunks and column blocks, ragged edges, r < 16, no rows
+    _check_masked_lora_kernels(T, K, r, dtype, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,K", [(4096, 2880), (2053, 4096), (5, 2880)])
+def test_masked_lora_kernels_gpu(T, K):
+    _check_masked_lora_kernels(T, K, 16, torch.bfloat16, "cuda")
+
+
+def _check_masked_lora_kernels(T, K, r, dtype, dev):
+    x = torch.randn(T, K, device=dev).to(dtype)
+    mask = torch.rand(T, K, device=dev) >= 0.3
+    A = (torch.randn(r, K, device=dev) * 0.1).to(dtype)
+    g = torch.randn(T, r, device=dev).to(dtype)
+    xd = x.double() * mask
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    xa = mod._masked_down(x, mask, A, 1.25)
+    assert xa.dtype == dtype and xa.shape == (T, r)
+    if T:
+        assert _rel(xa, 1.25 * xd @ A.double().t()) < tol
+    for write_dx in (True, False):
+        dx, dA = mod._masked_lora_grads(g, A, mask, x, 0.75, write_dx=write_dx)
+        assert dA.dtype == torch.float32 and dA.shape == (r, K)
+        if T:
+            assert _rel(dA, 0.75 * g.double().t() @ xd) < tol
+        else:
+            assert not dA.any()
+        assert (dx is not None) == write_dx
+        if write_dx and T:
+            assert dx.dtype == dtype
+            assert _rel(dx, 0.75 * (g.double() @ A.double()) * mask) < tol
+            assert not dx[~mask].any()
+
+
 @pytest.mark.parametrize("fmt", ["dense", "mxfp4"])
 def test_dropout_mask_cpu(fmt):
     T, in_f, out_f, r, p = 19, 64, 41, 4, 0.3
@@ -356,8 +394,8 @@ def test_slabs_write_in_place_gpu(proj):
     # with LoRA the blocks accumulate (beta = 1), without it they overwrite (beta = 0)
     for fn, out_bytes in ((lambda: _forward_slabs(x, fields, None, xa, B, 2.0), T * out_f * 2),
                           (lambda: _forward_slabs(x, fields, None, None, None, 2.0), T * out_f * 2),
-                          (lambda: _dx_slabs(dy, fields, g, A, 2.0, None, 1.0), T * in_f * 2),
-                          (lambda: _dx_slabs(dy, fields, None, None, 2.0, None, 1.0), T * in_f * 2)):
+                          (lambda: _dx_slabs(dy, fields, mod._scaled_mm(g, A, 2.0)), T * in_f * 2),
+                          (lambda: _dx_slabs(dy, fields, None), T * in_f * 2)):
         fn()
         ref = fn()  # warm: compiles, cuBLAS workspace
         torch.cuda.synchronize()
