@@ -7,8 +7,8 @@ One invocation measures, on the same token stream (packed 4096-token rows, logno
 Reference = transformers GptOssForCausalLM + PEFT, bf16, eager attention with packed dict masks, default experts,
 gradient checkpointing. fastft = its own model, `--kernels triton`, the trainer's CUDA layout (MXFP4 experts, NF4
 attention, int8 lm_head, host embedding), gradient checkpointing.
-Reports tokens/s (median step after warm-up), s/step, peak allocated GiB and MFU (FLOPs/token = 4 N_active +
-attention, see flops_per_token) against a bf16 matmul ceiling measured in the same run.
+Reports tokens/s (median step after a warm-up over every timed row), s/step, peak allocated GiB and MFU (FLOPs/token
+= 4 N_active + attention, see flops_per_token) against a bf16 matmul ceiling measured in the same run.
 
     python benchmarks/bench_e2e.py [--quick] [--workloads W1-qv,W1-all,W1-qv-qlora-ref] [--steps 6]
         [--build '{"lm_head": "bf16", "offload_activations": true}']   # build_fastft options, kept in metrics.build
@@ -228,17 +228,23 @@ def fastft_step(model, opt, row, cfg):
 
 
 def measure(step_fn, model, rows, cfg, steps: int, warmup: int) -> dict:
+    """Median step time of `steps` steps over the rows, after a warm-up that runs every row once and then `warmup`
+    more steps. A row's document count can select kernel specialisations (fastft's Triton kernels, the reference's
+    masks) that the first rows did not need, and their compilation must stay out of the timings (H200, fresh
+    host: with two warm-up steps on new rows, timed W1-qv steps took 839 and 681 ms against ~265 after)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     times = []
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    for i in range(warmup + steps):
+    for i in range(len(rows) + warmup):
+        loss = step_fn(model, opt, rows[i % len(rows)], cfg)
+    for i in range(steps):
+        torch.cuda.synchronize()
         t0 = time.perf_counter()
         loss = step_fn(model, opt, rows[i % len(rows)], cfg)
         torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
+        times.append(time.perf_counter() - t0)
     return {"step_s": statistics.median(times), "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
             "loss": float(loss.detach())}
 
@@ -265,7 +271,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="2 layers, 2 steps: a smoke run")
     ap.add_argument("--workloads", default="W1-qv,W1-all,W1-qv-qlora-ref")
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=2, help="warm-up steps after one step on every timed row")
     ap.add_argument("--row-len", type=int, default=4096)
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--build", default="{}", help='JSON options for build_fastft, e.g. {"attention": "bf16"}')
@@ -276,7 +282,7 @@ def main():
     if args.quick:
         cfg["num_hidden_layers"], cfg["layer_types"] = 2, cfg["layer_types"][:2]
         args.steps, args.warmup = 2, 1
-    rows = token_stream(args.steps + args.warmup, args.row_len, cfg["vocab_size"])
+    rows = token_stream(args.steps, args.row_len, cfg["vocab_size"])
     fpt = statistics.mean(flops_per_token(cfg, r[2]) for r in rows)
     ceiling = matmul_tflops()
     print(f"bf16 matmul ceiling {ceiling:.0f} TFLOP/s; {fpt / 1e9:.2f} GFLOP/token", flush=True)
@@ -298,6 +304,7 @@ def main():
             print(workload, "reference", ref, flush=True)
         tok = args.row_len
         m = {"workload": workload, "tokens_per_row": tok, "layers": cfg["num_hidden_layers"],
+             "warmup_steps": len(rows) + args.warmup,
              "matmul_tflops": ceiling, "flops_per_token": fpt, "build": build_kw}
         if fast:
             m.update(fastft_tok_s=tok / fast["step_s"], fastft_s_per_step=fast["step_s"], peak_gib=fast["peak_gib"],
