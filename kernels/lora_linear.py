@@ -37,6 +37,7 @@ path adds the scratch (<= 24 MiB) in each direction and nothing else.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -278,16 +279,18 @@ if triton is not None:
     @triton.jit
     def _masked_up_kernel(g_ptr, a_ptr, m_ptr, x_ptr, dx_ptr, part_ptr, T, K, R, rows_per_chunk, stride_gt,
                           stride_ar, stride_mt, stride_xt, stride_dt, scale, WRITE_DX: tl.constexpr,
-                          IEEE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+                          NEED_DA: tl.constexpr, IEEE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+                          BLOCK_R: tl.constexpr):
         """One column block of K and one chunk of rows: dX[rows, cols] = scale * (G @ A[:, cols]) * keep (when
-        WRITE_DX) and part[chunk, :, cols] = scale * G[rows]^T @ (x * keep)[rows, cols], fp32 (the caller sums the
-        chunks in a fixed order: deterministic). G [T, R], A [R, K], keep and x [T, K]."""
+        WRITE_DX) and part[chunk, :, cols] = scale * G[rows]^T @ (x * keep)[rows, cols] in fp32 (when NEED_DA; the
+        caller reduces the chunks without atomics: deterministic). G [T, R], A [R, K], keep and x [T, K]."""
         rk = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
         chunk = tl.program_id(1)
         rr = tl.arange(0, BLOCK_R)
         k_in = rk < K
         r_in = rr < R
-        a = tl.load(a_ptr + rr[:, None] * stride_ar + rk[None, :], mask=r_in[:, None] & k_in[None, :], other=0.0)
+        if WRITE_DX:
+            a = tl.load(a_ptr + rr[:, None] * stride_ar + rk[None, :], mask=r_in[:, None] & k_in[None, :], other=0.0)
         acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
         t_end = tl.minimum(T, (chunk + 1) * rows_per_chunk)
         for t0 in range(chunk * rows_per_chunk, t_end, BLOCK_T):
@@ -297,12 +300,13 @@ if triton is not None:
             g = tl.load(g_ptr + rt[:, None].to(tl.int64) * stride_gt + rr[None, :], mask=t_in[:, None] & r_in[None, :],
                         other=0.0)
             keep = tl.load(m_ptr + rt[:, None].to(tl.int64) * stride_mt + rk[None, :], mask=tk, other=0)
-            x = tl.load(x_ptr + rt[:, None].to(tl.int64) * stride_xt + rk[None, :], mask=tk, other=0.0)
-            x = tl.where(keep, x, tl.zeros_like(x))
-            if IEEE:
-                acc = tl.dot(tl.trans(g.to(tl.float32)), x.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(tl.trans(g), x.to(g.dtype), acc)
+            if NEED_DA:
+                x = tl.load(x_ptr + rt[:, None].to(tl.int64) * stride_xt + rk[None, :], mask=tk, other=0.0)
+                x = tl.where(keep, x, tl.zeros_like(x))
+                if IEEE:
+                    acc = tl.dot(tl.trans(g.to(tl.float32)), x.to(tl.float32), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(tl.trans(g), x.to(g.dtype), acc)
             if WRITE_DX:
                 if IEEE:
                     d = tl.dot(g.to(tl.float32), a.to(tl.float32), input_precision="ieee")
@@ -311,8 +315,9 @@ if triton is not None:
                 d = tl.where(keep, d * scale, 0.0)
                 tl.store(dx_ptr + rt[:, None].to(tl.int64) * stride_dt + rk[None, :], d.to(dx_ptr.dtype.element_ty),
                          mask=tk)
-        dst = part_ptr + (chunk * R + rr[:, None]).to(tl.int64) * K + rk[None, :]
-        tl.store(dst, acc * scale, mask=r_in[:, None] & k_in[None, :])
+        if NEED_DA:
+            dst = part_ptr + (chunk * R + rr[:, None]).to(tl.int64) * K + rk[None, :]
+            tl.store(dst, acc * scale, mask=r_in[:, None] & k_in[None, :])
 
 
 def _gpu_configs():
@@ -409,7 +414,7 @@ def _gemm(a, fields, trans_w, bias=None, p=None, q=None, scaling=0.0, mask=None,
     n_out = k_w if trans_w else n_w
     c = torch.empty(M, n_out, device=a.device, dtype=out_dtype or a.dtype)
     R = p.shape[1] if p is not None else 0
-    block_r = max(16, triton.next_power_of_2(R)) if R else 16
+    block_r = _block_r(R) if R else 16
     kernel, fixed = _kernel()
     dummy = c
     sw = (w.stride(0), w.stride(1)) if fmt == FMT_DENSE else (0, 0)
@@ -551,7 +556,7 @@ def _block_r(r: int) -> int:
 def _masked_down(x2d, mask, A, scale):
     """scale * (x * mask) @ A^T, [T, r] in x's dtype: the LoRA input with dropout, mask applied on the fly."""
     T, K = x2d.shape
-    A = A.contiguous()
+    x2d, mask, A = x2d.contiguous(), mask.contiguous(), A.contiguous()  # the kernel reads rows with unit stride
     out = torch.empty(T, A.shape[0], device=x2d.device, dtype=x2d.dtype)
     if T == 0:
         return out
@@ -563,38 +568,33 @@ def _masked_down(x2d, mask, A, scale):
     return out
 
 
+@functools.lru_cache(maxsize=None)
 def _sm_count(device) -> int:
-    if device.type != "cuda":
-        return 4
-    if device not in _sm_cache:
-        _sm_cache[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _sm_cache[device]
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-_sm_cache = {}
-
-
-def _masked_lora_grads(g, A, mask, x2d, scale, write_dx):
-    """(dX LoRA term | None, dA fp32) of the dropout LoRA in one pass over x and the mask: dX = scale * (G A) *
-    mask and dA = scale * G^T (x * mask), G = dY B [T, r]. Rows are cut into chunks (~4 programs per SM over the
-    column blocks) whose fp32 partial dA are summed in chunk order, so dA is deterministic."""
+def _masked_lora_grads(g, A, mask, x2d, scale, write_dx, need_da=True):
+    """(dX LoRA term | None, dA fp32 | None) of the dropout LoRA in one pass over x and the mask: dX = scale * (G A)
+    * mask and dA = scale * G^T (x * mask), G = dY B [T, r]. Rows are cut into chunks (~4 programs per SM over the
+    column blocks) whose fp32 partial dA are summed by torch afterwards (no atomics: deterministic)."""
     T, K = x2d.shape
     R = A.shape[0]
     if T == 0:
-        return (torch.empty_like(x2d) if write_dx else None), x2d.new_zeros(R, K, dtype=torch.float32)
-    A = A.contiguous()
+        return (torch.empty_like(x2d) if write_dx else None), (x2d.new_zeros(R, K, dtype=torch.float32)
+                                                                if need_da else None)
+    g, A, mask, x2d = g.contiguous(), A.contiguous(), mask.contiguous(), x2d.contiguous()
     bt, bk = (16, 32) if interpreting() else (64, 64)
     n_k = triton.cdiv(K, bk)
     chunks = max(1, min(triton.cdiv(T, bt), triton.cdiv(4 * _sm_count(x2d.device), n_k)))
     rows = triton.cdiv(triton.cdiv(T, chunks), bt) * bt
     chunks = triton.cdiv(T, rows)
     dx = torch.empty_like(x2d) if write_dx else None
-    part = torch.empty(chunks, R, K, device=x2d.device, dtype=torch.float32)
+    part = torch.empty(chunks if need_da else 1, R, K, device=x2d.device, dtype=torch.float32)
     _masked_up_kernel[(n_k, chunks)](
         g, A, mask, x2d, dx if write_dx else part, part, T, K, R, rows, g.stride(0), A.stride(0), mask.stride(0),
-        x2d.stride(0), dx.stride(0) if write_dx else 0, float(scale), WRITE_DX=write_dx,
+        x2d.stride(0), dx.stride(0) if write_dx else 0, float(scale), WRITE_DX=write_dx, NEED_DA=need_da,
         IEEE=x2d.dtype == torch.float32 or interpreting(), BLOCK_T=bt, BLOCK_K=bk, BLOCK_R=_block_r(R), num_warps=4)
-    return dx, part.sum(0)
+    return dx, (part.sum(0) if need_da else None)
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -629,7 +629,8 @@ class LoRALinearFunction(torch.autograd.Function):
         g = dy @ B if B is not None else None  # [T, r]
         dx = d_bias = dA = dB = lora_dx = None
         if mask is not None and (need_dA or (need_dx and ctx.slabs)):
-            lora_dx, dA = _masked_lora_grads(g, A, mask, x2d, s * inv_keep, write_dx=need_dx and ctx.slabs)
+            lora_dx, dA = _masked_lora_grads(g, A, mask, x2d, s * inv_keep, write_dx=need_dx and ctx.slabs,
+                                             need_da=need_dA)
         if need_dx:
             fields = _weight_fields(ctx.weight)
             if ctx.slabs:

@@ -289,7 +289,8 @@ if HAS_GLUON:
                         num_warps: gl.constexpr):
         # TILES (see ws_gemm): 0 (ALL_TILES) every tile of the table, built for BM rows; 1 (LONG_TILES) those
         # with more than BM / 2 rows; 2 (SHORT_TAILS) one tile per expert (num_tiles = E): its last tile of a table
-        # built for 2 * BM rows, when that tile has at most BM rows.
+        # built for 2 * BM rows, when that tile has at most BM rows. 1 and 2 cover a table only as a pair (BM=256
+        # then BM=128 over the same 256-row table), as ws_gemm launches them.
         pid = gl.program_id(0)
         num_n = gl.cdiv(N, BN)
         width = GROUP * num_n

@@ -153,13 +153,15 @@ def _check_masked_lora_kernels(T, K, r, dtype, dev):
     assert xa.dtype == dtype and xa.shape == (T, r)
     if T:
         assert _rel(xa, 1.25 * xd @ A.double().t()) < tol
-    for write_dx in (True, False):
-        dx, dA = mod._masked_lora_grads(g, A, mask, x, 0.75, write_dx=write_dx)
-        assert dA.dtype == torch.float32 and dA.shape == (r, K)
-        if T:
-            assert _rel(dA, 0.75 * g.double().t() @ xd) < tol
-        else:
-            assert not dA.any()
+    for write_dx, need_da in ((True, True), (False, True), (True, False)):
+        dx, dA = mod._masked_lora_grads(g, A, mask, x, 0.75, write_dx=write_dx, need_da=need_da)
+        assert (dA is not None) == need_da
+        if need_da:
+            assert dA.dtype == torch.float32 and dA.shape == (r, K)
+            if T:
+                assert _rel(dA, 0.75 * g.double().t() @ xd) < tol
+            else:
+                assert not dA.any()
         assert (dx is not None) == write_dx
         if write_dx and T:
             assert dx.dtype == dtype
@@ -267,6 +269,12 @@ def test_slabs_dropout_and_no_lora_cpu(fmt, monkeypatch):
     assert _rel(y, y_ref) < 1e-5
     for a, b in zip(g[:3], g_ref[:3]):
         assert _rel(a, b) < 1e-5
+    # a frozen A (no dA): the dX LoRA term alone
+    A.requires_grad_(False)
+    y, g = _grads(lambda: LoRALinearFunction.apply(x, w, bias, A, B, 1.5, mask, p), x, None, B, None, dy)
+    y_ref, g_ref = _grads(lambda: x @ wd.t() + bias + 1.5 * ((x * mask / (1 - p)) @ A.t()) @ B.t(), x, None, B, None,
+                          dy)
+    assert _rel(g[0], g_ref[0]) < 1e-5 and _rel(g[2], g_ref[2]) < 1e-5
     # no LoRA: bias only (y starts as b) and neither (the first write of each block overwrites)
     for b in (bias, None):
         y, g = _grads(lambda: lora_linear(x, w, b), x, None, None, None, dy)

@@ -40,14 +40,11 @@ VARIANTS = {
 }
 
 
-def build(variant, bm, lora):
+def build(variant, bm, lora, tiles):
     fn = moe_hopper._ws_gemm_kernel
     trans, epi, gather, scatter, has_bias, rowscale = VARIANTS[variant]
     meta = dict(moe_hopper.META[bm, lora])
     num_warps = meta.pop("num_warps")
-    # ws_gemm launches BM=256 for the long tiles of a 256-row table, BM=128 for its short tails (the BM=128 tables'
-    # ALL_TILES launch differs from that only in scalar code)
-    tiles = moe_hopper.LONG_TILES if bm == 256 else moe_hopper.SHORT_TAILS
     const = dict(TRANS=trans, EPI=epi, GATHER_A=gather, SCATTER_C=scatter, HAS_BIAS=has_bias, ROWSCALE=rowscale,
                  R_PAD=16 if lora else 0, TILES=tiles, BM=bm, BK=moe_hopper.BK, GROUP=moe_hopper.GROUP_M, num_warps=num_warps, **meta)
     sig = {n: "constexpr" if n in const else POINTERS.get(n, "fp32" if n in FLOATS else "i32") for n in fn.arg_names}
@@ -70,14 +67,17 @@ def main_loop_spills(cubin: bytes) -> int:
     return sum(bool(re.search(r"\b(LDL|STL)\b", ln)) for ln in sass[first:end + 1])
 
 
-CASES = [(variant, bm, lora) for variant in VARIANTS for bm, lora in [(128, True), (256, True), (256, False)]]
+# (BM, LoRA, TILES): BM=128 tables launch ALL_TILES; 256-row tables LONG_TILES at BM=256 and SHORT_TAILS at BM=128
+CASES = [(variant, bm, lora, tiles) for variant in VARIANTS
+         for bm, lora, tiles in [(128, True, moe_hopper.ALL_TILES), (128, True, moe_hopper.SHORT_TAILS),
+                                 (256, True, moe_hopper.LONG_TILES), (256, False, moe_hopper.LONG_TILES)]]
 
 
 def build_all() -> dict:
     out = {}
-    for variant, bm, lora in CASES:
-        c = build(variant, bm, lora)
-        out[f"{variant}/{bm}/{lora}"] = {"smem": c.metadata.shared, "wgmma": "wgmma.mma_async" in c.asm["ptx"],
+    for variant, bm, lora, tiles in CASES:
+        c = build(variant, bm, lora, tiles)
+        out[f"{variant}/{bm}/{lora}/{tiles}"] = {"smem": c.metadata.shared, "wgmma": "wgmma.mma_async" in c.asm["ptx"],
                                          "main_loop_spills": main_loop_spills(c.asm["cubin"])}
     return out
 
@@ -91,9 +91,9 @@ def builds():
 
 
 @pytest.mark.skipif(not (BIN / "ptxas").exists(), reason="triton without its bundled ptxas")
-@pytest.mark.parametrize("variant,bm,lora", CASES)
-def test_builds_for_sm90_within_smem_without_main_loop_spills(builds, variant, bm, lora):
-    c = builds[f"{variant}/{bm}/{lora}"]
+@pytest.mark.parametrize("variant,bm,lora,tiles", CASES)
+def test_builds_for_sm90_within_smem_without_main_loop_spills(builds, variant, bm, lora, tiles):
+    c = builds[f"{variant}/{bm}/{lora}/{tiles}"]
     assert c["smem"] <= SMEM_LIMIT
     assert c["wgmma"]
     assert c["main_loop_spills"] == 0
