@@ -5,6 +5,7 @@ Each op's entry point asks ``triton_runs`` and otherwise takes its pure-torch re
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -27,3 +28,10 @@ def triton_runs(t: torch.Tensor, dtypes=None) -> bool:
     """Whether an op on ``t`` can take its Triton kernel: triton is installed, ``t`` is on CUDA or the interpreter is
     on, and (when given) ``t``'s dtype is one of ``dtypes``."""
     return HAS_TRITON and (t.is_cuda or interpreting()) and (dtypes is None or t.dtype in dtypes)
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device, for kernels that size their grids to fill it; 1 elsewhere (the
+    interpreter), so CPU tests still cut work into a few programs."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1

@@ -37,7 +37,6 @@ path adds the scratch (<= 24 MiB) in each direction and nothing else.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -49,7 +48,7 @@ try:
 except ImportError:  # CPU-only installs without triton use the reference
     triton = None
 
-from fastft.kernels._env import FLOAT_DTYPES, interpreting, triton_runs
+from fastft.kernels._env import FLOAT_DTYPES, interpreting, sm_count, triton_runs
 from fastft.mxfp4 import MXFP4Tensor
 
 
@@ -254,6 +253,16 @@ if triton is not None:
     # elementwise launches, 7.9 ms.)
 
     @triton.jit
+    def _dot(a, b, acc, IEEE: tl.constexpr):
+        """acc + a @ b: exact fp32 products when IEEE (fp32 inputs, and always in the interpreter, whose bf16 dot is
+        wrong), else a tensor-core dot with b cast to a's dtype."""
+        if IEEE:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b.to(a.dtype), acc)
+        return acc
+
+    @triton.jit
     def _masked_down_kernel(x_ptr, m_ptr, a_ptr, out_ptr, T, K, R, stride_xt, stride_mt, stride_ar, stride_ot, scale,
                             IEEE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
         """out[T, R] = scale * (x * keep) @ A^T for BLOCK_T rows (x [T, K], keep bool [T, K], A [R, K])."""
@@ -269,10 +278,7 @@ if triton is not None:
             x = tl.where(keep, x, tl.zeros_like(x))
             a = tl.load(a_ptr + rr[None, :] * stride_ar + rk[:, None], mask=(rr < R)[None, :] & (rk < K)[:, None],
                         other=0.0)  # [BLOCK_K, BLOCK_R]
-            if IEEE:
-                acc = tl.dot(x.to(tl.float32), a.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(x, a.to(x.dtype), acc)
+            acc = _dot(x, a, acc, IEEE)
         dst = out_ptr + rt[:, None].to(tl.int64) * stride_ot + rr[None, :]
         tl.store(dst, (acc * scale).to(out_ptr.dtype.element_ty), mask=t_in[:, None] & (rr < R)[None, :])
 
@@ -302,16 +308,9 @@ if triton is not None:
             keep = tl.load(m_ptr + rt[:, None].to(tl.int64) * stride_mt + rk[None, :], mask=tk, other=0)
             if NEED_DA:
                 x = tl.load(x_ptr + rt[:, None].to(tl.int64) * stride_xt + rk[None, :], mask=tk, other=0.0)
-                x = tl.where(keep, x, tl.zeros_like(x))
-                if IEEE:
-                    acc = tl.dot(tl.trans(g.to(tl.float32)), x.to(tl.float32), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(tl.trans(g), x.to(g.dtype), acc)
+                acc = _dot(tl.trans(g), tl.where(keep, x, tl.zeros_like(x)), acc, IEEE)
             if WRITE_DX:
-                if IEEE:
-                    d = tl.dot(g.to(tl.float32), a.to(tl.float32), input_precision="ieee")
-                else:
-                    d = tl.dot(g, a.to(g.dtype))
+                d = _dot(g, a, tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32), IEEE)
                 d = tl.where(keep, d * scale, 0.0)
                 tl.store(dx_ptr + rt[:, None].to(tl.int64) * stride_dt + rk[None, :], d.to(dx_ptr.dtype.element_ty),
                          mask=tk)
@@ -432,7 +431,7 @@ def _gemm(a, fields, trans_w, bias=None, p=None, q=None, scaling=0.0, mask=None,
         mask.stride(0) if mask is not None else 0, mask.stride(1) if mask is not None else 0,
         c.stride(0), c.stride(1),
         FMT=fmt, NF4_BS=nf4_bs, GROUP=_group(fmt, nf4_bs, k_w), TRANS_W=trans_w, HAS_BIAS=bias is not None, HAS_LORA=p is not None,
-        HAS_MASK=mask is not None, IEEE=a.dtype == torch.float32 or interpreting(), BLOCK_R=block_r, **fixed,
+        HAS_MASK=mask is not None, IEEE=_ieee(a), BLOCK_R=block_r, **fixed,
     )
     return c
 
@@ -553,6 +552,11 @@ def _block_r(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
+def _ieee(t: torch.Tensor) -> bool:
+    """The kernels' IEEE flag: exact fp32 dots for fp32 inputs, and always in the interpreter."""
+    return t.dtype == torch.float32 or interpreting()
+
+
 def _masked_down(x2d, mask, A, scale):
     """scale * (x * mask) @ A^T, [T, r] in x's dtype: the LoRA input with dropout, mask applied on the fly."""
     T, K = x2d.shape
@@ -563,14 +567,9 @@ def _masked_down(x2d, mask, A, scale):
     bt, bk = (16, 32) if interpreting() else (32, 128)  # 32 rows: 128 programs at T=4096, each streams its rows once
     _masked_down_kernel[(triton.cdiv(T, bt),)](
         x2d, mask, A, out, T, K, A.shape[0], x2d.stride(0), mask.stride(0), A.stride(0), out.stride(0), float(scale),
-        IEEE=x2d.dtype == torch.float32 or interpreting(), BLOCK_T=bt, BLOCK_K=bk, BLOCK_R=_block_r(A.shape[0]),
+        IEEE=_ieee(x2d), BLOCK_T=bt, BLOCK_K=bk, BLOCK_R=_block_r(A.shape[0]),
         num_warps=4)
     return out
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 def _masked_lora_grads(g, A, mask, x2d, scale, write_dx, need_da=True):
@@ -585,7 +584,7 @@ def _masked_lora_grads(g, A, mask, x2d, scale, write_dx, need_da=True):
     g, A, mask, x2d = g.contiguous(), A.contiguous(), mask.contiguous(), x2d.contiguous()
     bt, bk = (16, 32) if interpreting() else (64, 64)
     n_k = triton.cdiv(K, bk)
-    chunks = max(1, min(triton.cdiv(T, bt), triton.cdiv(4 * _sm_count(x2d.device), n_k)))
+    chunks = max(1, min(triton.cdiv(T, bt), triton.cdiv(4 * sm_count(x2d.device), n_k)))
     rows = triton.cdiv(triton.cdiv(T, chunks), bt) * bt
     chunks = triton.cdiv(T, rows)
     dx = torch.empty_like(x2d) if write_dx else None
@@ -593,7 +592,7 @@ def _masked_lora_grads(g, A, mask, x2d, scale, write_dx, need_da=True):
     _masked_up_kernel[(n_k, chunks)](
         g, A, mask, x2d, dx if write_dx else part, part, T, K, R, rows, g.stride(0), A.stride(0), mask.stride(0),
         x2d.stride(0), dx.stride(0) if write_dx else 0, float(scale), WRITE_DX=write_dx, NEED_DA=need_da,
-        IEEE=x2d.dtype == torch.float32 or interpreting(), BLOCK_T=bt, BLOCK_K=bk, BLOCK_R=_block_r(R), num_warps=4)
+        IEEE=_ieee(x2d), BLOCK_T=bt, BLOCK_K=bk, BLOCK_R=_block_r(R), num_warps=4)
     return dx, (part.sum(0) if need_da else None)
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from fastft.kernels._env import FLOAT_DTYPES, triton_runs
+from fastft.kernels._env import FLOAT_DTYPES, sm_count, triton_runs
 
 try:
     import triton
@@ -90,17 +90,10 @@ def _num_warps(block: int) -> int:
     return 4 if block <= 1024 else 8 if block <= 8192 else 16
 
 
-_SM_COUNT = {}
-
-
 def _programs(device: torch.device) -> int:
     """Programs of the weight-grad backward: enough to fill the GPU (4 per SM); 4 under the interpreter, so CPU tests
     cover several rows per program and a ragged last run."""
-    if device.type != "cuda":
-        return 4
-    if device not in _SM_COUNT:
-        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return 4 * _SM_COUNT[device]
+    return 4 * sm_count(device)
 
 
 if triton is not None:
