@@ -154,11 +154,13 @@ def reference_step(model, opt, row, cfg):
 
 
 def build_fastft(cfg: dict, workload: str, attention: str = "nf4", offload_embedding: bool = True,
-                 offload_activations: bool = False, lm_head: str = "int8"):
+                 offload_activations: bool = False, lm_head: str = "int8", layer_graphs: bool = False):
     """fastft as the trainer runs it on CUDA: MXFP4 experts, NF4 attention projections (bitsandbytes' quantiser), the
     input embedding in host memory, lm_head int8 (one fp32 scale per row). attention="bf16" /
     offload_embedding=False / lm_head="bf16" give the layout of earlier measurements; offload_activations keeps
-    checkpointed layer inputs in host memory (long context)."""
+    checkpointed layer inputs in host memory (long context); layer_graphs replays the decoder layers from CUDA graphs
+    (fastft.model.layer_graphs, the trainer's default on one GPU; bench_e2e's default, not profile_e2e's, whose
+    per-op attribution needs the eager launches)."""
     if lm_head not in ("bf16", "int8"):
         raise ValueError(f"lm_head must be bf16 or int8, not {lm_head!r}")
     from fastft.backends import get_backend
@@ -212,6 +214,7 @@ def build_fastft(cfg: dict, workload: str, attention: str = "nf4", offload_embed
         model.enable_gradient_checkpointing(True, offload=True)
     else:
         model.enable_gradient_checkpointing(True)
+    model.use_layer_graphs(layer_graphs)
     model.train()
     return model, backend
 
@@ -245,8 +248,9 @@ def measure(step_fn, model, rows, cfg, steps: int, warmup: int) -> dict:
         loss = step_fn(model, opt, rows[i % len(rows)], cfg)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+    # graph replays allocate nothing, so the reserved peak (graph pools included) is reported beside the allocated one
     return {"step_s": statistics.median(times), "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "loss": float(loss.detach())}
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30, "loss": float(loss.detach())}
 
 
 def run_one(build, step_fn, cfg, workload, rows, steps, warmup) -> dict:
@@ -277,7 +281,7 @@ def main():
     ap.add_argument("--build", default="{}", help='JSON options for build_fastft, e.g. {"attention": "bf16"}')
     args = ap.parse_args()
     build_kw = {"attention": "nf4", "offload_embedding": True, "offload_activations": False, "lm_head": "int8",
-                **json.loads(args.build)}
+                "layer_graphs": True, **json.loads(args.build)}
     cfg = json.loads(CONFIG.read_text())
     if args.quick:
         cfg["num_hidden_layers"], cfg["layer_types"] = 2, cfg["layer_types"][:2]
@@ -308,11 +312,13 @@ def main():
              "matmul_tflops": ceiling, "flops_per_token": fpt, "build": build_kw}
         if fast:
             m.update(fastft_tok_s=tok / fast["step_s"], fastft_s_per_step=fast["step_s"], peak_gib=fast["peak_gib"],
+                     peak_reserved_gib=fast["peak_reserved_gib"],
                      mfu=tok / fast["step_s"] * fpt / (ceiling * 1e12), kernels=fast["sources"],
                      fastft_loss=fast["loss"], fastft_leftover_gib=fast["leftover_gib_before_build"])
         if ref.get("step_s"):
             m.update(reference_tok_s=tok / ref["step_s"], reference_s_per_step=ref["step_s"],
-                     reference_peak_gib=ref["peak_gib"], reference_loss=ref["loss"],
+                     reference_peak_gib=ref["peak_gib"], reference_peak_reserved_gib=ref["peak_reserved_gib"],
+                     reference_loss=ref["loss"],
                      reference_leftover_gib=ref["leftover_gib_before_build"])
         elif ref:
             m["reference_error"] = ref.get("error")

@@ -51,6 +51,7 @@ class TrainConfig:
     lora_targets: str = "qv"
     # engine
     kernels: str = "auto"
+    cuda_graphs: str = "auto"
     dtype: str = "auto"
     zero_stage: int = 2
     deepspeed: str | None = None
@@ -158,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("engine")
     g.add_argument("--kernels", choices=("auto", "torch", "triton"), default=d.kernels,
                    help="auto = triton on CUDA, torch reference elsewhere")
+    g.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default=d.cuda_graphs,
+                   help="replay the decoder layers of a step from CUDA graphs (the host then issues 48 launches, not "
+                        "~1,200); auto = on with the triton kernels on one GPU with gradient checkpointing")
     g.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default=d.dtype, help="auto = bf16 on GPU, fp32 on CPU")
     g.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=d.zero_stage)
     g.add_argument("--deepspeed", default=None, metavar="CFG.json", help="DeepSpeed config overriding the generated one")

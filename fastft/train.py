@@ -165,6 +165,14 @@ def ties_lm_head(model_path: Path) -> bool:
         return False
 
 
+def use_cuda_graphs(cfg, backend, dist) -> bool:
+    """--cuda-graphs: auto = on for the Triton kernels on one GPU with checkpointing (multi-GPU ZeRO runs keep the
+    eager layers: their gradient hooks are untested under graph replay); on = wherever checkpointing is on."""
+    if cfg.cuda_graphs == "off" or not cfg.gradient_checkpointing or dist.device.type != "cuda":
+        return False
+    return cfg.cuda_graphs == "on" or (backend.name == "triton" and dist.world_size == 1)
+
+
 def train(cfg: TrainConfig) -> int:
     import deepspeed
     import torch.distributed as dist_
@@ -207,10 +215,13 @@ def train(cfg: TrainConfig) -> int:
         model.offload_embedding()  # after apply_lora: only a frozen embedding can move
     model.enable_gradient_checkpointing(cfg.gradient_checkpointing,
                                         offload=cfg.offload_activations and cfg.gradient_checkpointing)
+    graphs = use_cuda_graphs(cfg, backend, dist)
+    model.use_layer_graphs(graphs)
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     n_trainable = sum(p.numel() for p in named.values())
     say(f"fastft: model {cfg.model} ({dtype}, kernels: {backend.name} {backend.sources}), "
-        f"LoRA {cfg.lora_targets} r={cfg.lora_r}: {n_trainable:,} trainable parameters; weights {layout}")
+        f"LoRA {cfg.lora_targets} r={cfg.lora_r}: {n_trainable:,} trainable parameters; weights {layout}; "
+        f"CUDA graphs {'on' if graphs else 'off'}")
     torch.manual_seed(cfg.seed + 1000 * (dist.rank + 1))  # per-rank dropout masks
 
     # ---- DeepSpeed engine ---------------------------------------------------------------------------------------
@@ -343,7 +354,7 @@ def train(cfg: TrainConfig) -> int:
             "versions": versions(), "git_revision": git_revision(),
             "model": cfg.model, "model_path": str(model_path), "dtype": str(dtype).replace("torch.", ""),
             "kernels": {"backend": backend.name, **backend.sources}, "weights": layout,
-            "world_size": dist.world_size, "zero_stage": ds_config["zero_optimization"]["stage"],
+            "cuda_graphs": graphs, "world_size": dist.world_size, "zero_stage": ds_config["zero_optimization"]["stage"],
             "data": {"files": data.data_hashes, "rows": data.num_rows, "eval_rows": data.num_eval_rows,
                      "tokens": data.num_tokens, "trainable_tokens": data.num_trainable_tokens,
                      "packed_rows": data.num_packed_rows, "packing_efficiency": data.packing_efficiency,

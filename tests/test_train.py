@@ -224,3 +224,39 @@ def test_ties_lm_head_reads_the_config(tmp_path):
     assert ties_lm_head(tmp_path) is True
     (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 8}))
     assert ties_lm_head(tmp_path) is False
+
+
+def test_cuda_graphs_flag_resolution():
+    from types import SimpleNamespace
+
+    from fastft.config import TrainConfig
+    from fastft.train import use_cuda_graphs
+
+    def dist(device, world=1):
+        return SimpleNamespace(device=SimpleNamespace(type=device), world_size=world)
+
+    tri, ref = SimpleNamespace(name="triton"), SimpleNamespace(name="torch")
+    auto = TrainConfig(data="x.jsonl")
+    assert use_cuda_graphs(auto, tri, dist("cuda"))
+    assert not use_cuda_graphs(auto, tri, dist("cuda", world=2))  # ZeRO gradient hooks: eager unless asked
+    assert not use_cuda_graphs(auto, ref, dist("cuda")) and not use_cuda_graphs(auto, tri, dist("cpu"))
+    assert use_cuda_graphs(TrainConfig(data="x.jsonl", cuda_graphs="on"), ref, dist("cuda", world=2))
+    assert not use_cuda_graphs(TrainConfig(data="x.jsonl", cuda_graphs="off"), tri, dist("cuda"))
+    assert not use_cuda_graphs(TrainConfig(data="x.jsonl", gradient_checkpointing=False), tri, dist("cuda"))
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_train_like_eager_layers(tmp_path):
+    """On a GPU the trainer replays its layers from CUDA graphs by default; without dropout (so both runs draw
+    nothing) its losses follow the eager run's step for step (only the token padding may change GEMM rounding)."""
+    data = write_data(tmp_path / "data.jsonl")
+    curves = {}
+    for mode in ("on", "off"):
+        out = tmp_path / mode
+        run_train([str(data), *COMMON, "--epochs", "2", "--lora-dropout", "0", "--cuda-graphs", mode,
+                   "--output-dir", str(out)])
+        assert json.loads((out / "metadata.json").read_text())["cuda_graphs"] is (mode == "on")
+        curves[mode] = losses(out)
+    assert len(curves["on"]) == len(curves["off"]) > 4
+    for a, b in zip(curves["on"], curves["off"]):
+        assert abs(a - b) <= 2e-2 * abs(b), (curves["on"], curves["off"])

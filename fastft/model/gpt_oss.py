@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fastft.backends import Backend, get_backend, recompute_skips_output
 from fastft.model.config import ModelConfig, rope_frequencies
+from fastft.model.layer_graphs import PAD_TO, LayerGraphs
 from fastft.model.offload import HostOffload
 from fastft.mxfp4 import MXFP4Tensor
 
@@ -258,6 +259,7 @@ class GptOssForTraining(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
         self._activation_offload = None  # a HostOffload while enable_gradient_checkpointing(offload=True)
+        self._layer_graphs = None  # a LayerGraphs while use_layer_graphs(True)
         self.moe_chunk_tokens = 16384
         self._host_embedding = None  # set by offload_embedding
         self._inv_freq, self.attention_scaling = rope_frequencies(cfg)
@@ -350,6 +352,28 @@ class GptOssForTraining(nn.Module):
         self.gradient_checkpointing = enabled
         self._activation_offload = HostOffload() if offload else None
 
+    def use_layer_graphs(self, enabled: bool = True, graphs: bool = True, max_graphs: int = 2,
+                         pad_to: int = PAD_TO):
+        """With gradient checkpointing, runs the decoder layers of a training step through fastft.model.layer_graphs:
+        checkpointed by hand and, on CUDA with ``graphs``, replayed from CUDA graphs (the host then issues 48 graph
+        launches per step instead of ~1,200 kernels) for up to ``max_graphs`` token counts, padded to a multiple of
+        ``pad_to``. Same math as torch's checkpoint; the dropout masks come from the same default generator. Steps
+        whose MoE would run chunked (more than moe_chunk_tokens tokens) keep the torch.utils.checkpoint path."""
+        self._layer_graphs = (dict(graphs=graphs, max_graphs=max_graphs, pad_to=pad_to), None) if enabled else None
+
+    def _graphed_layers(self, tokens: int) -> LayerGraphs | None:
+        if self._layer_graphs is None:
+            return None
+        opts, stack = self._layer_graphs
+        params = [[p for p in layer.parameters() if p.requires_grad] for layer in self.model.layers]
+        if stack is None or stack.offload != self.offload_activations or not stack.same_params(params):
+            # new LoRA, frozen parameters or another offload setting: graphs captured for the old ones are stale
+            stack = LayerGraphs(self.model.layers, params, offload=self.offload_activations, **opts)
+            self._layer_graphs = (opts, stack)
+        if self.moe_chunk_tokens and stack.padded(tokens) > self.moe_chunk_tokens:
+            return None
+        return stack
+
     @property
     def offload_activations(self) -> bool:
         return self._activation_offload is not None
@@ -389,6 +413,9 @@ class GptOssForTraining(nn.Module):
         h = self.embed(input_ids)
         cos, sin = self.rope(position_ids, h.dtype)
         checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
+        stack = self._graphed_layers(h.shape[0]) if checkpointing else None
+        if stack is not None:
+            return self.model.norm(stack(h, cos, sin, cu_seqlens))
         offload = self._activation_offload if checkpointing else None
         if offload is not None:
             offload.begin()

@@ -1,0 +1,116 @@
+"""fastft.model.layer_graphs: the hand-checkpointed (and, on CUDA, graph-replayed) layer stack gives the gradients of
+the plain model, dropout included, with and without activation offload and token padding."""
+
+import pytest
+import torch
+
+from fastft.backends import get_backend
+from fastft.model import GptOssForTraining, LoraSettings, apply_lora
+from fastft.model.lora import trainable_parameters
+from fastft.model.testing import packed_batch, tiny_config
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def _model(kernels, targets, dropout, device="cpu", dtype=torch.float32, **cfg):
+    cfg = tiny_config(**cfg)
+    torch.manual_seed(0)
+    model = GptOssForTraining.from_config(cfg, dtype, device, get_backend(kernels, device))
+    with torch.no_grad():  # biases and sinks away from 0, experts large enough that the SwiGLU clamps fire
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or name.endswith("sinks"):
+                p.normal_(0.0, 0.5)
+            elif "experts" in name:
+                p.normal_(0.0, 2.0 / p.shape[-2] ** 0.5)
+    apply_lora(model, LoraSettings(targets=targets, r=2, dropout=dropout))
+    with torch.no_grad():
+        for _, p in trainable_parameters(model):
+            p.normal_(0.0, 0.3)
+    return model.train()
+
+
+def _step(model, batch, seed):
+    ids, pos, cu = batch
+    labels = ids.clone()
+    labels[cu[:-1].long()] = -100
+    model.zero_grad()
+    torch.manual_seed(seed)
+    loss = model(ids, pos, cu, labels)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for _, p in trainable_parameters(model)], torch.get_rng_state()
+
+
+@pytest.mark.parametrize("kernels,targets,dropout,offload,pad_to", [
+    ("torch", "attn", 0.3, False, 1),  # dropout: the recompute must draw the forward's masks
+    ("torch", "attn", 0.3, True, 1),
+    ("torch", "all", 0.0, True, 16),  # padded tokens add nothing
+    ("triton", "all", 0.0, False, 16),  # the Triton MoE skips its output in the recompute
+])
+def test_same_gradients_as_plain(kernels, targets, dropout, offload, pad_to):
+    model = _model(kernels, targets, dropout)
+    batch = packed_batch([5, 1, 8], model.config.vocab_size)
+    want_loss, want, want_rng = _step(model, batch, seed=3)  # no checkpointing at all
+    model.enable_gradient_checkpointing(True, offload=offload)
+    model.use_layer_graphs(True, pad_to=pad_to)
+    for _ in range(2):  # a second step reuses nothing stale
+        loss, got, rng = _step(model, batch, seed=3)
+        torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=0)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        assert torch.equal(rng, want_rng)  # the generator ends where the forward left it: next masks are new
+
+
+def test_new_lora_rebuilds_the_stack():
+    model = _model("torch", "qv", 0.0)
+    model.enable_gradient_checkpointing(True)
+    model.use_layer_graphs(True, pad_to=8)
+    batch = packed_batch([6, 3], model.config.vocab_size)
+    _step(model, batch, seed=1)
+    first = model._layer_graphs[1]
+    for _, p in trainable_parameters(model):
+        p.requires_grad_(False)
+    model.model.layers[0].self_attn.q_proj.lora_A.requires_grad_(True)
+    _, grads, _ = _step(model, batch, seed=1)
+    assert model._layer_graphs[1] is not first and len(grads) == 1
+
+
+def test_long_rows_keep_torch_checkpoint():
+    """Rows the MoE would chunk run torch.utils.checkpoint (the stack's halves never chunk)."""
+    model = _model("torch", "qv", 0.0)
+    model.enable_gradient_checkpointing(True)
+    model.use_layer_graphs(True, pad_to=4)
+    model.moe_chunk_tokens = 8
+    batch = packed_batch([6, 5], model.config.vocab_size)
+    want_loss, want, _ = _step(model, batch, seed=2)
+    assert model._graphed_layers(11) is None
+    model.use_layer_graphs(False)
+    loss, got, _ = _step(model, batch, seed=2)
+    torch.testing.assert_close(loss, want_loss)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("offload", [False, True])
+def test_graphs_replay_the_eager_stack(offload):
+    """On CUDA (bf16, Triton kernels, dropout): steps 1 (eager), 2 (capture) and 3-4 (replay) give the gradients of
+    the same stack run eagerly, bit for bit (same kernels, same dropout masks); a second token count is captured
+    too, a third runs eagerly."""
+    kw = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=4, head_dim=64, sliding_window=5)
+    graphed = _model("triton", "all", 0.0, "cuda", torch.bfloat16, **kw)
+    eager = _model("triton", "all", 0.0, "cuda", torch.bfloat16, **kw)
+    for m in (graphed, eager):
+        for layer in m.model.layers:  # dropout on the attention adapters (the expert ones take none)
+            for proj in (layer.self_attn.q_proj, layer.self_attn.v_proj):
+                proj.dropout = 0.2
+        m.enable_gradient_checkpointing(True, offload=offload)
+    graphed.use_layer_graphs(True, graphs=True, pad_to=64)
+    eager.use_layer_graphs(True, graphs=False, pad_to=64)
+    V = graphed.config.vocab_size
+    batches = [packed_batch(n, V, "cuda") for n in ([37, 5, 64], [50, 40, 16], [100], [3, 60], [200, 9], [9, 200],
+                                                    [7, 7, 7])]
+    for step, batch in enumerate(batches):
+        a_loss, a, _ = _step(graphed, batch, seed=10 + step)
+        b_loss, b, _ = _step(eager, batch, seed=10 + step)
+        assert torch.equal(a_loss, b_loss), step
+        for x, y in zip(a, b):
+            assert torch.equal(x, y), step
+    assert len(graphed._layer_graphs[1]._plans) == 2
