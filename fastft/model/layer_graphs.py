@@ -78,6 +78,7 @@ class _Plan:
         self.sin = torch.zeros_like(self.cos)
         self.cu = torch.zeros(t_pad + 1, dtype=torch.int32, device=dev)
         self.side = torch.cuda.Stream(dev) if cuda else None
+        self._forked = False
         self.rng = _Rng(dev)
         self.marks, self.end = [None] * L, None
         self.param_grads = [None] * L
@@ -100,14 +101,18 @@ class _Plan:
 
     # ---- the two halves of a layer (run eagerly, or captured once and replayed) ----------------------------------
     def _fork(self):
+        """Copies on the side stream, after what the compute stream queued so far; ``_join`` makes the compute stream
+        wait for them (under capture, a join without a fork would depend on work outside the graph)."""
         if self.side is None:
             return contextlib.nullcontext()
         self.side.wait_stream(torch.cuda.current_stream())
+        self._forked = True
         return torch.cuda.stream(self.side)
 
     def _join(self):
-        if self.side is not None:
+        if self._forked:
             torch.cuda.current_stream().wait_stream(self.side)
+            self._forked = False
 
     def _forward_half(self, i: int):
         x_in = self.slot(i)
