@@ -365,7 +365,7 @@ class GptOssForTraining(nn.Module):
         if self._layer_graphs is None:
             return None
         opts, stack = self._layer_graphs
-        params = [[p for p in layer.parameters() if p.requires_grad] for layer in self.model.layers]
+        params = [[(n, p) for n, p in layer.named_parameters() if p.requires_grad] for layer in self.model.layers]
         if stack is None or stack.offload != self.offload_activations or not stack.same_params(params):
             # new LoRA, frozen parameters or another offload setting: graphs captured for the old ones are stale
             stack = LayerGraphs(self.model.layers, params, offload=self.offload_activations, **opts)

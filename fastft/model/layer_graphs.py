@@ -130,11 +130,14 @@ class _Plan:
             with self._fork():
                 self.slot(i - 1).copy_(self.host[i - 1], non_blocking=self.side is not None)
         need_x = i > 0 or self.need_h
-        params = self.stack.params[i]
+        # The recompute reads fresh leaves aliasing the trainable parameters (same storage, so a replay sees the
+        # optimizer's updates): the parameters' own AccumulateGrad nodes belong to the stream of the step's forward,
+        # and autograd would make that stream wait on the capture.
+        aliases = {name: p.detach().requires_grad_() for name, p in self.stack.params[i]}
         with torch.enable_grad(), output_unused():
             x = self.slot(i).detach().requires_grad_(need_x)
-            out = self.stack.layers[i](x, self.cos, self.sin, self.cu)
-        inputs = ([x] if need_x else []) + params
+            out = torch.func.functional_call(self.stack.layers[i], aliases, (x, self.cos, self.sin, self.cu))
+        inputs = ([x] if need_x else []) + list(aliases.values())
         grads = list(torch.autograd.grad(out, inputs, self.grad[(i + 1) % 2], allow_unused=True)) if inputs else []
         del out, x
         if need_x:
@@ -190,7 +193,7 @@ class _Stack(torch.autograd.Function):
 class LayerGraphs:
     """Runs a model's decoder layers as described above: ``stack(h, cos, sin, cu_seqlens)`` for
     ``for layer in layers: h = checkpoint(layer, h, cos, sin, cu_seqlens)``. ``params[i]``: layer i's trainable
-    parameters (their gradients are what the backward returns)."""
+    parameters as (name in the layer, parameter) pairs (their gradients are what the backward returns)."""
 
     def __init__(self, layers, params, offload: bool, graphs: bool = True, max_graphs: int = 2, pad_to: int = PAD_TO):
         self.layers, self.params = list(layers), params
@@ -201,7 +204,7 @@ class LayerGraphs:
 
     def same_params(self, params) -> bool:
         return len(params) == len(self.params) and all(
-            len(a) == len(b) and all(x is y for x, y in zip(a, b)) for a, b in zip(params, self.params))
+            len(a) == len(b) and all(x[1] is y[1] for x, y in zip(a, b)) for a, b in zip(params, self.params))
 
     def pool(self):
         if self._pool is None:
@@ -227,4 +230,4 @@ class LayerGraphs:
 
     def __call__(self, h, cos, sin, cu_seqlens):
         plan = self._plan(h, cos)
-        return _Stack.apply(h, plan, cos, sin, cu_seqlens, *[p for ps in self.params for p in ps])
+        return _Stack.apply(h, plan, cos, sin, cu_seqlens, *[p for ps in self.params for _, p in ps])
