@@ -114,3 +114,27 @@ def test_graphs_replay_the_eager_stack(offload):
         for x, y in zip(a, b):
             assert torch.equal(x, y), step
     assert len(graphed._layer_graphs[1]._plans) == 2
+
+
+
+def test_two_forwards_before_backward():
+    """A second forward while the first one's backward is pending must not take the first one's buffers (a captured
+    plan's are shared by every step of its size; here a shared eager plan stands in for it on the CPU)."""
+    from fastft.model.layer_graphs import _Plan
+
+    model = _model("torch", "attn", 0.0)
+    model.enable_gradient_checkpointing(True)
+    model.use_layer_graphs(True, pad_to=16)
+    a, b = (packed_batch(n, model.config.vocab_size) for n in ([6, 3], [4, 5]))  # both pad to 16 tokens
+    want = [x + y for x, y in zip(_step(model, a, 0)[1], _step(model, b, 0)[1])]
+    stack = model._graphed_layers(9)
+    cos, _ = model.rope(a[1], torch.float32)
+    stack._plans[(16, torch.float32, torch.device("cpu"), False)] = _Plan(stack, 16, cos.new_zeros(9, 32), cos,
+                                                                          False, graphed=False)
+    model.zero_grad()
+    losses = [model(*batch, batch[0].masked_fill(torch.zeros_like(batch[0], dtype=torch.bool)
+                                                 .index_fill_(0, batch[2][:-1].long(), True), -100))
+              for batch in (a, b)]
+    sum(losses).backward()
+    for got, w in zip((p.grad for _, p in trainable_parameters(model)), want):
+        torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-7)

@@ -36,6 +36,7 @@ keep running eagerly. Off CUDA the eager halves run (tests compare them with tor
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 
@@ -83,6 +84,11 @@ class _Plan:
         self.marks, self.end = [None] * L, None
         self.param_grads = [None] * L
         self.fwd_graphs, self.bwd_graphs = [None] * L, [None] * L
+        self._owner = None  # weakref to the autograd node of the step whose backward still needs these buffers
+
+    @property
+    def busy(self) -> bool:
+        return self._owner is not None and self._owner() is not None
 
     def slot(self, i: int) -> torch.Tensor:
         return self.slots[i % 2] if self.offload else self.slots[i]
@@ -180,11 +186,13 @@ class _Stack(torch.autograd.Function):
         plan.load(h, cos, sin, cu_seqlens)
         plan.forward()
         ctx.plan, ctx.T = plan, h.shape[0]
+        plan._owner = weakref.ref(ctx)
         return plan.slot(len(plan.stack.layers))[: h.shape[0]].clone()
 
     @staticmethod
     def backward(ctx, g):
         plan = ctx.plan
+        plan._owner = None
         plan.backward(g.contiguous())
         gh = plan.grad[0][: ctx.T].clone() if plan.need_h else None
         return (gh, None, None, None, None, *[x for grads in plan.param_grads for x in grads])
@@ -218,8 +226,10 @@ class LayerGraphs:
         t_pad = self.padded(h.shape[0])
         key = (t_pad, h.dtype, h.device, h.requires_grad)
         plan = self._plans.get(key)
-        if plan is not None:
+        if plan is not None and not plan.busy:
             return plan
+        if plan is not None:  # a second forward before the first one's backward: its buffers are taken
+            return _Plan(self, t_pad, h, cos, h.requires_grad, graphed=False)
         capture = (self.graphs and h.device.type == "cuda" and key in self._seen
                    and len(self._plans) < self.max_graphs)
         self._seen.add(key)
