@@ -30,7 +30,8 @@ The first call with a given token count runs these halves eagerly (every Triton 
 those shapes there, never during a capture); the second captures them and later calls replay. Up to
 ``max_graphs`` token counts are captured (all graphs share one memory pool: only one step runs at a time, and what
 outlives a graph - the slots, the parameter gradients, attention's document tables - stays referenced); other sizes
-keep running eagerly. Off CUDA the eager halves run (tests compare them with torch.utils.checkpoint).
+keep running eagerly, as does a second forward issued before the first one's backward (the captured buffers are
+taken until then). Off CUDA the eager halves run (tests compare them with torch.utils.checkpoint).
 """
 
 from __future__ import annotations
