@@ -36,12 +36,12 @@ taken until then). Off CUDA the eager halves run (tests compare them with torch.
 
 from __future__ import annotations
 
-import contextlib
 import weakref
 
 import torch
 
 from fastft.backends import output_unused
+from fastft.model.offload import on_side_stream
 
 PAD_TO = 256
 
@@ -87,6 +87,12 @@ class _Plan:
         self.fwd_graphs, self.bwd_graphs = [None] * L, [None] * L
         self._owner = None  # weakref to the autograd node of the step whose backward still needs these buffers
 
+    def claim(self, ctx):
+        self._owner = weakref.ref(ctx)  # a graph discarded without its backward frees the buffers with its node
+
+    def release(self):
+        self._owner = None
+
     @property
     def busy(self) -> bool:
         return self._owner is not None and self._owner() is not None
@@ -110,11 +116,8 @@ class _Plan:
     def _fork(self):
         """Copies on the side stream, after what the compute stream queued so far; ``_join`` makes the compute stream
         wait for them (under capture, a join without a fork would depend on work outside the graph)."""
-        if self.side is None:
-            return contextlib.nullcontext()
-        self.side.wait_stream(torch.cuda.current_stream())
-        self._forked = True
-        return torch.cuda.stream(self.side)
+        self._forked = self.side is not None
+        return on_side_stream(self.side)
 
     def _join(self):
         if self._forked:
@@ -187,13 +190,13 @@ class _Stack(torch.autograd.Function):
         plan.load(h, cos, sin, cu_seqlens)
         plan.forward()
         ctx.plan, ctx.T = plan, h.shape[0]
-        plan._owner = weakref.ref(ctx)
+        plan.claim(ctx)
         return plan.slot(len(plan.stack.layers))[: h.shape[0]].clone()
 
     @staticmethod
     def backward(ctx, g):
         plan = ctx.plan
-        plan._owner = None
+        plan.release()
         plan.backward(g.contiguous())
         gh = plan.grad[0][: ctx.T].clone() if plan.need_h else None
         return (gh, None, None, None, None, *[x for grads in plan.param_grads for x in grads])
@@ -227,13 +230,14 @@ class LayerGraphs:
         t_pad = self.padded(h.shape[0])
         key = (t_pad, h.dtype, h.device, h.requires_grad)
         plan = self._plans.get(key)
-        if plan is not None and not plan.busy:
-            return plan
-        if plan is not None:  # a second forward before the first one's backward: its buffers are taken
-            return _Plan(self, t_pad, h, cos, h.requires_grad, graphed=False)
-        capture = (self.graphs and h.device.type == "cuda" and key in self._seen
-                   and len(self._plans) < self.max_graphs)
-        self._seen.add(key)
+        if plan is not None:
+            if not plan.busy:
+                return plan
+            capture = False  # a second forward before the first one's backward: the captured buffers are taken
+        else:
+            capture = (self.graphs and h.device.type == "cuda" and key in self._seen
+                       and len(self._plans) < self.max_graphs)
+            self._seen.add(key)
         plan = _Plan(self, t_pad, h, cos, h.requires_grad, graphed=capture)
         if capture:
             self._plans[key] = plan

@@ -97,7 +97,7 @@ class _HostCopy:
         rows = t.detach().reshape(t.shape[0], -1)
         step = max(1, page_bytes // max(1, rows.shape[1] * rows.element_size()))
         pin = stream is not None
-        with _on(stream):
+        with on_side_stream(stream):
             self.pages = [_host_like(part, pin).copy_(part, non_blocking=pin) for part in rows.split(step)]
         if pin:
             t.record_stream(stream)
@@ -108,7 +108,7 @@ class _HostCopy:
             return
         out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
         rows = out.view(self.shape[0], -1)
-        with _on(self.stream):
+        with on_side_stream(self.stream):
             start = 0
             for page in self.pages:
                 rows[start:start + page.shape[0]].copy_(page, non_blocking=self.stream is not None)
@@ -134,7 +134,7 @@ def _host_like(t, pin: bool):
 
 
 @contextlib.contextmanager
-def _on(stream):
+def on_side_stream(stream):
     """Runs the enclosed copies on ``stream`` after the work already queued on the compute stream."""
     if stream is None:
         yield
