@@ -12,6 +12,7 @@ Reports tokens/s (median step after a warm-up over every timed row), s/step, pea
 
     python benchmarks/bench_e2e.py [--quick] [--workloads W1-qv,W1-all,W1-qv-qlora-ref] [--steps 6]
         [--build '{"lm_head": "bf16", "offload_activations": true}']   # build_fastft options, kept in metrics.build
+        [--build '[{"keep_gib": 0}, {"keep_gib": "auto"}]']           # several builds: a row each, one reference
 """
 
 from __future__ import annotations
@@ -154,13 +155,15 @@ def reference_step(model, opt, row, cfg):
 
 
 def build_fastft(cfg: dict, workload: str, attention: str = "nf4", offload_embedding: bool = True,
-                 offload_activations: bool = False, lm_head: str = "int8", layer_graphs: bool = False):
+                 offload_activations: bool = False, lm_head: str = "int8", layer_graphs: bool = False,
+                 keep_gib: float | str = 0):
     """fastft as the trainer runs it on CUDA: MXFP4 experts, NF4 attention projections (bitsandbytes' quantiser), the
     input embedding in host memory, lm_head int8 (one fp32 scale per row). attention="bf16" /
     offload_embedding=False / lm_head="bf16" give the layout of earlier measurements; offload_activations keeps
     checkpointed layer inputs in host memory (long context); layer_graphs replays the decoder layers from CUDA graphs
     (fastft.model.layer_graphs, the trainer's default on one GPU; bench_e2e's default, not profile_e2e's, whose
-    per-op attribution needs the eager launches)."""
+    per-op attribution needs the eager launches); keep_gib: device memory for the experts' activations kept from the
+    forward (layer_graphs; "auto" as the trainer's default, 0 recomputes everything)."""
     if lm_head not in ("bf16", "int8"):
         raise ValueError(f"lm_head must be bf16 or int8, not {lm_head!r}")
     from fastft.backends import get_backend
@@ -214,7 +217,7 @@ def build_fastft(cfg: dict, workload: str, attention: str = "nf4", offload_embed
         model.enable_gradient_checkpointing(True, offload=True)
     else:
         model.enable_gradient_checkpointing(True)
-    model.use_layer_graphs(layer_graphs)
+    model.use_layer_graphs(layer_graphs, keep_gib=keep_gib)
     model.train()
     return model, backend
 
@@ -262,6 +265,7 @@ def run_one(build, step_fn, cfg, workload, rows, steps, warmup) -> dict:
     model, extra = (built if isinstance(built, tuple) else (built, None))
     result = measure(step_fn, model, rows, cfg, steps, warmup)
     result["leftover_gib_before_build"] = leftover
+    result["kept_layers"] = max(getattr(model, "kept_layers", dict)().values(), default=0)
     if extra is not None:
         result["sources"] = extra.sources
     del model, built
@@ -278,10 +282,12 @@ def main():
     ap.add_argument("--warmup", type=int, default=2, help="warm-up steps after one step on every timed row")
     ap.add_argument("--row-len", type=int, default=4096)
     ap.add_argument("--skip-reference", action="store_true")
-    ap.add_argument("--build", default="{}", help='JSON options for build_fastft, e.g. {"attention": "bf16"}')
+    ap.add_argument("--build", default="{}", help='JSON options for build_fastft, e.g. {"attention": "bf16"}, or a '
+                    'list of such: one fastft row each, all against the same reference measurement')
     args = ap.parse_args()
-    build_kw = {"attention": "nf4", "offload_embedding": True, "offload_activations": False, "lm_head": "int8",
-                "layer_graphs": True, **json.loads(args.build)}
+    builds = json.loads(args.build)
+    builds = [{"attention": "nf4", "offload_embedding": True, "offload_activations": False, "lm_head": "int8",
+               "layer_graphs": True, "keep_gib": "auto", **b} for b in (builds if isinstance(builds, list) else [builds])]
     cfg = json.loads(CONFIG.read_text())
     if args.quick:
         cfg["num_hidden_layers"], cfg["layer_types"] = 2, cfg["layer_types"][:2]
@@ -292,11 +298,12 @@ def main():
     print(f"bf16 matmul ceiling {ceiling:.0f} TFLOP/s; {fpt / 1e9:.2f} GFLOP/token", flush=True)
     for workload in args.workloads.split(","):
         ref_cell = "W1-qv" if workload == "W1-qv-qlora-ref" else workload
-        fast = {}
+        fasts = []
         if workload != "W1-qv-qlora-ref":
-            fast = run_one(lambda c, w: build_fastft(c, w, **build_kw), fastft_step, cfg, ref_cell, rows, args.steps,
-                           args.warmup)
-            print(workload, "fastft", fast, flush=True)
+            for build_kw in builds:
+                fasts.append(run_one(lambda c, w: build_fastft(c, w, **build_kw), fastft_step, cfg, ref_cell, rows,
+                                     args.steps, args.warmup))
+                print(workload, "fastft", build_kw, fasts[-1], flush=True)
         ref = {}
         if not args.skip_reference:
             try:
@@ -306,25 +313,30 @@ def main():
                 gc.collect()
                 torch.cuda.empty_cache()
             print(workload, "reference", ref, flush=True)
-        tok = args.row_len
-        m = {"workload": workload, "tokens_per_row": tok, "layers": cfg["num_hidden_layers"],
-             "warmup_steps": len(rows) + args.warmup,
-             "matmul_tflops": ceiling, "flops_per_token": fpt, "build": build_kw}
-        if fast:
-            m.update(fastft_tok_s=tok / fast["step_s"], fastft_s_per_step=fast["step_s"], peak_gib=fast["peak_gib"],
-                     peak_reserved_gib=fast["peak_reserved_gib"],
-                     mfu=tok / fast["step_s"] * fpt / (ceiling * 1e12), kernels=fast["sources"],
-                     fastft_loss=fast["loss"], fastft_leftover_gib=fast["leftover_gib_before_build"])
-        if ref.get("step_s"):
-            m.update(reference_tok_s=tok / ref["step_s"], reference_s_per_step=ref["step_s"],
-                     reference_peak_gib=ref["peak_gib"], reference_peak_reserved_gib=ref["peak_reserved_gib"],
-                     reference_loss=ref["loss"],
-                     reference_leftover_gib=ref["leftover_gib_before_build"])
-        elif ref:
-            m["reference_error"] = ref.get("error")
-        if fast and ref.get("step_s"):
-            m["speedup_vs_reference"] = ref["step_s"] / fast["step_s"]
-        record("e2e", m)
+        for build_kw, fast in zip(builds, fasts or [{}]):
+            record("e2e", _metrics(workload, args, cfg, rows, fpt, ceiling, build_kw, fast, ref))
+
+
+def _metrics(workload, args, cfg, rows, fpt, ceiling, build_kw, fast, ref) -> dict:
+    tok = args.row_len
+    m = {"workload": workload, "tokens_per_row": tok, "layers": cfg["num_hidden_layers"],
+         "warmup_steps": len(rows) + args.warmup,
+         "matmul_tflops": ceiling, "flops_per_token": fpt, "build": build_kw}
+    if fast:
+        m.update(fastft_tok_s=tok / fast["step_s"], fastft_s_per_step=fast["step_s"], peak_gib=fast["peak_gib"],
+                 peak_reserved_gib=fast["peak_reserved_gib"], kept_activation_layers=fast["kept_layers"],
+                 mfu=tok / fast["step_s"] * fpt / (ceiling * 1e12), kernels=fast["sources"],
+                 fastft_loss=fast["loss"], fastft_leftover_gib=fast["leftover_gib_before_build"])
+    if ref.get("step_s"):
+        m.update(reference_tok_s=tok / ref["step_s"], reference_s_per_step=ref["step_s"],
+                 reference_peak_gib=ref["peak_gib"], reference_peak_reserved_gib=ref["peak_reserved_gib"],
+                 reference_loss=ref["loss"],
+                 reference_leftover_gib=ref["leftover_gib_before_build"])
+    elif ref:
+        m["reference_error"] = ref.get("error")
+    if fast and ref.get("step_s"):
+        m["speedup_vs_reference"] = ref["step_s"] / fast["step_s"]
+    return m
 
 
 if __name__ == "__main__":

@@ -53,13 +53,15 @@ class Goal(NamedTuple):
 
 # The project's targets (from its issues). The table in RESULTS.md is computed from these and the rows, never typed.
 E2E_QV = {"workload": "W1-qv", "reference_tok_s": MEASURED}  # reference measured in the same invocation
+# one line per memory mode of the newest run: kept_activation_layers 0 = everything recomputed (least memory)
+E2E = dict(per=("kept_activation_layers",), newest_run=True)
 CE_T = (4096, 16384, 65536)
 GOALS = [
     #   bench   which rows (metric filters)   metric   op   target   [options]
-    Goal("e2e", E2E_QV, "speedup_vs_reference", ">=", 8),
-    Goal("e2e", E2E_QV, "mfu", ">=", 0.40),
-    Goal("e2e", E2E_QV, "peak_gib", "<=", 11.5),
-    Goal("e2e", {"workload": "W1-all", "reference_tok_s": MEASURED}, "speedup_vs_reference", ">=", 8),
+    Goal("e2e", E2E_QV, "speedup_vs_reference", ">=", 8, **E2E),
+    Goal("e2e", E2E_QV, "mfu", ">=", 0.40, **E2E),
+    Goal("e2e", E2E_QV, "peak_gib", "<=", 11.5, **E2E),
+    Goal("e2e", {"workload": "W1-all", "reference_tok_s": MEASURED}, "speedup_vs_reference", ">=", 8, **E2E),
     Goal("context", {"cap_gib": 24}, "max_tokens", ">=", 131072),
     Goal("context", {"cap_gib": 80}, "max_tokens", ">=", 500000),
     Goal("convergence", {}, "within_2pct", "==", True, show=("max_rel_diff",)),

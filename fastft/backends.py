@@ -64,6 +64,49 @@ def recompute_skips_output():
     """``context_fn`` for torch.utils.checkpoint: the forward as usual, the recompute under ``output_unused``."""
     return contextlib.nullcontext(), output_unused()
 
+
+class ActivationStash:
+    """Tensors one checkpointed layer's forward keeps for that layer's recompute, so an op may skip recomputing them
+    (the MoE keeps its gate_up GEMM's output: a quarter of the expert FLOPs of a step). fastft.model.layer_graphs
+    gives a stash to each layer its memory budget allows. A buffer keeps its address from step to step (a CUDA graph
+    replay writes and reads the memory its capture did)."""
+
+    def __init__(self):
+        self._buffers = {}
+        self._written = set()
+
+    def buffer(self, name: str, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """Where the forward writes ``name`` (allocated once per shape and dtype)."""
+        t = self._buffers.get(name)
+        if t is None or t.shape != torch.Size(shape) or t.dtype != dtype or t.device != torch.device(device):
+            t = self._buffers[name] = torch.empty(shape, dtype=dtype, device=device)
+        self._written.add(name)
+        return t
+
+    def get(self, name: str) -> torch.Tensor | None:
+        """What the forward wrote into ``name`` (None if it wrote nothing there)."""
+        return self._buffers[name] if name in self._written else None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._buffers.values())
+
+
+@contextlib.contextmanager
+def stashing(stash: ActivationStash | None):
+    """Ops run inside keep what they can in ``stash`` (in a forward) or read it back (in the recompute, under
+    ``output_unused``). Thread-local, like output_unused."""
+    before = getattr(_recompute, "stash", None)
+    _recompute.stash = stash
+    try:
+        yield
+    finally:
+        _recompute.stash = before
+
+
+def active_stash() -> ActivationStash | None:
+    return getattr(_recompute, "stash", None)
+
 # op -> (module, reference function, triton function)
 _IMPLS = {
     "attention": ("fastft.kernels.attention", "varlen_attention_reference", "varlen_attention"),

@@ -216,7 +216,8 @@ def train(cfg: TrainConfig) -> int:
     model.enable_gradient_checkpointing(cfg.gradient_checkpointing,
                                         offload=cfg.offload_activations and cfg.gradient_checkpointing)
     graphs = use_cuda_graphs(cfg, backend, dist)
-    model.use_layer_graphs(graphs)
+    keep = {"off": 0}.get(cfg.keep_activations, cfg.keep_activations)
+    model.use_layer_graphs(graphs, keep_gib=keep)
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     n_trainable = sum(p.numel() for p in named.values())
     say(f"fastft: model {cfg.model} ({dtype}, kernels: {backend.name} {backend.sources}), "
@@ -354,7 +355,7 @@ def train(cfg: TrainConfig) -> int:
             "versions": versions(), "git_revision": git_revision(),
             "model": cfg.model, "model_path": str(model_path), "dtype": str(dtype).replace("torch.", ""),
             "kernels": {"backend": backend.name, **backend.sources}, "weights": layout,
-            "cuda_graphs": graphs, "world_size": dist.world_size, "zero_stage": ds_config["zero_optimization"]["stage"],
+            "cuda_graphs": graphs, "kept_activation_layers": model.kept_layers(), "world_size": dist.world_size, "zero_stage": ds_config["zero_optimization"]["stage"],
             "data": {"files": data.data_hashes, "rows": data.num_rows, "eval_rows": data.num_eval_rows,
                      "tokens": data.num_tokens, "trainable_tokens": data.num_trainable_tokens,
                      "packed_rows": data.num_packed_rows, "packing_efficiency": data.packing_efficiency,

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastft.backends import is_output_unused
+from fastft.backends import active_stash, is_output_unused
 from fastft.kernels import moe_hopper
 from fastft.kernels._env import interpreting
 from fastft.kernels.lora_linear import dense_weight
@@ -368,10 +368,11 @@ def _swiglu_backward_kernel(G, s_gm, Hh, s_hm, rowscale, DH, s_dhm, DW, ACT, s_a
     tl.store(DW + rm, dw, mask=mmask)
 
 
-def _swiglu_backward(g, h, rowscale, limit, alpha, store_act):
-    """(dh [S, 2I] in h's dtype, dw [S] fp32, act [S, I] or None); see _swiglu_backward_kernel."""
+def _swiglu_backward(g, h, rowscale, limit, alpha, store_act, in_place=False):
+    """(dh [S, 2I] in h's dtype, dw [S] fp32, act [S, I] or None); see _swiglu_backward_kernel. in_place: dh
+    overwrites h (each element is read before its program writes it)."""
     S, I = g.shape
-    dh = torch.empty(S, 2 * I, device=g.device, dtype=h.dtype)
+    dh = h if in_place else torch.empty(S, 2 * I, device=g.device, dtype=h.dtype)
     dw = torch.empty(S, device=g.device, dtype=torch.float32)
     act = torch.empty(S, I, device=g.device, dtype=h.dtype) if store_act else dh
     BM, BN = (16, 32) if _INTERPRET else (16, 128)
@@ -602,11 +603,11 @@ def _gemm(a, a_idx, w_args, tables, bm, out, *, c_idx=None, bias=None, lora=None
     return out
 
 
-def _lowrank(p, p_idx, factor, tables, S, bm):
+def _lowrank(p, p_idx, factor, tables, S, bm, out=None):
     """[S, r] fp32 = P[rows] @ F_e^T, factor = (F, s_fe, s_fr, s_fk, r, K); the tables' row tile is bm."""
     F_, s_fe, s_fr, s_fk, r, K = factor
     _, _, offsets, tile_expert, tile_row = tables
-    out = torch.empty(S, r, device=p.device, dtype=torch.float32)
+    out = torch.empty(S, r, device=p.device, dtype=torch.float32) if out is None else out
     sub = min(bm, 16 if _INTERPRET else 64)  # 64 rows x BK 64, 4 stages: the best of 7 shapes swept on the H200
     _lowrank_kernel[(tile_expert.numel(), bm // sub)](
         p, p_idx if p_idx is not None else offsets, p.stride(0), F_, s_fe, s_fr, s_fk, out,
@@ -695,7 +696,7 @@ def _a_epilogue(A, E, L, scaling):
 class _MoEExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weights, index, gu_b, d_b, A_gu, B_gu, A_d, B_d, gate_up, down, s_gu, s_d, limit, alpha,
-                skip_output):
+                skip_output, stash):
         T, H = x.shape
         k = index.shape[1]
         E = gu_b.shape[0]
@@ -707,17 +708,32 @@ class _MoEExperts(torch.autograd.Function):
         d_args = _weight_args(down, x.dtype, True)
         N1 = gu_args[8]
         I = N1 // 2
-        lora_gu = lora_d = None
-        xa = act_a = None
-        if A_gu is not None:
-            xa = _lowrank(x, row_token, _a_factor(A_gu, E), tables, S, bm)
-            lora_gu = _b_epilogue(B_gu, E, xa, s_gu)
-        h = torch.empty(S, N1, device=x.device, dtype=x.dtype)
-        act = torch.empty(S, I, device=x.device, dtype=x.dtype)
-        _gemm(x, row_token, gu_args, tables, bm, act, bias=gu_b, lora=lora_gu, epi=1, aux=h, limit=limit, alpha=alpha)
-        if A_d is not None:
-            act_a = _lowrank(act, None, _a_factor(A_d, E), tables, S, bm)
-            lora_d = _b_epilogue(B_d, E, act_a, s_d)
+        # A recompute (skip_output) whose forward stashed h and the LoRA products has nothing left to compute: the
+        # routing above is deterministic, so the stashed rows are in this call's order.
+        kept = stash.get("h") if skip_output and stash is not None else None
+        if kept is not None:
+            h, xa, act_a = kept, stash.get("xa"), stash.get("act_a")
+        else:
+            keep = stash if not skip_output else None
+
+            def new(name, shape, dtype):
+                if keep is None:
+                    return torch.empty(shape, device=x.device, dtype=dtype)
+                return keep.buffer(name, shape, dtype, x.device)
+
+            xa = act_a = lora_gu = lora_d = None
+            if A_gu is not None:
+                xa = _lowrank(x, row_token, _a_factor(A_gu, E), tables, S, bm,
+                              out=new("xa", (S, A_gu.shape[0] // E), torch.float32))
+                lora_gu = _b_epilogue(B_gu, E, xa, s_gu)
+            h = new("h", (S, N1), x.dtype)
+            act = torch.empty(S, I, device=x.device, dtype=x.dtype)
+            _gemm(x, row_token, gu_args, tables, bm, act, bias=gu_b, lora=lora_gu, epi=1, aux=h, limit=limit,
+                  alpha=alpha)
+            if A_d is not None:
+                act_a = _lowrank(act, None, _a_factor(A_d, E), tables, S, bm,
+                                 out=new("act_a", (S, A_d.shape[0] // E), torch.float32))
+                lora_d = _b_epilogue(B_d, E, act_a, s_d)
         if skip_output:  # a checkpoint recompute (backends.output_unused): backward needs only what is saved below
             out = x.new_zeros(T, H)
         else:
@@ -727,6 +743,7 @@ class _MoEExperts(torch.autograd.Function):
         ctx.save_for_backward(x, weights, index, gu_b, d_b, A_gu, B_gu, A_d, B_d, h, xa, act_a, rowscale, *tables)
         ctx.gate_up, ctx.down, ctx.s_gu, ctx.s_d, ctx.limit, ctx.alpha = gate_up, down, s_gu, s_d, limit, alpha
         ctx.bm = bm
+        ctx.h_scratch = skip_output  # a recompute's graph is walked once: its backward may overwrite h
         return out
 
     @staticmethod
@@ -743,7 +760,7 @@ class _MoEExperts(torch.autograd.Function):
         d_args = _weight_args(ctx.down, x.dtype, False)
         I = d_args[8]
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grads = [None] * 16
+        grads = [None] * 17
 
         # down projection: g = dOut W_d^T + s (dOut B_d) A_d over the I columns (in x's dtype, as autograd's
         # bf16 gradient of HF's down-projection input is), then the SwiGLU backward
@@ -753,8 +770,9 @@ class _MoEExperts(torch.autograd.Function):
             lora_d = _a_epilogue(A_d, E, d_outB, ctx.s_d)
         g = torch.empty(S, I, device=x.device, dtype=x.dtype)
         _gemm(d_out, row_token, d_args, tables, bm, g, lora=lora_d)
-        dh, dw, act = _swiglu_backward(g, h, rowscale, ctx.limit, ctx.alpha, store_act=A_d is not None)
-        del g
+        dh, dw, act = _swiglu_backward(g, h, rowscale, ctx.limit, ctx.alpha, store_act=A_d is not None,
+                                       in_place=ctx.h_scratch)
+        del g, h
 
         if need_w:
             grads[1] = _route_grad(dw, d_out, d_b, tables, weights.dtype).view(T, k)
@@ -813,5 +831,5 @@ def moe(x, router_weight, router_bias, top_k, gate_up, gate_up_bias, down, down_
     A_d, B_d, s_d = _lora_parts(down_lora)
     out = _MoEExperts.apply(x2, weights, index, gate_up_bias, down_bias, A_gu, B_gu, A_d, B_d,
                             gate_up, down, s_gu, s_d, float(limit), float(alpha),
-                            torch.is_grad_enabled() and is_output_unused())
+                            torch.is_grad_enabled() and is_output_unused(), active_stash())
     return out.view(shape)

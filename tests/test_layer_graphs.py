@@ -40,24 +40,54 @@ def _step(model, batch, seed):
     return loss.detach(), [p.grad.clone() for _, p in trainable_parameters(model)], torch.get_rng_state()
 
 
-@pytest.mark.parametrize("kernels,targets,dropout,offload,pad_to", [
-    ("torch", "attn", 0.3, False, 1),  # dropout: the recompute must draw the forward's masks
-    ("torch", "attn", 0.3, True, 1),
-    ("torch", "all", 0.0, True, 16),  # padded tokens add nothing
-    ("triton", "all", 0.0, False, 16),  # the Triton MoE skips its output in the recompute
+@pytest.mark.parametrize("kernels,targets,dropout,offload,pad_to,keep", [
+    ("torch", "attn", 0.3, False, 1, 0),  # dropout: the recompute must draw the forward's masks
+    ("torch", "attn", 0.3, True, 1, 0),
+    ("torch", "all", 0.0, True, 16, 0),  # padded tokens add nothing
+    ("triton", "all", 0.0, False, 16, 0),  # the Triton MoE skips its output in the recompute
+    ("triton", "all", 0.0, False, 16, 1.0),  # ... and with kept activations its gate_up GEMM (expert LoRA too)
+    ("triton", "attn", 0.3, True, 1, 1.0),
 ])
-def test_same_gradients_as_plain(kernels, targets, dropout, offload, pad_to):
+def test_same_gradients_as_plain(kernels, targets, dropout, offload, pad_to, keep):
     model = _model(kernels, targets, dropout)
     batch = packed_batch([5, 1, 8], model.config.vocab_size)
     want_loss, want, want_rng = _step(model, batch, seed=3)  # no checkpointing at all
     model.enable_gradient_checkpointing(True, offload=offload)
-    model.use_layer_graphs(True, pad_to=pad_to)
+    model.use_layer_graphs(True, pad_to=pad_to, keep_gib=keep)
     for _ in range(2):  # a second step reuses nothing stale
         loss, got, rng = _step(model, batch, seed=3)
         torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=0)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
         assert torch.equal(rng, want_rng)  # the generator ends where the forward left it: next masks are new
+
+
+def test_kept_layers_skip_the_gate_up_recompute(monkeypatch):
+    """Layers within the keep budget recompute no expert GEMM (the forward kept h); the others recompute gate_up."""
+    from fastft.kernels import moe
+
+    model = _model("triton", "all", 0.0, num_hidden_layers=3)
+    model.enable_gradient_checkpointing(True)
+    per_layer = 16 * model._kept_bytes_per_token()  # 13 tokens pad to 16
+    calls = []
+    real = moe._gemm
+    monkeypatch.setattr(moe, "_gemm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    batch = packed_batch([5, 8], model.config.vocab_size)
+    counts = {}
+    for kept in (0, 2, 3):
+        model.use_layer_graphs(True, pad_to=16, keep_gib=(kept * per_layer + 100) / 2**30)
+        calls.clear()
+        _step(model, batch, seed=1)
+        counts[kept] = len(calls)
+    # per layer: forward gate_up + down, recompute gate_up unless kept, backward down + gate_up
+    assert counts == {0: 15, 2: 13, 3: 12}
+
+
+def test_keep_gib_is_checked():
+    model = _model("torch", "qv", 0.0)
+    for bad in (-1, "all", None):
+        with pytest.raises(ValueError, match="keep_gib"):
+            model.use_layer_graphs(True, keep_gib=bad)
 
 
 def test_new_lora_rebuilds_the_stack():
@@ -92,8 +122,8 @@ def test_long_rows_keep_torch_checkpoint():
 @pytest.mark.parametrize("offload", [False, True])
 def test_graphs_replay_the_eager_stack(offload):
     """On CUDA (bf16, Triton kernels, dropout): steps 1 (eager), 2 (capture) and 3-4 (replay) give the gradients of
-    the same stack run eagerly, bit for bit (same kernels, same dropout masks); a second token count is captured
-    too, a third runs eagerly."""
+    the same stack run eagerly, bit for bit (same kernels, same dropout masks), also where the captured plans keep the
+    experts' activations instead of recomputing them; a second token count is captured too, a third runs eagerly."""
     kw = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=4, head_dim=64, sliding_window=5)
     graphed = _model("triton", "all", 0.0, "cuda", torch.bfloat16, **kw)
     eager = _model("triton", "all", 0.0, "cuda", torch.bfloat16, **kw)
@@ -102,7 +132,7 @@ def test_graphs_replay_the_eager_stack(offload):
             for proj in (layer.self_attn.q_proj, layer.self_attn.v_proj):
                 proj.dropout = 0.2
         m.enable_gradient_checkpointing(True, offload=offload)
-    graphed.use_layer_graphs(True, graphs=True, pad_to=64)
+    graphed.use_layer_graphs(True, graphs=True, pad_to=64, keep_gib="auto")  # captured plans keep activations
     eager.use_layer_graphs(True, graphs=False, pad_to=64)
     V = graphed.config.vocab_size
     batches = [packed_batch(n, V, "cuda") for n in ([37, 5, 64], [50, 40, 16], [100], [3, 60], [200, 9], [9, 200],
@@ -114,6 +144,7 @@ def test_graphs_replay_the_eager_stack(offload):
         for x, y in zip(a, b):
             assert torch.equal(x, y), step
     assert len(graphed._layer_graphs[1]._plans) == 2
+    assert set(graphed.kept_layers().values()) == {4}  # the forward's h, bit for bit what the recompute would make
 
 
 

@@ -148,6 +148,7 @@ def test_non_empty_output_dir_is_refused(tmp_path, trained):
     (["--epochs", "0"], "--epochs"),
     (["--learning-rate", "abc"], "--learning-rate"),
     (["--lora-dropout", "1.5"], "--lora-dropout"),
+    (["--keep-activations", "lots"], "--keep-activations"),
     (["--kernels", "cuda"], "--kernels"),
     (["--lora-targets", "nonsense_proj"], "nonsense_proj"),
     (["--batch-size", "3", "--micro-batch-size", "2"], "--batch-size"),
@@ -247,15 +248,18 @@ def test_cuda_graphs_flag_resolution():
 
 @pytest.mark.gpu
 def test_cuda_graphs_train_like_eager_layers(tmp_path):
-    """On a GPU the trainer replays its layers from CUDA graphs by default; without dropout (so both runs draw
-    nothing) its losses follow the eager run's step for step (only the token padding may change GEMM rounding)."""
+    """On a GPU the trainer replays its layers from CUDA graphs by default (keeping the experts' activations); without
+    dropout (so both runs draw nothing) its losses follow the eager run's step for step (only the token padding may
+    change GEMM rounding)."""
     data = write_data(tmp_path / "data.jsonl")
     curves = {}
     for mode in ("on", "off"):
         out = tmp_path / mode
         run_train([str(data), *COMMON, "--epochs", "2", "--lora-dropout", "0", "--cuda-graphs", mode,
                    "--output-dir", str(out)])
-        assert json.loads((out / "metadata.json").read_text())["cuda_graphs"] is (mode == "on")
+        meta = json.loads((out / "metadata.json").read_text())
+        assert meta["cuda_graphs"] is (mode == "on")
+        assert any(meta["kept_activation_layers"].values()) is (mode == "on")  # auto keeps them where graphs run
         curves[mode] = losses(out)
     assert len(curves["on"]) == len(curves["off"]) > 4
     for a, b in zip(curves["on"], curves["off"]):

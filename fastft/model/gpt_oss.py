@@ -353,13 +353,28 @@ class GptOssForTraining(nn.Module):
         self._activation_offload = HostOffload() if offload else None
 
     def use_layer_graphs(self, enabled: bool = True, graphs: bool = True, max_graphs: int = 2,
-                         pad_to: int = PAD_TO):
+                         pad_to: int = PAD_TO, keep_gib: float | str = 0):
         """With gradient checkpointing, runs the decoder layers of a training step through fastft.model.layer_graphs:
         checkpointed by hand and, on CUDA with ``graphs``, replayed from CUDA graphs (the host then issues 48 graph
         launches per step instead of ~1,200 kernels) for up to ``max_graphs`` token counts, padded to a multiple of
         ``pad_to``. Same math as torch's checkpoint; the dropout masks come from the same default generator. Steps
-        whose MoE would run chunked (more than moe_chunk_tokens tokens) keep the torch.utils.checkpoint path."""
-        self._layer_graphs = (dict(graphs=graphs, max_graphs=max_graphs, pad_to=pad_to), None) if enabled else None
+        whose MoE would run chunked (more than moe_chunk_tokens tokens) keep the torch.utils.checkpoint path.
+        ``keep_gib``: device memory (GiB, or "auto": what is free after the first step, less a margin) for the
+        experts' gate_up outputs kept from the forward, so the recompute skips that GEMM; 0 keeps nothing."""
+        if keep_gib != "auto" and not (isinstance(keep_gib, (int, float)) and keep_gib >= 0):
+            raise ValueError(f"keep_gib must be a number >= 0 or 'auto', not {keep_gib!r}")
+        keep = keep_gib if keep_gib == "auto" else int(keep_gib * 2**30)
+        opts = dict(graphs=graphs, max_graphs=max_graphs, pad_to=pad_to, keep=keep)
+        self._layer_graphs = (opts, None) if enabled else None
+
+    def _kept_bytes_per_token(self) -> int:
+        """What one layer's stash holds per token: the experts' gate_up output (top_k rows of 2I activations) and,
+        with expert LoRA, the fp32 rank-r products of both projections."""
+        mlp = self.model.layers[0].mlp
+        E, _, two_i = mlp.experts.weight_shape("gate_up_proj")
+        ranks = [lora[0].shape[0] // E for lora in map(mlp.experts.lora, mlp.experts.WEIGHTS) if lora is not None]
+        itemsize = mlp.experts.gate_up_proj_bias.element_size()  # the model's dtype (the embedding may be on the host)
+        return mlp.top_k * (two_i * itemsize + 4 * sum(ranks))
 
     def _graphed_layers(self, tokens: int) -> LayerGraphs | None:
         if self._layer_graphs is None:
@@ -368,11 +383,17 @@ class GptOssForTraining(nn.Module):
         params = [[(n, p) for n, p in layer.named_parameters() if p.requires_grad] for layer in self.model.layers]
         if stack is None or stack.offload != self.offload_activations or not stack.same_params(params):
             # new LoRA, frozen parameters or another offload setting: graphs captured for the old ones are stale
-            stack = LayerGraphs(self.model.layers, params, offload=self.offload_activations, **opts)
+            stack = LayerGraphs(self.model.layers, params, offload=self.offload_activations,
+                                keep_bytes_per_token=self._kept_bytes_per_token(), **opts)
             self._layer_graphs = (opts, stack)
         if self.moe_chunk_tokens and stack.padded(tokens) > self.moe_chunk_tokens:
             return None
         return stack
+
+    def kept_layers(self) -> dict:
+        """Padded token count -> layers whose MoE activations are kept, for each captured plan (metadata)."""
+        stack = self._layer_graphs[1] if self._layer_graphs is not None else None
+        return stack.kept() if stack is not None else {}
 
     @property
     def offload_activations(self) -> bool:

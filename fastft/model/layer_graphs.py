@@ -22,6 +22,12 @@ DeepSpeed's gradient hooks see them as usual). A ``_Plan`` owns the fixed buffer
 - Slots: with activation offload, two device buffers used in turn plus one pinned host buffer per layer; the
   forward of layer i copies its input to the host on a side stream while it computes, the backward of layer i
   copies layer i-1's input back the same way. Without offload, one device buffer per layer (what checkpointing keeps).
+- Kept activations: a captured plan gives the last layers an ActivationStash, as many as ``keep`` bytes allow
+  (``keep_bytes_per_token`` each per token; "auto": the device memory still free when the plan is made, less a
+  margin). The MoE of such a layer keeps its gate_up output from the forward, so its recompute skips the expert
+  gate_up GEMM (a quarter of the step's expert FLOPs) at 46 KB per token and layer for gpt-oss-20b (4.2 GiB for
+  24 layers at 4096 tokens). With "auto" only captured plans keep (the first step, eager, shows what is free);
+  a second forward issued before the first one's backward keeps nothing.
 - Dropout: the masks come from the default generator, whose offset is noted before each layer's forward and set
   back to it before that layer's recompute (then to the forward's end), so the recompute draws the same masks; a
   graph replay draws at the generator's current offset, so this holds for replays as for eager runs.
@@ -40,10 +46,22 @@ import weakref
 
 import torch
 
-from fastft.backends import output_unused
+from fastft.backends import ActivationStash, output_unused, stashing
 from fastft.model.offload import on_side_stream
 
 PAD_TO = 256
+
+
+def spare_device_memory(device: torch.device) -> int:
+    """Bytes a new allocation may still take on ``device``: free memory (within torch's per-process fraction, if
+    one is set) less 10 % of the device and 1 GiB, for the optimizer state, fragmentation and other processes. Made
+    after a first step, so the memory that step's transients need is already reserved."""
+    if device.type != "cuda":
+        return 0
+    free, total = torch.cuda.mem_get_info(device)
+    frac = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(device)
+    free = min(free, int(frac * total) - torch.cuda.memory_reserved(device))
+    return max(0, free - int(0.1 * frac * total) - (1 << 30))
 
 
 class _Rng:
@@ -66,9 +84,10 @@ class _Plan:
     """Buffers (and, once captured, the graphs) for one padded token count."""
 
     def __init__(self, stack: "LayerGraphs", t_pad: int, like: torch.Tensor, cos: torch.Tensor, need_h: bool,
-                 graphed: bool):
+                 graphed: bool, kept: int = 0):
         self.stack, self.t_pad, self.need_h, self.graphed = stack, t_pad, need_h, graphed
         L, H, dev = len(stack.layers), like.shape[1], like.device
+        self.stashes = [ActivationStash() if i >= L - kept else None for i in range(L)]
         cuda = dev.type == "cuda"
         new = lambda: torch.zeros(t_pad, H, dtype=like.dtype, device=dev)  # noqa: E731
         self.offload = stack.offload
@@ -129,7 +148,7 @@ class _Plan:
         if self.offload:
             with self._fork():
                 self.host[i].copy_(x_in, non_blocking=self.side is not None)
-        with torch.no_grad():
+        with torch.no_grad(), stashing(self.stashes[i]):
             out = self.stack.layers[i](x_in, self.cos, self.sin, self.cu)
             self.slot(i + 1).copy_(out)
         del out
@@ -144,7 +163,7 @@ class _Plan:
         # optimizer's updates): the parameters' own AccumulateGrad nodes belong to the stream of the step's forward,
         # and autograd would make that stream wait on the capture.
         aliases = {name: p.detach().requires_grad_() for name, p in self.stack.params[i]}
-        with torch.enable_grad(), output_unused():
+        with torch.enable_grad(), output_unused(), stashing(self.stashes[i]):
             x = self.slot(i).detach().requires_grad_(need_x)
             out = torch.func.functional_call(self.stack.layers[i], aliases, (x, self.cos, self.sin, self.cu))
         inputs = ([x] if need_x else []) + list(aliases.values())
@@ -207,9 +226,11 @@ class LayerGraphs:
     ``for layer in layers: h = checkpoint(layer, h, cos, sin, cu_seqlens)``. ``params[i]``: layer i's trainable
     parameters as (name in the layer, parameter) pairs (their gradients are what the backward returns)."""
 
-    def __init__(self, layers, params, offload: bool, graphs: bool = True, max_graphs: int = 2, pad_to: int = PAD_TO):
+    def __init__(self, layers, params, offload: bool, graphs: bool = True, max_graphs: int = 2, pad_to: int = PAD_TO,
+                 keep: float | str = 0, keep_bytes_per_token: int = 0):
         self.layers, self.params = list(layers), params
         self.offload, self.graphs, self.max_graphs, self.pad_to = offload, graphs, max_graphs, pad_to
+        self.keep, self.keep_bytes_per_token = keep, keep_bytes_per_token
         self._plans = {}  # key -> captured _Plan
         self._seen = set()
         self._pool = None
@@ -233,15 +254,28 @@ class LayerGraphs:
         if plan is not None:
             if not plan.busy:
                 return plan
-            capture = False  # a second forward before the first one's backward: the captured buffers are taken
+            capture = keep = False  # a second forward before the first one's backward: the captured buffers are taken
         else:
             capture = (self.graphs and h.device.type == "cuda" and key in self._seen
                        and len(self._plans) < self.max_graphs)
+            keep = capture or self.keep != "auto"  # "auto" measures what the first step left free
             self._seen.add(key)
-        plan = _Plan(self, t_pad, h, cos, h.requires_grad, graphed=capture)
+        kept = self.kept_layers(t_pad, h.device) if keep else 0
+        plan = _Plan(self, t_pad, h, cos, h.requires_grad, graphed=capture, kept=kept)
         if capture:
             self._plans[key] = plan
         return plan
+
+    def kept_layers(self, t_pad: int, device: torch.device) -> int:
+        """How many layers of a plan for ``t_pad`` tokens get a stash within the ``keep`` budget."""
+        per_layer = t_pad * self.keep_bytes_per_token
+        if per_layer <= 0 or not self.keep:
+            return 0
+        budget = spare_device_memory(device) if self.keep == "auto" else float(self.keep)
+        return max(0, min(len(self.layers), int(budget // per_layer)))
+
+    def kept(self) -> dict:
+        return {key[0]: sum(st is not None for st in plan.stashes) for key, plan in self._plans.items()}
 
     def __call__(self, h, cos, sin, cu_seqlens):
         plan = self._plan(h, cos)
