@@ -265,7 +265,9 @@ def run_one(build, step_fn, cfg, workload, rows, steps, warmup) -> dict:
     model, extra = (built if isinstance(built, tuple) else (built, None))
     result = measure(step_fn, model, rows, cfg, steps, warmup)
     result["leftover_gib_before_build"] = leftover
-    result["kept_layers"] = max(getattr(model, "kept_layers", dict)().values(), default=0)
+    kept = list(getattr(model, "kept_layers", dict)().values())  # (layers keeping h, layers keeping everything)
+    result["kept_layers"] = max((a + b for a, b in kept), default=0)
+    result["whole_layers"] = max((b for _, b in kept), default=0)
     if extra is not None:
         result["sources"] = extra.sources
     del model, built
@@ -325,6 +327,7 @@ def _metrics(workload, args, cfg, rows, fpt, ceiling, build_kw, fast, ref) -> di
     if fast:
         m.update(fastft_tok_s=tok / fast["step_s"], fastft_s_per_step=fast["step_s"], peak_gib=fast["peak_gib"],
                  peak_reserved_gib=fast["peak_reserved_gib"], kept_activation_layers=fast["kept_layers"],
+                 layers_without_recompute=fast["whole_layers"],
                  mfu=tok / fast["step_s"] * fpt / (ceiling * 1e12), kernels=fast["sources"],
                  fastft_loss=fast["loss"], fastft_leftover_gib=fast["leftover_gib_before_build"])
     if ref.get("step_s"):

@@ -39,7 +39,7 @@ class TrainConfig:
     seed: int = 42
     gradient_checkpointing: bool = True
     offload_activations: bool = False
-    keep_activations: str | float = "auto"  # GiB for kept MoE activations, "auto" or "off"
+    keep_activations: str | float = "auto"  # GiB of activations kept instead of recomputed, "auto" or "off"
     # base weights (auto: the 4-bit fast path on CUDA with the triton kernels, as loaded elsewhere)
     experts: str = "auto"
     linears: str = "auto"
@@ -148,9 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--offload-activations", action="store_true",
                    help="keep checkpointed layer inputs in host memory (long sequences on small cards)")
     g.add_argument("--keep-activations", type=_keep_gib, default=d.keep_activations, metavar="auto|off|GIB",
-                   help="GPU memory for the experts' gate_up outputs kept from the forward (46 KB per token and "
-                        "layer for gpt-oss-20b), so the backward skips recomputing that GEMM (~10 %% of a step); "
-                        "auto = what the GPU has free after the first step, less a margin; CUDA graphs only")
+                   help="GPU memory for activations kept from the forward instead of recomputed: first the "
+                        "experts' gate_up outputs (46 KB per token and layer for gpt-oss-20b; ~15 %% of a step), "
+                        "then whole layers; auto = what the GPU has free after the first step, less a margin; "
+                        "off = recompute everything (least memory); with CUDA graphs")
     g = p.add_argument_group("base weights")
     g.add_argument("--experts", choices=("auto", "dense", "mxfp4", "nf4"), default=d.experts,
                    help="expert storage; auto = mxfp4 on CUDA with the triton kernels, the checkpoint's dtype elsewhere")

@@ -83,6 +83,34 @@ def test_kept_layers_skip_the_gate_up_recompute(monkeypatch):
     assert counts == {0: 15, 2: 13, 3: 12}
 
 
+def test_whole_layers_are_not_recomputed(monkeypatch):
+    """After the first step has measured what a layer's autograd graph holds, the budget left once every layer keeps
+    its MoE's h goes to whole layers: their forward keeps its graph and their backward recomputes nothing, with the
+    plain model's gradients (dropout included)."""
+    from fastft.kernels import moe
+
+    model = _model("triton", "attn", 0.3, num_hidden_layers=3)
+    batch = packed_batch([5, 8], model.config.vocab_size)
+    _, want, _ = _step(model, batch, seed=4)
+    model.enable_gradient_checkpointing(True, offload=True)
+    model.use_layer_graphs(True, pad_to=1, keep_gib=1.0)  # no padding: dropout draws the plain masks
+    calls = []
+    real = moe._routing_tables
+    monkeypatch.setattr(moe, "_routing_tables", lambda *a, **k: calls.append(1) or real(*a, **k))
+    _step(model, batch, seed=4)
+    assert len(calls) == 6  # first step: h kept everywhere, the rest of each layer recomputed
+    stack = model._layer_graphs[1]
+    per_h, per_whole = 13 * stack.keep_bytes_per_token, 13 * stack.whole_bytes_per_token
+    assert per_whole > per_h
+    stack.keep = 3 * per_h + 2 * (per_whole - per_h) + 10  # room for two whole layers
+    assert stack.kept_layers(13, torch.device("cpu")) == (1, 2)
+    calls.clear()
+    _, got, _ = _step(model, batch, seed=4)
+    assert len(calls) == 4  # two whole layers route once, the third twice
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_keep_gib_is_checked():
     model = _model("torch", "qv", 0.0)
     for bad in (-1, "all", None):
@@ -144,7 +172,8 @@ def test_graphs_replay_the_eager_stack(offload):
         for x, y in zip(a, b):
             assert torch.equal(x, y), step
     assert len(graphed._layer_graphs[1]._plans) == 2
-    assert set(graphed.kept_layers().values()) == {4}  # the forward's h, bit for bit what the recompute would make
+    # every layer keeps its whole graph (the first step measured it; the H200 has room): no recompute at all
+    assert set(graphed.kept_layers().values()) == {(0, 4)}
 
 
 

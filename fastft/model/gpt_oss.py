@@ -359,8 +359,9 @@ class GptOssForTraining(nn.Module):
         launches per step instead of ~1,200 kernels) for up to ``max_graphs`` token counts, padded to a multiple of
         ``pad_to``. Same math as torch's checkpoint; the dropout masks come from the same default generator. Steps
         whose MoE would run chunked (more than moe_chunk_tokens tokens) keep the torch.utils.checkpoint path.
-        ``keep_gib``: device memory (GiB, or "auto": what is free after the first step, less a margin) for the
-        experts' gate_up outputs kept from the forward, so the recompute skips that GEMM; 0 keeps nothing."""
+        ``keep_gib``: device memory (GiB, or "auto": what is free after the first step, less a margin) for
+        activations kept from the forward: first the experts' gate_up outputs (the recompute skips that GEMM), then
+        whole layers (no recompute); 0 keeps nothing."""
         if keep_gib != "auto" and not (isinstance(keep_gib, (int, float)) and keep_gib >= 0):
             raise ValueError(f"keep_gib must be a number >= 0 or 'auto', not {keep_gib!r}")
         keep = keep_gib if keep_gib == "auto" else int(keep_gib * 2**30)
@@ -391,7 +392,8 @@ class GptOssForTraining(nn.Module):
         return stack
 
     def kept_layers(self) -> dict:
-        """Padded token count -> layers whose MoE activations are kept, for each captured plan (metadata)."""
+        """Padded token count -> (layers keeping their MoE's gate_up output, layers keeping every activation, i.e.
+        never recomputed), for each captured plan (metadata)."""
         stack = self._layer_graphs[1] if self._layer_graphs is not None else None
         return stack.kept() if stack is not None else {}
 

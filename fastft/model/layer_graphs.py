@@ -22,12 +22,13 @@ DeepSpeed's gradient hooks see them as usual). A ``_Plan`` owns the fixed buffer
 - Slots: with activation offload, two device buffers used in turn plus one pinned host buffer per layer; the
   forward of layer i copies its input to the host on a side stream while it computes, the backward of layer i
   copies layer i-1's input back the same way. Without offload, one device buffer per layer (what checkpointing keeps).
-- Kept activations: a captured plan gives the last layers an ActivationStash, as many as ``keep`` bytes allow
-  (``keep_bytes_per_token`` each per token; "auto": the device memory still free when the plan is made, less a
-  margin). The MoE of such a layer keeps its gate_up output from the forward, so its recompute skips the expert
-  gate_up GEMM (a quarter of the step's expert FLOPs) at 46 KB per token and layer for gpt-oss-20b (4.2 GiB for
-  24 layers at 4096 tokens). With "auto" only captured plans keep (the first step, eager, shows what is free);
-  a second forward issued before the first one's backward keeps nothing.
+- Kept activations, within ``keep`` bytes ("auto": the device memory still free when the plan is made, less a
+  margin): first every layer's MoE keeps its gate_up output from the forward (an ActivationStash,
+  ``keep_bytes_per_token`` per token and layer: 46 KB for gpt-oss-20b, 4.2 GiB for 24 layers at 4096 tokens), so
+  its recompute skips the expert gate_up GEMM, a quarter of the step's expert FLOPs; then, with what is left, the
+  last layers keep their whole autograd graph (the forward runs with autograd, the backward recomputes nothing; a
+  layer's size is measured on the first step's recompute). With "auto" only captured plans keep (the first step,
+  eager, shows what is free); a second forward issued before the first one's backward keeps nothing.
 - Dropout: the masks come from the default generator, whose offset is noted before each layer's forward and set
   back to it before that layer's recompute (then to the forward's end), so the recompute draws the same masks; a
   graph replay draws at the generator's current offset, so this holds for replays as for eager runs.
@@ -42,6 +43,7 @@ taken until then). Off CUDA the eager halves run (tests compare them with torch.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
@@ -84,10 +86,12 @@ class _Plan:
     """Buffers (and, once captured, the graphs) for one padded token count."""
 
     def __init__(self, stack: "LayerGraphs", t_pad: int, like: torch.Tensor, cos: torch.Tensor, need_h: bool,
-                 graphed: bool, kept: int = 0):
+                 graphed: bool, kept: tuple[int, int] = (0, 0)):
         self.stack, self.t_pad, self.need_h, self.graphed = stack, t_pad, need_h, graphed
         L, H, dev = len(stack.layers), like.shape[1], like.device
-        self.stashes = [ActivationStash() if i >= L - kept else None for i in range(L)]
+        stashed, whole = kept  # the last `whole` layers keep everything, the `stashed` before them their MoE's h
+        self.whole = [_Whole() if i >= L - whole else None for i in range(L)]
+        self.stashes = [ActivationStash() if L - whole - stashed <= i < L - whole else None for i in range(L)]
         cuda = dev.type == "cuda"
         new = lambda: torch.zeros(t_pad, H, dtype=like.dtype, device=dev)  # noqa: E731
         self.offload = stack.offload
@@ -148,27 +152,54 @@ class _Plan:
         if self.offload:
             with self._fork():
                 self.host[i].copy_(x_in, non_blocking=self.side is not None)
-        with torch.no_grad(), stashing(self.stashes[i]):
-            out = self.stack.layers[i](x_in, self.cos, self.sin, self.cu)
-            self.slot(i + 1).copy_(out)
-        del out
+        if self.whole[i] is not None:
+            self._forward_keeping_graph(i, x_in)
+        else:
+            with torch.no_grad(), stashing(self.stashes[i]):
+                out = self.stack.layers[i](x_in, self.cos, self.sin, self.cu)
+                self.slot(i + 1).copy_(out)
+            del out
         self._join()
+
+    def _aliases(self, i: int) -> dict:
+        # Fresh leaves aliasing the trainable parameters (same storage, so a replay sees the optimizer's updates):
+        # the parameters' own AccumulateGrad nodes belong to the stream of the step's forward, and autograd would
+        # make that stream wait on the capture.
+        return {name: p.detach().requires_grad_() for name, p in self.stack.params[i]}
+
+    def _forward_keeping_graph(self, i: int, x_in: torch.Tensor):
+        """Layer i forward with autograd, its graph (every saved activation) kept for the backward half."""
+        w = self.whole[i]
+        if self.offload:  # the slot is the next-but-one layer's input too: the graph keeps a copy
+            w.x = torch.empty_like(x_in) if w.x is None else w.x  # allocated once, at a fixed address
+            x_in = w.x.copy_(x_in)
+        need_x = i > 0 or self.need_h
+        aliases = self._aliases(i)
+        with torch.enable_grad():
+            x = x_in.detach().requires_grad_(need_x)
+            w.out = torch.func.functional_call(self.stack.layers[i], aliases, (x, self.cos, self.sin, self.cu))
+        w.inputs = ([x] if need_x else []) + list(aliases.values())
+        self.slot(i + 1).copy_(w.out.detach())
 
     def _backward_half(self, i: int):
         if self.offload and i > 0:  # layer i-1's input comes back while layer i recomputes
             with self._fork():
                 self.slot(i - 1).copy_(self.host[i - 1], non_blocking=self.side is not None)
         need_x = i > 0 or self.need_h
-        # The recompute reads fresh leaves aliasing the trainable parameters (same storage, so a replay sees the
-        # optimizer's updates): the parameters' own AccumulateGrad nodes belong to the stream of the step's forward,
-        # and autograd would make that stream wait on the capture.
-        aliases = {name: p.detach().requires_grad_() for name, p in self.stack.params[i]}
-        with torch.enable_grad(), output_unused(), stashing(self.stashes[i]):
-            x = self.slot(i).detach().requires_grad_(need_x)
-            out = torch.func.functional_call(self.stack.layers[i], aliases, (x, self.cos, self.sin, self.cu))
-        inputs = ([x] if need_x else []) + list(aliases.values())
-        grads = list(torch.autograd.grad(out, inputs, self.grad[(i + 1) % 2], allow_unused=True)) if inputs else []
-        del out, x
+        w = self.whole[i]
+        if w is not None:  # no recompute; a captured graph is walked again at every replay, so it is retained
+            out, inputs = w.out, w.inputs
+            if not self.graphed:
+                w.out = w.inputs = None
+        else:
+            aliases = self._aliases(i)
+            with torch.enable_grad(), output_unused(), stashing(self.stashes[i]), self.stack.measuring(self, i):
+                x = self.slot(i).detach().requires_grad_(need_x)
+                out = torch.func.functional_call(self.stack.layers[i], aliases, (x, self.cos, self.sin, self.cu))
+            inputs = ([x] if need_x else []) + list(aliases.values())
+        grads = list(torch.autograd.grad(out, inputs, self.grad[(i + 1) % 2], allow_unused=True,
+                                         retain_graph=w is not None and self.graphed)) if inputs else []
+        del out, inputs
         if need_x:
             self.grad[i % 2].copy_(grads.pop(0))
         self.param_grads[i] = grads
@@ -203,6 +234,14 @@ class _Plan:
         self.rng.rewind(self.end)
 
 
+class _Whole:
+    """A layer whose forward keeps its autograd graph: the static input copy (with offload), output and inputs."""
+
+    def __init__(self):
+        self.x = self.out = None
+        self.inputs = []
+
+
 class _Stack(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, plan, cos, sin, cu_seqlens, *params):
@@ -231,6 +270,7 @@ class LayerGraphs:
         self.layers, self.params = list(layers), params
         self.offload, self.graphs, self.max_graphs, self.pad_to = offload, graphs, max_graphs, pad_to
         self.keep, self.keep_bytes_per_token = keep, keep_bytes_per_token
+        self.whole_bytes_per_token = None  # what a layer's autograd graph holds per token, measured once
         self._plans = {}  # key -> captured _Plan
         self._seen = set()
         self._pool = None
@@ -260,22 +300,57 @@ class LayerGraphs:
                        and len(self._plans) < self.max_graphs)
             keep = capture or self.keep != "auto"  # "auto" measures what the first step left free
             self._seen.add(key)
-        kept = self.kept_layers(t_pad, h.device) if keep else 0
+        kept = self.kept_layers(t_pad, h.device) if keep else (0, 0)
         plan = _Plan(self, t_pad, h, cos, h.requires_grad, graphed=capture, kept=kept)
         if capture:
             self._plans[key] = plan
         return plan
 
-    def kept_layers(self, t_pad: int, device: torch.device) -> int:
-        """How many layers of a plan for ``t_pad`` tokens get a stash within the ``keep`` budget."""
-        per_layer = t_pad * self.keep_bytes_per_token
-        if per_layer <= 0 or not self.keep:
-            return 0
+    def kept_layers(self, t_pad: int, device: torch.device) -> tuple[int, int]:
+        """(layers that keep their MoE's h, layers that keep their whole autograd graph) of a plan for ``t_pad``
+        tokens, within the ``keep`` budget: first h for every layer (the most recompute saved per byte: the expert
+        gate_up GEMM), then, with what is left, whole layers (no recompute at all; their size is measured on the
+        first step's recompute)."""
+        per_h = t_pad * self.keep_bytes_per_token
+        if per_h <= 0 or not self.keep:
+            return 0, 0
+        L = len(self.layers)
         budget = spare_device_memory(device) if self.keep == "auto" else float(self.keep)
-        return max(0, min(len(self.layers), int(budget // per_layer)))
+        stashed = max(0, min(L, int(budget // per_h)))
+        if stashed < L or self.whole_bytes_per_token is None:
+            return stashed, 0
+        extra = t_pad * self.whole_bytes_per_token - per_h  # a whole layer's graph holds h too
+        whole = min(L, int((budget - L * per_h) // extra)) if extra > 0 else L
+        return L - whole, whole
+
+    @contextlib.contextmanager
+    def measuring(self, plan: _Plan, i: int):
+        """Around the first eager recompute: sums the activations its autograd graph saves (storage bytes, each
+        once; parameters and the plan's own buffers excluded), plus the layer output a kept graph holds and, with
+        offload, its input copy."""
+        if self.whole_bytes_per_token is not None or plan.graphed:
+            yield
+            return
+        fixed = {t.untyped_storage().data_ptr() for t in (*self.layers[i].parameters(), *self.layers[i].buffers(),
+                                                          *plan.slots, *plan.grad, plan.cos, plan.sin, plan.cu)}
+        saved = {}
+
+        def pack(t):
+            st = t.untyped_storage()
+            if st.data_ptr() not in fixed:
+                saved[st.data_ptr()] = st.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield
+        x = plan.slot(i)
+        extra = x.numel() * x.element_size() * (2 if plan.offload else 1)
+        self.whole_bytes_per_token = -(-(sum(saved.values()) + extra) // plan.t_pad)
 
     def kept(self) -> dict:
-        return {key[0]: sum(st is not None for st in plan.stashes) for key, plan in self._plans.items()}
+        """Padded token count -> (layers keeping their MoE's h, layers keeping everything), captured plans."""
+        return {key[0]: (sum(st is not None for st in plan.stashes), sum(w is not None for w in plan.whole))
+                for key, plan in self._plans.items()}
 
     def __call__(self, h, cos, sin, cu_seqlens):
         plan = self._plan(h, cos)
