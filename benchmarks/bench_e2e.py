@@ -156,14 +156,15 @@ def reference_step(model, opt, row, cfg):
 
 def build_fastft(cfg: dict, workload: str, attention: str = "nf4", offload_embedding: bool = True,
                  offload_activations: bool = False, lm_head: str = "int8", layer_graphs: bool = False,
-                 keep_gib: float | str = 0):
+                 keep_gib: float | str = 0, cap_gib: float | None = None):
     """fastft as the trainer runs it on CUDA: MXFP4 experts, NF4 attention projections (bitsandbytes' quantiser), the
     input embedding in host memory, lm_head int8 (one fp32 scale per row). attention="bf16" /
     offload_embedding=False / lm_head="bf16" give the layout of earlier measurements; offload_activations keeps
     checkpointed layer inputs in host memory (long context); layer_graphs replays the decoder layers from CUDA graphs
     (fastft.model.layer_graphs, the trainer's default on one GPU; bench_e2e's default, not profile_e2e's, whose
     per-op attribution needs the eager launches); keep_gib: device memory for the experts' activations kept from the
-    forward (layer_graphs; "auto" as the trainer's default, 0 recomputes everything)."""
+    forward (layer_graphs; "auto" as the trainer's default, 0 recomputes everything); cap_gib: a device memory cap
+    for this build (torch's per-process fraction, lifted after its measurement), e.g. 24 for a 24 GB card."""
     if lm_head not in ("bf16", "int8"):
         raise ValueError(f"lm_head must be bf16 or int8, not {lm_head!r}")
     from fastft.backends import get_backend
@@ -173,6 +174,8 @@ def build_fastft(cfg: dict, workload: str, attention: str = "nf4", offload_embed
     from fastft.model.testing import mxfp4_expert_placeholders
     from fastft.quant import quantize_mxfp4
 
+    if cap_gib is not None:
+        torch.cuda.set_per_process_memory_fraction(cap_gib * 2**30 / torch.cuda.get_device_properties(0).total_memory)
     mcfg = ModelConfig.from_hf_dict(cfg)
     backend = get_backend("triton", "cuda")
     with torch.device("meta"):
@@ -263,7 +266,10 @@ def run_one(build, step_fn, cfg, workload, rows, steps, warmup) -> dict:
     leftover = torch.cuda.memory_allocated() / 2**30
     built = build(cfg, workload)
     model, extra = (built if isinstance(built, tuple) else (built, None))
-    result = measure(step_fn, model, rows, cfg, steps, warmup)
+    try:
+        result = measure(step_fn, model, rows, cfg, steps, warmup)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)  # a build's cap_gib ends with it
     result["leftover_gib_before_build"] = leftover
     kept = list(getattr(model, "kept_layers", dict)().values())  # (layers keeping h, layers keeping everything)
     result["kept_layers"] = max((a + b for a, b in kept), default=0)

@@ -122,7 +122,7 @@ def _goal_lines(md):
 
 def test_goals_met_unmet_missing_and_newest_row(tmp_path):
     e2e = {"workload": "W1-qv", "reference_tok_s": 1000.0, "speedup_vs_reference": 9.5, "mfu": 0.3, "peak_gib": 11.4,
-           "kept_activation_layers": 0}
+           "kept_activation_layers": 0, "layers_without_recompute": 0}
     rows = [
         _row("e2e", "2026-01-01", e2e | {"speedup_vs_reference": 1.0}, git="old111"),
         _row("e2e", "2026-01-02", e2e, git="new222"),
@@ -145,12 +145,12 @@ def test_goals_met_unmet_missing_and_newest_row(tmp_path):
     lines = _goal_lines(md)
     # one line per goal at least; the three W1-qv goals have a second memory mode here
     assert len(lines) == sum(len(report._goal_rows(g, [])) for g in report.GOALS) + 3
-    qv = "e2e (workload=W1-qv, reference_tok_s measured, kept_activation_layers=0): "
+    qv = "e2e (workload=W1-qv, reference_tok_s measured, kept_activation_layers=0, layers_without_recompute=0): "
     assert lines[qv + "`speedup_vs_reference` ≥ 8"][:3] == ["9.5", "yes", "2026-01-02"]
     assert lines[qv + "`speedup_vs_reference` ≥ 8"][3] == "new222"
     assert lines[qv + "`mfu` ≥ 0.4"][:2] == ["0.3", "**no**"]
     assert lines[qv + "`peak_gib` ≤ 11.5"][:2] == ["11.4", "yes"]
-    assert lines[qv.replace("=0", "=24") + "`peak_gib` ≤ 11.5"][:2] == ["15.6", "**no**"]  # one line per memory mode
+    assert lines[qv.replace("layers=0", "layers=24") + "`peak_gib` ≤ 11.5"][:2] == ["15.6", "**no**"]  # per memory mode
     assert lines["context (cap_gib=24): `max_tokens` ≥ 131072"][:2] == ["65536", "**no**"]
     assert lines["context (cap_gib=80): `max_tokens` ≥ 500000"] == ["—", "not measured", "—", "—", "—"]
     torch_65k = lines["cross_entropy (T=65536): `speedup_vs_torch` > 1"]
