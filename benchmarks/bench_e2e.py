@@ -294,8 +294,9 @@ def main():
                     'list of such: one fastft row each, all against the same reference measurement')
     args = ap.parse_args()
     builds = json.loads(args.build)
-    builds = [{"attention": "nf4", "offload_embedding": True, "offload_activations": False, "lm_head": "int8",
-               "layer_graphs": True, "keep_gib": "auto", **b} for b in (builds if isinstance(builds, list) else [builds])]
+    defaults = {"attention": "nf4", "offload_embedding": True, "offload_activations": False, "lm_head": "int8",
+                "layer_graphs": True, "keep_gib": "auto"}
+    builds = [defaults | b for b in (builds if isinstance(builds, list) else [builds])]
     cfg = json.loads(CONFIG.read_text())
     if args.quick:
         cfg["num_hidden_layers"], cfg["layer_types"] = 2, cfg["layer_types"][:2]

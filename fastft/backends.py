@@ -87,10 +87,6 @@ class ActivationStash:
         """What the forward wrote into ``name`` (None if it wrote nothing there)."""
         return self._buffers[name] if name in self._written else None
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._buffers.values())
-
 
 @contextlib.contextmanager
 def stashing(stash: ActivationStash | None):

@@ -355,7 +355,8 @@ def train(cfg: TrainConfig) -> int:
             "versions": versions(), "git_revision": git_revision(),
             "model": cfg.model, "model_path": str(model_path), "dtype": str(dtype).replace("torch.", ""),
             "kernels": {"backend": backend.name, **backend.sources}, "weights": layout,
-            "cuda_graphs": graphs, "kept_activation_layers": model.kept_layers(), "world_size": dist.world_size, "zero_stage": ds_config["zero_optimization"]["stage"],
+            "cuda_graphs": graphs, "kept_activation_layers": model.kept_layers(),  # {tokens: [h kept, whole]}
+            "world_size": dist.world_size, "zero_stage": ds_config["zero_optimization"]["stage"],
             "data": {"files": data.data_hashes, "rows": data.num_rows, "eval_rows": data.num_eval_rows,
                      "tokens": data.num_tokens, "trainable_tokens": data.num_trainable_tokens,
                      "packed_rows": data.num_packed_rows, "packing_efficiency": data.packing_efficiency,
