@@ -43,21 +43,26 @@ _recompute = threading.local()
 
 
 @contextlib.contextmanager
+def _setting(name: str, value):
+    """Sets the thread-local ``name`` for the enclosed block, then restores what it was."""
+    before = getattr(_recompute, name, None)
+    setattr(_recompute, name, value)
+    try:
+        yield
+    finally:
+        setattr(_recompute, name, before)
+
+
 def output_unused():
     """Marks a checkpoint's recompute of a region whose last op is the MoE block: backward needs only what the block
     saves, never its output, so an op may skip the work that only produces the output (the MoE's down GEMM, a third
     of its recomputed FLOPs). The region's owner guarantees that nothing after the block saves its output.
     Thread-local: the recompute runs, and enters this, in the autograd engine's thread."""
-    before = getattr(_recompute, "active", False)
-    _recompute.active = True
-    try:
-        yield
-    finally:
-        _recompute.active = before
+    return _setting("active", True)
 
 
 def is_output_unused() -> bool:
-    return getattr(_recompute, "active", False)
+    return bool(getattr(_recompute, "active", False))
 
 
 def recompute_skips_output():
@@ -88,20 +93,15 @@ class ActivationStash:
         return self._buffers[name] if name in self._written else None
 
 
-@contextlib.contextmanager
 def stashing(stash: ActivationStash | None):
     """Ops run inside keep what they can in ``stash`` (in a forward) or read it back (in the recompute, under
     ``output_unused``). Thread-local, like output_unused."""
-    before = getattr(_recompute, "stash", None)
-    _recompute.stash = stash
-    try:
-        yield
-    finally:
-        _recompute.stash = before
+    return _setting("stash", stash)
 
 
 def active_stash() -> ActivationStash | None:
     return getattr(_recompute, "stash", None)
+
 
 # op -> (module, reference function, triton function)
 _IMPLS = {

@@ -161,11 +161,17 @@ class _Plan:
             del out
         self._join()
 
-    def _aliases(self, i: int) -> dict:
-        # Fresh leaves aliasing the trainable parameters (same storage, so a replay sees the optimizer's updates):
-        # the parameters' own AccumulateGrad nodes belong to the stream of the step's forward, and autograd would
-        # make that stream wait on the capture.
-        return {name: p.detach().requires_grad_() for name, p in self.stack.params[i]}
+    def _with_autograd(self, i: int, x_in: torch.Tensor):
+        """Layer i on x_in with autograd: (output, the inputs whose gradients the backward half takes: x unless it
+        is layer 0's input and h needs none, then the trainable parameters). The layer reads fresh leaves aliasing
+        those parameters (same storage, so a replay sees the optimizer's updates): the parameters' own AccumulateGrad
+        nodes belong to the stream of the step's forward, and autograd would make that stream wait on the capture."""
+        need_x = i > 0 or self.need_h
+        aliases = {name: p.detach().requires_grad_() for name, p in self.stack.params[i]}
+        with torch.enable_grad():
+            x = x_in.detach().requires_grad_(need_x)
+            out = torch.func.functional_call(self.stack.layers[i], aliases, (x, self.cos, self.sin, self.cu))
+        return out, ([x] if need_x else []) + list(aliases.values())
 
     def _forward_keeping_graph(self, i: int, x_in: torch.Tensor):
         """Layer i forward with autograd, its graph (every saved activation) kept for the backward half."""
@@ -173,12 +179,7 @@ class _Plan:
         if self.offload:  # the slot is the next-but-one layer's input too: the graph keeps a copy
             w.x = torch.empty_like(x_in) if w.x is None else w.x  # allocated once, at a fixed address
             x_in = w.x.copy_(x_in)
-        need_x = i > 0 or self.need_h
-        aliases = self._aliases(i)
-        with torch.enable_grad():
-            x = x_in.detach().requires_grad_(need_x)
-            w.out = torch.func.functional_call(self.stack.layers[i], aliases, (x, self.cos, self.sin, self.cu))
-        w.inputs = ([x] if need_x else []) + list(aliases.values())
+        w.out, w.inputs = self._with_autograd(i, x_in)
         self.slot(i + 1).copy_(w.out.detach())
 
     def _backward_half(self, i: int):
@@ -192,11 +193,8 @@ class _Plan:
             if not self.graphed:
                 w.out = w.inputs = None
         else:
-            aliases = self._aliases(i)
-            with torch.enable_grad(), output_unused(), stashing(self.stashes[i]), self.stack.measuring(self, i):
-                x = self.slot(i).detach().requires_grad_(need_x)
-                out = torch.func.functional_call(self.stack.layers[i], aliases, (x, self.cos, self.sin, self.cu))
-            inputs = ([x] if need_x else []) + list(aliases.values())
+            with output_unused(), stashing(self.stashes[i]), self.stack.measuring(self, i):
+                out, inputs = self._with_autograd(i, self.slot(i))
         grads = list(torch.autograd.grad(out, inputs, self.grad[(i + 1) % 2], allow_unused=True,
                                          retain_graph=w is not None and self.graphed)) if inputs else []
         del out, inputs
