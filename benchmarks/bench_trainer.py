@@ -71,7 +71,7 @@ def run_trainer(model: str, data: Path, out: Path, row_len: int, steps: int, kee
     step_s = statistics.median(r["step_s"] for r in timed)
     tokens = statistics.median(r["tokens"] for r in timed)
     return {"trainer_s_per_step": step_s, "trainer_tok_s": tokens / step_s, "tokens_per_step": tokens,
-            "trainer_steps_timed": len(timed), "trainer_first_step_s": train[0]["step_s"],
+            "trainer_steps_timed": len(timed), "trainer_step_s": [round(r["step_s"], 4) for r in train],
             "trainer_peak_gib": meta.get("peak_gpu_memory_gib"), "cuda_graphs": meta.get("cuda_graphs"),
             "kept_activation_layers": meta.get("kept_activation_layers"), "zero_stage": meta.get("zero_stage"),
             "trainer_final_loss": meta.get("final_train_loss")}
@@ -91,8 +91,8 @@ def loop_child(row_len: int, keep: str, steps: int) -> None:
 
     cfg = json.loads(CONFIG.read_text())
     rows = token_stream(3, row_len, cfg["vocab_size"], seed=1)
-    model = build_fastft(cfg, "W1-qv", offload_activations=True, layer_graphs=True,
-                         keep_gib=0 if keep == "off" else keep)
+    model, _ = build_fastft(cfg, "W1-qv", offload_activations=True, layer_graphs=True,
+                            keep_gib=0 if keep == "off" else keep)
     m = measure(fastft_step, model, rows, cfg, steps, warmup=2)
     print(json.dumps({"loop_s_per_step": m["step_s"], "loop_tok_s": row_len / m["step_s"], "loop_peak_gib": m["peak_gib"]}))
 

@@ -173,6 +173,13 @@ def use_cuda_graphs(cfg, backend, dist) -> bool:
     return cfg.cuda_graphs == "on" or (backend.name == "triton" and dist.world_size == 1)
 
 
+def graph_tokens(cfg: TrainConfig) -> int:
+    """The token count every micro-batch is padded to with CUDA graphs: its most (a multiple of 256). Packed rows
+    vary in length, and each padded size needs its own graphs and buffers (up to two are captured, other sizes run
+    eagerly at the host's pace): one size serves every step, for the cost of the few padding tokens of a packed row."""
+    return -(-cfg.max_seq_len * cfg.micro_batch_size // 256) * 256
+
+
 def train(cfg: TrainConfig) -> int:
     import deepspeed
     import torch.distributed as dist_
@@ -217,7 +224,7 @@ def train(cfg: TrainConfig) -> int:
                                         offload=cfg.offload_activations and cfg.gradient_checkpointing)
     graphs = use_cuda_graphs(cfg, backend, dist)
     keep = {"off": 0}.get(cfg.keep_activations, cfg.keep_activations)
-    model.use_layer_graphs(graphs, keep_gib=keep)
+    model.use_layer_graphs(graphs, keep_gib=keep, pad_to=graph_tokens(cfg))
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     n_trainable = sum(p.numel() for p in named.values())
     say(f"fastft: model {cfg.model} ({dtype}, kernels: {backend.name} {backend.sources}), "

@@ -246,6 +246,15 @@ def test_cuda_graphs_flag_resolution():
     assert not use_cuda_graphs(TrainConfig(data="x.jsonl", gradient_checkpointing=False), tri, dist("cuda"))
 
 
+def test_graph_tokens_one_size_per_micro_batch():
+    from fastft.config import TrainConfig
+    from fastft.train import graph_tokens
+
+    assert graph_tokens(TrainConfig(data="x.jsonl")) == 4096
+    assert graph_tokens(TrainConfig(data="x.jsonl", max_seq_len=4000)) == 4096
+    assert graph_tokens(TrainConfig(data="x.jsonl", max_seq_len=100, micro_batch_size=3)) == 512
+
+
 @pytest.mark.gpu
 def test_cuda_graphs_train_like_eager_layers(tmp_path):
     """On a GPU the trainer replays its layers from CUDA graphs by default (keeping the experts' activations); without
@@ -260,6 +269,8 @@ def test_cuda_graphs_train_like_eager_layers(tmp_path):
         meta = json.loads((out / "metadata.json").read_text())
         assert meta["cuda_graphs"] is (mode == "on")
         assert any(map(sum, meta["kept_activation_layers"].values())) is (mode == "on")  # auto keeps where graphs run
+        if mode == "on":  # every step padded to one size (256 tokens per micro-batch): one set of graphs
+            assert list(meta["kept_activation_layers"]) == ["256"]
         curves[mode] = losses(out)
     assert len(curves["on"]) == len(curves["off"]) > 4
     for a, b in zip(curves["on"], curves["off"]):
