@@ -131,8 +131,9 @@ def load(ckpt: Path, engine, named_params: dict, rank: int) -> dict:
             if m is not None:
                 safe_set_full_optimizer_state(p, m.to(p.device), "exp_avg")
                 safe_set_full_optimizer_state(p, v.to(p.device), "exp_avg_sq")
-        elif m is not None:
-            base.state[p] = {"step": torch.tensor(float(state["optimizer_steps"])),
+        elif m is not None:  # a fused AdamW keeps its step count on the parameter's device
+            on = p.device if base.defaults.get("fused") else "cpu"
+            base.state[p] = {"step": torch.tensor(float(state["optimizer_steps"]), device=on),
                              "exp_avg": m.to(p.device), "exp_avg_sq": v.to(p.device)}
     for s in base.state.values():
         if "step" in s:

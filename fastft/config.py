@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,7 +55,7 @@ class TrainConfig:
     kernels: str = "auto"
     cuda_graphs: str = "auto"
     dtype: str = "auto"
-    zero_stage: int = 2
+    zero_stage: int | None = None  # DeepSpeed's ZeRO stage; None: 2 with several ranks, no DeepSpeed on one
     deepspeed: str | None = None
     local_rank: int = -1
     # outputs
@@ -107,9 +108,10 @@ def _float_in(lo, hi, lo_open=False, hi_open=True):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse prints usage + exits 2; keep the exit code, shorten the noise
-        self.print_usage()
-        raise SystemExit(f"fastft: error: {message}")
+    def error(self, message):  # argparse's usage + message, exit 2 (a usage error), without its long prefix
+        self.print_usage(sys.stderr)
+        print(f"fastft: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replay the decoder layers of a step from CUDA graphs (the host then issues 48 launches, not "
                         "~1,200); auto = on with the triton kernels on one GPU with gradient checkpointing")
     g.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default=d.dtype, help="auto = bf16 on GPU, fp32 on CPU")
-    g.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=d.zero_stage)
+    g.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=d.zero_stage,
+                   help="DeepSpeed ZeRO stage (default: 2 with several ranks; one process trains without DeepSpeed's "
+                        "engine unless this or --deepspeed is given)")
     g.add_argument("--deepspeed", default=None, metavar="CFG.json", help="DeepSpeed config overriding the generated one")
     g.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     g = p.add_argument_group("outputs")

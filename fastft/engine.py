@@ -1,7 +1,14 @@
-"""Process-group setup and the DeepSpeed config fastft generates.
+"""Process-group setup, the DeepSpeed config fastft generates, and the engine of a single process.
 
 `python fastft/train.py` runs as a single process: it sets the distributed environment itself, so the same code
-path (deepspeed.initialize) serves one CPU, one GPU and `deepspeed --num_gpus N`.
+serves one CPU, one GPU and `deepspeed --num_gpus N`. Several ranks train through DeepSpeed's engine (ZeRO-2 by
+default). One process has nothing to partition or reduce, and there DeepSpeed's engine cost a fifth of a gpt-oss-20b
+step on an H200 (bench_trainer): its optimizer wrapper checks every gradient for inf/NaN with ~7 small kernels each
+and reads the result on the host mid-step, so the GPU waited ~45 ms per step while the host issued the rest of the
+step one small kernel at a time. ``LocalEngine`` does the same math without a host sync: the LoRA weights are fp32
+already (they are the master copy), the gradient norm and clipping are a few multi-tensor kernels, and the fused
+AdamW skips a step whose gradients are not finite on the device (as DeepSpeed skips it). `--zero-stage` or
+`--deepspeed CFG.json` on one process still select DeepSpeed's engine.
 """
 
 from __future__ import annotations
@@ -57,6 +64,58 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
+def uses_deepspeed(cfg, world_size: int) -> bool:
+    """DeepSpeed's engine for several ranks, or when a ZeRO stage or a DeepSpeed config is asked for."""
+    return world_size > 1 or cfg.zero_stage is not None or cfg.deepspeed is not None
+
+
+class LocalEngine:
+    """The part of DeepSpeed's engine interface the trainer uses, for one process: ``engine(**batch)``,
+    ``backward(loss)`` (scaled by 1 / grad_accum), ``step()`` (an optimizer step every grad_accum calls: gradient
+    norm, clipping, AdamW, then the schedule), ``get_global_grad_norm()``, ``global_steps``, ``optimizer``."""
+
+    def __init__(self, module, params, optimizer, scheduler, grad_accum: int, max_grad_norm: float):
+        self.module, self.params, self.optimizer, self.scheduler = module, list(params), optimizer, scheduler
+        self.grad_accum, self.max_grad_norm = grad_accum, max_grad_norm
+        self.micro_steps = self.global_steps = 0
+        self._norm = None
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def train(self):
+        self.module.train()
+
+    def eval(self):
+        self.module.eval()
+
+    def backward(self, loss):
+        (loss / self.grad_accum if self.grad_accum > 1 else loss).backward()
+
+    def step(self):
+        self.micro_steps += 1
+        if self.micro_steps % self.grad_accum:
+            return
+        grads = [p for p in self.params if p.grad is not None]
+        # max_norm inf: the norm for the log, gradients left as they are (clipping multiplies by min(1, max / norm))
+        self._norm = torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm or float("inf"), foreach=True)
+        if self.optimizer.defaults.get("fused"):  # a non-finite gradient skips this step, decided on the device
+            self.optimizer.found_inf = (~torch.isfinite(self._norm)).float()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.global_steps += 1
+
+    def get_global_grad_norm(self):
+        return self._norm
+
+
+def adamw(params, cfg, device: torch.device):
+    """The optimizer of both engines: AdamW on the fp32 LoRA weights (fused on CUDA: one kernel for all of them)."""
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
+                             eps=1e-8, fused=device.type == "cuda")
+
+
 def deepspeed_config(cfg, micro_batch: int, grad_accum: int, world_size: int, dtype: torch.dtype) -> dict:
     """The generated config; --deepspeed FILE overrides it key by key (batch sizes always follow the CLI)."""
     ds = {
@@ -64,7 +123,7 @@ def deepspeed_config(cfg, micro_batch: int, grad_accum: int, world_size: int, dt
         "gradient_accumulation_steps": grad_accum,
         "train_batch_size": micro_batch * grad_accum * world_size,
         "gradient_clipping": cfg.max_grad_norm,
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_optimization": {"stage": 2 if cfg.zero_stage is None else cfg.zero_stage},
         "bf16": {"enabled": dtype == torch.bfloat16},
         "steps_per_print": 10**9,  # fastft's observers report progress
         "wall_clock_breakdown": False,

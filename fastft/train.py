@@ -86,16 +86,24 @@ def prepare_output_dir(cfg: TrainConfig) -> tuple[Path, Path | None]:
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         hint = " (it holds a checkpoint: add --resume to continue)" if resume_from else ""
         raise TrainingError(f"--output-dir {out} is not empty{hint}; pass --overwrite to train into it anyway")
-    if cfg.overwrite and out.exists():  # stale checkpoints of an older run must not be resumed into this one
-        for old in list(out.glob(f"{checkpoint.PREFIX}*")) + [out / checkpoint.LATEST]:
-            if old.is_dir():
-                import shutil
-
-                shutil.rmtree(old)
-            elif old.exists():
-                old.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TrainingError(f"--output-dir {out}: cannot create it ({e.strerror or e})") from None
     return out, None
+
+
+def clear_previous_run(out: Path) -> None:
+    """--overwrite: an older run's checkpoints (they must not be resumed into this run) and TensorBoard events (they
+    would mix with this run's). Called once the data and the model are ready, so a run that fails before it starts
+    leaves the older one whole."""
+    import shutil
+
+    for old in list(out.glob(f"{checkpoint.PREFIX}*")) + [out / checkpoint.LATEST, out / "runs"]:
+        if old.is_dir():
+            shutil.rmtree(old)
+        elif old.exists():
+            old.unlink()
 
 
 def batch_plan(cfg: TrainConfig, world_size: int, rows_per_epoch: int) -> dict:
@@ -173,6 +181,23 @@ def use_cuda_graphs(cfg, backend, dist) -> bool:
     return cfg.cuda_graphs == "on" or (backend.name == "triton" and dist.world_size == 1)
 
 
+def check_resumable(ckpt: Path, run: dict) -> None:
+    """--resume continues the same run: the same data files, row length, batch and LoRA shape as the checkpoint's
+    (its trainer_state.json records them). Anything else would fail deep in loading, or silently train another run."""
+    import json
+
+    saved = json.loads((ckpt / "trainer_state.json").read_text()).get("run")
+    if saved is None:  # a checkpoint from before these were recorded
+        return
+    names = {"data_sha256": "data files (sha256)", "max_seq_len": "--max-seq-len", "rows_per_step": "rows per step",
+             "lora": "LoRA (r, alpha, targets)"}
+    diff = [f"{names[k]}: checkpoint {saved[k]}, now {run[k]}" for k in run if k in saved and saved[k] != run[k]]
+    if diff:
+        raise TrainingError(f"--resume: {ckpt} belongs to a different run ({'; '.join(diff)}). Resume with the "
+                            f"options and data it was trained with, or start afresh in another --output-dir "
+                            f"(or with --overwrite instead of --resume)")
+
+
 def graph_tokens(cfg: TrainConfig) -> int:
     """The token count every micro-batch is padded to with CUDA graphs: its most (a multiple of 256). Packed rows
     vary in length, and each padded size needs its own graphs and buffers (up to two are captured, other sizes run
@@ -186,8 +211,10 @@ def train(cfg: TrainConfig) -> int:
 
     from fastft import observers as obs
     from fastft.backends import get_backend
-    from fastft.data import collate, prepare
-    from fastft.engine import deepspeed_config, init_distributed, resolve_dtype
+    from fastft.data import UsageError, collate, prepare
+    from fastft.kernels._env import interpreting
+    from fastft.engine import (LocalEngine, adamw, deepspeed_config, init_distributed, resolve_dtype,
+                               uses_deepspeed)
     from fastft.metadata import git_revision, versions
     from fastft.model import LoraSettings, apply_lora, load_model, load_tokenizer, resolve_model_path, save_adapter
 
@@ -200,6 +227,9 @@ def train(cfg: TrainConfig) -> int:
         dist_.broadcast_object_list(box, src=0)
         resume_from = Path(box[0]) if box[0] else None
     dtype = resolve_dtype(cfg.dtype, dist.device)
+    if cfg.kernels == "triton" and dist.device.type != "cuda" and not interpreting():
+        raise UsageError("--kernels triton needs a CUDA GPU (on CPU, TRITON_INTERPRET=1 runs the kernels in Triton's "
+                         "interpreter, slowly); use --kernels auto or torch")
     backend = get_backend(cfg.kernels, dist.device)
     say = print if dist.is_main else (lambda *a, **k: None)
 
@@ -232,31 +262,42 @@ def train(cfg: TrainConfig) -> int:
         f"CUDA graphs {'on' if graphs else 'off'}")
     torch.manual_seed(cfg.seed + 1000 * (dist.rank + 1))  # per-rank dropout masks
 
-    # ---- DeepSpeed engine ---------------------------------------------------------------------------------------
+    # ---- engine: DeepSpeed's for several ranks, fastft's own for one process (see fastft/engine.py) -------------
     warmup = int(cfg.warmup_ratio * plan["total_steps"])
-    optimizer = torch.optim.AdamW(list(named.values()), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                  betas=(0.9, 0.999), eps=1e-8)
+    optimizer = adamw(list(named.values()), cfg, dist.device)
     schedule = cosine_with_warmup(plan["total_steps"], max(warmup, 1) if warmup else 0)
-    ds_config = deepspeed_config(cfg, cfg.micro_batch_size, plan["grad_accum"], dist.world_size, dtype)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=ds_config, model_parameters=list(named.values()),
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+    ds_config = None
+    if uses_deepspeed(cfg, dist.world_size):
+        ds_config = deepspeed_config(cfg, cfg.micro_batch_size, plan["grad_accum"], dist.world_size, dtype)
+        engine, _, _, scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=ds_config, model_parameters=list(named.values()),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        engine = LocalEngine(model, named.values(), optimizer, scheduler, plan["grad_accum"], cfg.max_grad_norm)
 
     step, history = 0, {"train_loss": [], "eval_loss": []}
+    run = {"data_sha256": sorted(data.data_hashes.values()), "max_seq_len": cfg.max_seq_len,
+           "rows_per_step": plan["rows_per_step"], "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha,
+                                                           "targets": cfg.lora_targets}}
     if resume_from is not None:
+        check_resumable(resume_from, run)
         state = checkpoint.load(resume_from, engine, named, dist.rank)
         step, history = state["step"], state["history"]
+        engine.global_steps = state["optimizer_steps"]  # Adam's step count goes on from there
         scheduler.last_epoch = step - 1
         scheduler.step()  # sets the lr of step `step` on the optimizer
         say(f"fastft: resumed from {resume_from} at step {step}")
 
     def save_ckpt():
         trainer_state = {"step": step, "optimizer_steps": engine.global_steps + 0, "history": history,
-                         "plan": plan, "seed": cfg.seed}
+                         "plan": plan, "seed": cfg.seed, "run": run}
         return checkpoint.save(out, step, engine, named, trainer_state,
                                lambda d: save_adapter(model, d, base_model_name_or_path=cfg.model),
                                dist.rank, cfg.keep_checkpoints)
 
+    if dist.is_main and cfg.overwrite and resume_from is None:
+        clear_previous_run(out)
     observers: list[obs.Observer] = []
     if dist.is_main:
         observers = [obs.MetricsLog(out / "metrics.jsonl", resume_step=step), obs.TensorBoard(out / "runs"),
@@ -269,8 +310,8 @@ def train(cfg: TrainConfig) -> int:
     def to_device(batch):
         return {k: v.to(dist.device, non_blocking=True) for k, v in batch.items()}
 
-    def global_sum(*values):
-        t = torch.tensor(values, dtype=torch.float64, device=dist.device)
+    def global_sum(*values):  # device tensors among the values are read here: one host sync
+        t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=dist.device) for v in values])
         if dist.world_size > 1:
             dist_.all_reduce(t)
         return t.tolist()
@@ -305,22 +346,22 @@ def train(cfg: TrainConfig) -> int:
         step_rows = [epoch_rows[(index * B + i) % len(epoch_rows)] for i in range(B)]  # wraps to fill the last step
         mine = step_rows[dist.rank::dist.world_size]
         t0 = time.time()
-        loss_sum, n_tokens = 0.0, 0
+        losses, n_tokens = [], 0
         for i in range(0, len(mine), cfg.micro_batch_size):
             batch = to_device(collate(mine[i:i + cfg.micro_batch_size]))
             loss = engine(**batch)
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                last = checkpoint.latest_checkpoint(out)
-                raise TrainingError(f"the loss became {loss_value} at step {step + 1}; stopping. The last good "
-                                    f"checkpoint is {last or 'none (no checkpoint was saved yet)'}; try a lower "
-                                    f"--learning-rate, then --resume")
             engine.backward(loss)
             engine.step()
-            loss_sum += loss_value
+            losses.append(loss.detach())  # read once per step, below: a read here would idle the GPU until backward
             n_tokens += batch["input_ids"].numel()
         step += 1
-        loss_sum, n_tokens, n_micro = global_sum(loss_sum, n_tokens, len(mine) / cfg.micro_batch_size)
+        n_micro = len(mine) / cfg.micro_batch_size
+        loss_sum, n_tokens, n_micro = global_sum(torch.stack(losses).sum(), n_tokens, n_micro)
+        if not math.isfinite(loss_sum):  # nothing is saved after this: the last checkpoint is the last good state
+            last = checkpoint.latest_checkpoint(out)
+            raise TrainingError(f"the loss became {loss_sum / n_micro} at step {step}; stopping. The last good "
+                                f"checkpoint is {last or 'none (no checkpoint was saved yet)'}; try a lower "
+                                f"--learning-rate, then --resume")
         dt = time.time() - t0
         tokens_done += n_tokens
         metrics = {"step": step, "epoch": epoch + (index + 1) / plan["steps_per_epoch"],
@@ -363,7 +404,8 @@ def train(cfg: TrainConfig) -> int:
             "model": cfg.model, "model_path": str(model_path), "dtype": str(dtype).replace("torch.", ""),
             "kernels": {"backend": backend.name, **backend.sources}, "weights": layout,
             "cuda_graphs": graphs, "kept_activation_layers": model.kept_layers(),  # {tokens: [h kept, whole]}
-            "world_size": dist.world_size, "zero_stage": ds_config["zero_optimization"]["stage"],
+            "world_size": dist.world_size, "engine": "deepspeed" if ds_config else "fastft (one process)",
+            "zero_stage": ds_config["zero_optimization"]["stage"] if ds_config else None,
             "data": {"files": data.data_hashes, "rows": data.num_rows, "eval_rows": data.num_eval_rows,
                      "tokens": data.num_tokens, "trainable_tokens": data.num_trainable_tokens,
                      "packed_rows": data.num_packed_rows, "packing_efficiency": data.packing_efficiency,

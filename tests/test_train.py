@@ -73,6 +73,7 @@ def test_outputs_are_complete(trained):
     assert meta["versions"]["torch"] and meta["data"]["files"]
     assert all(len(h) == 64 for h in meta["data"]["files"].values())
     assert meta["weights"] == {"experts": "dense", "linears": "dense", "embedding": "device", "lm_head": "bf16"}
+    assert meta["engine"] == "fastft (one process)" and meta["zero_stage"] is None
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["r"] == 8 and cfg["peft_type"] == "LORA"
     assert "Adapter written to" in r.stdout
@@ -133,6 +134,75 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path, trained):
     proc.wait()
     run_train(args + ["--output-dir", str(out), "--resume"])
     assert losses(out) == pytest.approx(losses(ref_out), rel=1e-5, abs=1e-6)
+    # Adam's step count is the run's, not the resumed segment's: a second resume from this checkpoint stays exact
+    state = json.loads((out / (out / "latest").read_text() / "trainer_state.json").read_text())
+    assert state["optimizer_steps"] == state["step"]
+
+
+def test_second_resume_matches_uninterrupted(tmp_path, trained):
+    """A checkpoint written by a resumed run resumes exactly too: from a copy of step 3's checkpoint to step 6, from
+    a copy of that run's step 6 to the end, the losses are those of one uninterrupted run."""
+    import shutil
+
+    args = [str(trained[0]), *COMMON, "--max-steps", "9", "--save-every", "3", "--keep-checkpoints", "5"]
+    ref = tmp_path / "ref"
+    run_train(args + ["--output-dir", str(ref)])
+
+    def resume_from(src: Path, step: int, dst: Path):
+        dst.mkdir()
+        shutil.copytree(src / f"checkpoint-{step}", dst / f"checkpoint-{step}")
+        shutil.copy(src / "metrics.jsonl", dst / "metrics.jsonl")
+        (dst / "latest").write_text(f"checkpoint-{step}")
+        run_train(args + ["--output-dir", str(dst), "--resume"])
+
+    resume_from(ref, 3, tmp_path / "once")
+    resume_from(tmp_path / "once", 6, tmp_path / "twice")
+    assert losses(tmp_path / "twice") == pytest.approx(losses(ref), rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--lora-r", "4"], "LoRA"),
+    (["--max-seq-len", "128"], "--max-seq-len"),
+])
+def test_resume_with_other_options_is_refused(tmp_path, trained, change, message):
+    out = tmp_path / "out"
+    run_train([str(trained[0]), *COMMON, "--max-steps", "2", "--output-dir", str(out)])
+    r = run_train([str(trained[0]), *COMMON, "--max-steps", "4", "--output-dir", str(out), "--resume", *change],
+                  check=False)
+    assert r.returncode == 1 and message in r.stderr and "different run" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_overwrite_keeps_the_old_run_until_training_starts(tmp_path, trained):
+    out = tmp_path / "out"
+    run_train([str(trained[0]), *COMMON, "--max-steps", "2", "--output-dir", str(out)])
+    r = run_train([str(tmp_path / "missing.jsonl"), *COMMON, "--output-dir", str(out), "--overwrite"], check=False)
+    assert r.returncode != 0 and "missing.jsonl" in r.stderr
+    assert (out / "latest").exists() and list(out.glob("checkpoint-*"))
+    run_train([str(trained[0]), *COMMON, "--max-steps", "1", "--output-dir", str(out), "--overwrite"])
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-1"]
+    assert len(list((out / "runs").iterdir())) == 1  # the older run's TensorBoard events are gone
+
+
+def test_triton_kernels_on_cpu_are_a_clear_usage_error(tmp_path, trained):
+    r = run_train([str(trained[0]), *COMMON, "--kernels", "triton", "--output-dir", str(tmp_path / "o")],
+                  env_extra={"TRITON_INTERPRET": "0"}, check=False)
+    assert r.returncode == 2 and "--kernels triton needs a CUDA GPU" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_zero_stage_on_one_process_trains_through_deepspeed_and_resumes_locally(tmp_path, trained):
+    """--zero-stage selects DeepSpeed's engine on one process too; its checkpoints resume on fastft's own engine
+    (the checkpoint format belongs to neither) to the losses of one uninterrupted run."""
+    args = [str(trained[0]), *COMMON, "--max-steps", "6", "--save-every", "3"]
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    run_train(args + ["--output-dir", str(ref)])
+    run_train(args + ["--output-dir", str(out), "--zero-stage", "2"])
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["engine"] == "deepspeed" and meta["zero_stage"] == 2
+    assert losses(out) == pytest.approx(losses(ref), rel=1e-4, abs=1e-5)  # same math, another implementation
+    (out / "latest").write_text("checkpoint-3")
+    run_train(args + ["--output-dir", str(out), "--resume"])
+    assert losses(out)[3:] == pytest.approx(losses(ref)[3:], rel=1e-4, abs=1e-5)
 
 
 def test_non_empty_output_dir_is_refused(tmp_path, trained):
@@ -144,18 +214,19 @@ def test_non_empty_output_dir_is_refused(tmp_path, trained):
     assert (out / "notes.txt").read_text() == "mine"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--epochs", "0"], "--epochs"),
-    (["--learning-rate", "abc"], "--learning-rate"),
-    (["--lora-dropout", "1.5"], "--lora-dropout"),
-    (["--keep-activations", "lots"], "--keep-activations"),
-    (["--kernels", "cuda"], "--kernels"),
-    (["--lora-targets", "nonsense_proj"], "nonsense_proj"),
-    (["--batch-size", "3", "--micro-batch-size", "2"], "--batch-size"),
+@pytest.mark.parametrize("args, message, code", [
+    (["--epochs", "0"], "--epochs", 2),
+    (["--learning-rate", "abc"], "--learning-rate", 2),
+    (["--lora-dropout", "1.5"], "--lora-dropout", 2),
+    (["--keep-activations", "lots"], "--keep-activations", 2),
+    (["--kernels", "cuda"], "--kernels", 2),
+    (["--bogus"], "--bogus", 2),
+    (["--lora-targets", "nonsense_proj"], "nonsense_proj", 2),
+    (["--batch-size", "3", "--micro-batch-size", "2"], "--batch-size", 1),
 ])
-def test_bad_cli_values_are_clear(tmp_path, trained, args, message):
+def test_bad_cli_values_are_clear(tmp_path, trained, args, message, code):
     r = run_train([str(trained[0]), "--model", "tiny", "--output-dir", str(tmp_path / "o"), *args], check=False)
-    assert r.returncode in (1, 2), r
+    assert r.returncode == code, r
     assert message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
 
