@@ -346,6 +346,7 @@ def train(cfg: TrainConfig) -> int:
         step_rows = [epoch_rows[(index * B + i) % len(epoch_rows)] for i in range(B)]  # wraps to fill the last step
         mine = step_rows[dist.rank::dist.world_size]
         t0 = time.time()
+        lr = scheduler.get_last_lr()[0]  # this step's (the engine's step moves the schedule on)
         losses, n_tokens = [], 0
         for i in range(0, len(mine), cfg.micro_batch_size):
             batch = to_device(collate(mine[i:i + cfg.micro_batch_size]))
@@ -365,7 +366,7 @@ def train(cfg: TrainConfig) -> int:
         dt = time.time() - t0
         tokens_done += n_tokens
         metrics = {"step": step, "epoch": epoch + (index + 1) / plan["steps_per_epoch"],
-                   "loss": loss_sum / n_micro, "lr": scheduler.get_last_lr()[0],
+                   "loss": loss_sum / n_micro, "lr": lr,
                    "grad_norm": _maybe_float(engine.get_global_grad_norm()),
                    "tokens": int(n_tokens), "tokens_per_s": n_tokens / dt, "step_s": dt,
                    "gpu_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if dist.device.type == "cuda" else None}

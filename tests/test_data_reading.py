@@ -115,6 +115,13 @@ def test_row_errors(row, needle):
     assert needle in str(e.value)
 
 
+def test_an_integer_too_long_for_python_is_a_located_error(tmp_path):
+    p = write(tmp_path, "d.jsonl", [QA, '{"question": "q", "answer": "a", "n": ' + "9" * 5000 + "}", QA])
+    r = check(p)
+    (err,) = [str(i) for i in r.errors]
+    assert err.startswith(f"{p}:2: invalid JSON") and "digits" in err
+
+
 def test_errors_located_by_line_and_column(tmp_path):
     p = write(tmp_path, "d.jsonl", [
         QA,                                   # 1 ok

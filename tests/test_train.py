@@ -79,6 +79,14 @@ def test_outputs_are_complete(trained):
     assert "Adapter written to" in r.stdout
 
 
+def test_logged_lr_is_the_steps_own(tmp_path, trained):
+    out = tmp_path / "out"
+    run_train([str(trained[0]), *COMMON, "--max-steps", "3", "--output-dir", str(out)])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in rows if r["type"] == "train"]
+    assert lrs[0] == pytest.approx(3e-3) and lrs[-1] > 0  # no warm-up: step 1 runs at the peak; the cosine ends after
+
+
 def test_loss_falls(trained):
     _, out, _ = trained
     curve = losses(out)

@@ -101,6 +101,8 @@ def _parse_line(path: str, lineno: int, line: bytes) -> tuple[RawRow | None, Iss
         return None, Issue(path, lineno, e.colno, f"invalid JSON: {e.msg}")
     except RecursionError:
         return None, Issue(path, lineno, None, "invalid JSON: nested too deeply")
+    except ValueError as e:  # e.g. an integer of more digits than Python converts (4300)
+        return None, Issue(path, lineno, None, f"invalid JSON: {e}")
     if not isinstance(obj, dict):
         hint = " (JSON Lines holds one object per line, not one array)" if isinstance(obj, list) else ""
         return None, Issue(path, lineno, None, f"expected a JSON object, got {json_kind(obj)}{hint}")
