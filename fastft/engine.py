@@ -3,12 +3,13 @@
 `python fastft/train.py` runs as a single process: it sets the distributed environment itself, so the same code
 serves one CPU, one GPU and `deepspeed --num_gpus N`. Several ranks train through DeepSpeed's engine (ZeRO-2 by
 default). One process has nothing to partition or reduce, and there DeepSpeed's engine cost a fifth of a gpt-oss-20b
-step on an H200 (bench_trainer): its optimizer wrapper checks every gradient for inf/NaN with ~7 small kernels each
+step on an H200 (scratch profile): its optimizer wrapper checks every gradient for inf/NaN with ~7 small kernels each
 and reads the result on the host mid-step, so the GPU waited ~45 ms per step while the host issued the rest of the
 step one small kernel at a time. ``LocalEngine`` does the same math without a host sync: the LoRA weights are fp32
 already (they are the master copy), the gradient norm and clipping are a few multi-tensor kernels, and the fused
 AdamW skips a step whose gradients are not finite on the device (as DeepSpeed skips it). `--zero-stage` or
-`--deepspeed CFG.json` on one process still select DeepSpeed's engine.
+`--deepspeed CFG.json` on one process still select DeepSpeed's engine. benchmarks/bench_trainer.py measures the
+trainer against bench_e2e's bare loop.
 """
 
 from __future__ import annotations
@@ -110,10 +111,12 @@ class LocalEngine:
         return self._norm
 
 
-def adamw(params, cfg, device: torch.device):
-    """The optimizer of both engines: AdamW on the fp32 LoRA weights (fused on CUDA: one kernel for all of them)."""
+def adamw(params, cfg, fused: bool):
+    """The optimizer of both engines: AdamW on the fp32 LoRA weights. fused (CUDA, the local engine: one kernel for
+    all of them, and its found_inf skip); DeepSpeed's engine keeps torch's default implementation, which its ZeRO
+    state handling (and fastft's checkpoint resume under ZeRO) expects."""
     return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
-                             eps=1e-8, fused=device.type == "cuda")
+                             eps=1e-8, fused=fused)
 
 
 def deepspeed_config(cfg, micro_batch: int, grad_accum: int, world_size: int, dtype: torch.dtype) -> dict:

@@ -264,10 +264,11 @@ def train(cfg: TrainConfig) -> int:
 
     # ---- engine: DeepSpeed's for several ranks, fastft's own for one process (see fastft/engine.py) -------------
     warmup = int(cfg.warmup_ratio * plan["total_steps"])
-    optimizer = adamw(list(named.values()), cfg, dist.device)
+    deepspeed_engine = uses_deepspeed(cfg, dist.world_size)
+    optimizer = adamw(list(named.values()), cfg, fused=dist.device.type == "cuda" and not deepspeed_engine)
     schedule = cosine_with_warmup(plan["total_steps"], max(warmup, 1) if warmup else 0)
     ds_config = None
-    if uses_deepspeed(cfg, dist.world_size):
+    if deepspeed_engine:
         ds_config = deepspeed_config(cfg, cfg.micro_batch_size, plan["grad_accum"], dist.world_size, dtype)
         engine, _, _, scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config, model_parameters=list(named.values()),
