@@ -11,7 +11,9 @@ timed on rows of the same length with the same memory mode. One ``trainer`` row 
 
   trainer_tok_s, trainer_s_per_step   median over the steps after the first two (tokens: the packed rows' lengths)
   loop_tok_s, loop_s_per_step         bench_e2e's measure() of the same build (offload, graphs, keep)
-  trainer_vs_loop                     trainer_tok_s / loop_tok_s
+  trainer_vs_loop                     trainer_tok_s / loop_tok_s: below 1 by the packing too (the trainer pads each
+                                      row to --max-seq-len and counts only its real tokens; the loop's rows are full),
+                                      so loop_s_per_step against trainer_s_per_step is the step-time comparison
   trainer_peak_gib                    metadata.json's peak_gpu_memory_gib; kept_activation_layers from there too
 
     python benchmarks/bench_trainer.py [--keep off,auto] [--steps 10] [--quick]
@@ -24,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
 import statistics
 import subprocess
 import sys
@@ -35,7 +36,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 SKIP_STEPS = 2  # step 1 runs eagerly and autotunes the kernels, step 2 captures the CUDA graphs
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 
 
 def write_data(path: Path, rows: int, words: int, seed: int = 0) -> None:
@@ -50,11 +50,13 @@ def write_data(path: Path, rows: int, words: int, seed: int = 0) -> None:
 
 
 def synthetic_checkpoint(path: Path) -> Path:
-    """gpt-oss-20b in the hub layout with random weights (a child process of bench_weights) + the tiny tokenizer."""
+    """gpt-oss-20b in the hub layout with random weights (a child process of bench_weights) + the tiny tokenizer,
+    saved the way the trainer saves it into its outputs."""
+    from fastft.model import load_tokenizer
+
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_weights.py"), "--write-only", str(path),
                     "--shards", "3"], check=True)
-    for name in TOKENIZER_FILES:
-        shutil.copy(ROOT / "fastft" / "assets" / "tiny" / name, path / name)
+    load_tokenizer("tiny").save_pretrained(path)
     return path
 
 
@@ -91,10 +93,11 @@ def loop_child(row_len: int, keep: str, steps: int) -> None:
 
     cfg = json.loads(CONFIG.read_text())
     rows = token_stream(3, row_len, cfg["vocab_size"], seed=1)
-    model, _ = build_fastft(cfg, "W1-qv", offload_activations=True, layer_graphs=True,
-                            keep_gib=0 if keep == "off" else keep)
+    keep_gib = 0 if keep == "off" else keep if keep == "auto" else float(keep)  # as the CLI's --keep-activations
+    model, _ = build_fastft(cfg, "W1-qv", offload_activations=True, layer_graphs=True, keep_gib=keep_gib)
     m = measure(fastft_step, model, rows, cfg, steps, warmup=2)
-    print(json.dumps({"loop_s_per_step": m["step_s"], "loop_tok_s": row_len / m["step_s"], "loop_peak_gib": m["peak_gib"]}))
+    print(json.dumps({"loop_s_per_step": m["step_s"], "loop_tok_s": row_len / m["step_s"],
+                      "loop_peak_gib": m["peak_gib"]}))
 
 
 def main():
