@@ -271,9 +271,12 @@ def run_one(build, step_fn, cfg, workload, rows, steps, warmup) -> dict:
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)  # a build's cap_gib ends with it
     result["leftover_gib_before_build"] = leftover
-    kept = list(getattr(model, "kept_layers", dict)().values())  # (layers keeping h, layers keeping everything)
-    result["kept_layers"] = max((a + b for a, b in kept), default=0)
-    result["whole_layers"] = max((b for _, b in kept), default=0)
+    # per captured size: (layers keeping h, layers keeping everything, layers keeping h on the host, its share)
+    kept = list(getattr(model, "kept_layers", dict)().values())
+    result["kept_layers"] = max((a + b for a, b, *_ in kept), default=0)
+    result["whole_layers"] = max((b for _, b, *_ in kept), default=0)
+    result["host_h_layers"] = max((k[2] for k in kept), default=0)
+    result["host_h_share"] = max((k[3] for k in kept), default=0.0)
     if extra is not None:
         result["sources"] = extra.sources
     del model, built
@@ -334,7 +337,8 @@ def _metrics(workload, args, cfg, rows, fpt, ceiling, build_kw, fast, ref) -> di
     if fast:
         m.update(fastft_tok_s=tok / fast["step_s"], fastft_s_per_step=fast["step_s"], peak_gib=fast["peak_gib"],
                  peak_reserved_gib=fast["peak_reserved_gib"], kept_activation_layers=fast["kept_layers"],
-                 layers_without_recompute=fast["whole_layers"],
+                 layers_without_recompute=fast["whole_layers"], host_h_layers=fast["host_h_layers"],
+                 host_h_share=fast["host_h_share"],
                  mfu=tok / fast["step_s"] * fpt / (ceiling * 1e12), kernels=fast["sources"],
                  fastft_loss=fast["loss"], fastft_leftover_gib=fast["leftover_gib_before_build"])
     if ref.get("step_s"):

@@ -74,23 +74,39 @@ class ActivationStash:
     """Tensors one checkpointed layer's forward keeps for that layer's recompute, so an op may skip recomputing them
     (the MoE keeps its gate_up GEMM's output: a quarter of the expert FLOPs of a step). fastft.model.layer_graphs
     gives a stash to each layer its memory budget allows. A buffer keeps its address from step to step (a CUDA graph
-    replay writes and reads the memory its capture did)."""
+    replay writes and reads the memory its capture did).
 
-    def __init__(self):
-        self._buffers = {}
-        self._written = set()
+    Spilled stashes (layer_graphs, with activation offload): two layers share ``buffers`` (``shared_with``), and
+    between its forward and its recompute a layer's buffers live in host memory. A buffer written with
+    ``partial=True`` comes back only in part, its first ``spill_share`` of rows: the op recomputes the rest (rows
+    are independent), which keeps the copy within what the link moves while the next layer computes."""
 
-    def buffer(self, name: str, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """Where the forward writes ``name`` (allocated once per shape and dtype)."""
+    def __init__(self, shared_with: "ActivationStash | None" = None, spill_share: float | None = None):
+        self._buffers = shared_with._buffers if shared_with is not None else {}
+        self._written = {}  # name -> partial
+        self.spill_share = spill_share  # None: every buffer stays whole on the device
+
+    def buffer(self, name: str, shape, dtype: torch.dtype, device: torch.device, partial: bool = False) -> torch.Tensor:
+        """Where the forward writes ``name`` (allocated once per shape and dtype). ``partial``: the op can recompute
+        any rows of it past the first ones."""
         t = self._buffers.get(name)
         if t is None or t.shape != torch.Size(shape) or t.dtype != dtype or t.device != torch.device(device):
             t = self._buffers[name] = torch.empty(shape, dtype=dtype, device=device)
-        self._written.add(name)
+        self._written[name] = partial
         return t
 
     def get(self, name: str) -> torch.Tensor | None:
         """What the forward wrote into ``name`` (None if it wrote nothing there)."""
         return self._buffers[name] if name in self._written else None
+
+    def rows(self, name: str) -> int:
+        """How many leading rows of ``name`` hold the forward's values when the recompute reads it."""
+        n = self._buffers[name].shape[0]
+        return int(n * self.spill_share) if self.spill_share is not None and self._written[name] else n
+
+    def written(self) -> dict:
+        """name -> (buffer, rows a spill moves: all but a partial buffer's tail)."""
+        return {name: (self._buffers[name], self.rows(name)) for name in self._written}
 
 
 def stashing(stash: ActivationStash | None):

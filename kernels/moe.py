@@ -235,7 +235,7 @@ def _grouped_gemm_kernel(
     C, c_idx, s_cm,                       # output rows: C[c_idx[i]] (SCATTER_C) or C[i]
     rowscale,                             # [S] fp32 routing weight of each sorted row
     AUX, s_xm,                            # EPI 1: h out [S, N]
-    tile_expert, tile_row, offsets, num_tiles,
+    tile_expert, tile_row, offsets, num_tiles, row_start,   # rows below row_start are not computed
     K, N, limit, alpha,
     QUANT: tl.constexpr, EPI: tl.constexpr, GATHER_A: tl.constexpr, SCATTER_C: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, ROWSCALE: tl.constexpr,
@@ -259,7 +259,7 @@ def _grouped_gemm_kernel(
     pid_n = (pid % width) // gsize
 
     e, row0, row_end = _tile(tile_expert, tile_row, offsets, pid_t, BM)
-    if e < 0:
+    if (e < 0) | (tl.minimum(row0 + BM, row_end) <= row_start):
         return
     rm = row0 + tl.arange(0, BM)
     mmask = rm < row_end
@@ -561,13 +561,15 @@ def _r_pad(r):
 
 
 def _gemm(a, a_idx, w_args, tables, bm, out, *, c_idx=None, bias=None, lora=None, rowscale=None, epi=0,
-          aux=None, limit=7.0, alpha=1.702):
+          aux=None, limit=7.0, alpha=1.702, row_start=0):
     """Launch _grouped_gemm_kernel (or, for MXFP4 weights on sm_90, moe_hopper's warp-specialised kernel).
-    lora = (L [S, r], LB, s_lbe, s_lbn, s_lbr, scaling)."""
+    lora = (L [S, r], LB, s_lbe, s_lbn, s_lbr, scaling). Row tiles that end at or below sorted row ``row_start`` are
+    skipped (their output is already in place); a tile straddling it is computed whole."""
     W, WS, quant, s_we, s_wk, s_wn, s_se, K, N = w_args
     if quant in (1, 2) and _FORCE_META is None and moe_hopper.can_run(a, out, K, bm):
         return moe_hopper.ws_gemm(a, a_idx, W, WS, quant == 2, K, N, tables, bm, out, c_idx=c_idx, bias=bias,
-                                  lora=lora, rowscale=rowscale, epi=epi, aux=aux, limit=limit, alpha=alpha)
+                                  lora=lora, rowscale=rowscale, epi=epi, aux=aux, limit=limit, alpha=alpha,
+                                  row_start=row_start)
     if quant == 1 and a.dtype == torch.bfloat16 and _DOT_SCALED:
         quant = 3
     _, _, offsets, tile_expert, tile_row = tables
@@ -593,7 +595,7 @@ def _gemm(a, a_idx, w_args, tables, bm, out, *, c_idx=None, bias=None, lora=None
         out, c_idx if c_idx is not None else offsets, out.stride(0),
         rowscale if rowscale is not None else dummy,
         aux if aux is not None else dummy, aux.stride(0) if aux is not None else 0,
-        tile_expert, tile_row, offsets, num_tiles, K, N, float(limit), float(alpha),
+        tile_expert, tile_row, offsets, num_tiles, row_start, K, N, float(limit), float(alpha),
         QUANT=quant, EPI=epi, GATHER_A=a_idx is not None, SCATTER_C=c_idx is not None,
         HAS_BIAS=bias is not None, HAS_LORA=lora is not None, ROWSCALE=rowscale is not None,
         R_PAD=_r_pad(R), BM=bm, GROUP_M=GROUP_M, **meta,
@@ -713,13 +715,18 @@ class _MoEExperts(torch.autograd.Function):
         kept = stash.get("h") if skip_output and stash is not None else None
         if kept is not None:
             h, xa, act_a = kept, stash.get("xa"), stash.get("act_a")
+            rows = stash.rows("h")  # a stash spilled to host memory brings back only h's first rows
+            if rows < S:  # the rest: the gate_up GEMM over the row tiles past them, written in place
+                lora_gu = _b_epilogue(B_gu, E, xa, s_gu) if A_gu is not None else None
+                _gemm(x, row_token, gu_args, tables, bm, torch.empty(S, N1 // 2, device=x.device, dtype=x.dtype),
+                      bias=gu_b, lora=lora_gu, epi=1, aux=h, limit=limit, alpha=alpha, row_start=rows)
         else:
             keep = stash if not skip_output else None
 
             def new(name, shape, dtype):
                 if keep is None:
                     return torch.empty(shape, device=x.device, dtype=dtype)
-                return keep.buffer(name, shape, dtype, x.device)
+                return keep.buffer(name, shape, dtype, x.device, partial=name == "h")
 
             xa = act_a = lora_gu = lora_d = None
             if A_gu is not None:

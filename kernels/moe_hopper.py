@@ -280,7 +280,7 @@ if HAS_GLUON:
     @gluon.jit
     def _ws_gemm_kernel(A, a_idx, s_am, W, WS, s_we, s_wr, s_se, s_sr, bias, s_be,
                         L, s_lm, LBt, lora_scale, R, C, c_idx, s_cm, rowscale, AUX, s_xm,
-                        tile_expert, tile_row, offsets, num_tiles, K, N, limit, alpha,
+                        tile_expert, tile_row, offsets, num_tiles, row_start, K, N, limit, alpha,
                         TRANS: gl.constexpr, EPI: gl.constexpr, GATHER_A: gl.constexpr, SCATTER_C: gl.constexpr,
                         HAS_BIAS: gl.constexpr, ROWSCALE: gl.constexpr, R_PAD: gl.constexpr, TILES: gl.constexpr,
                         BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, GROUP: gl.constexpr,
@@ -311,6 +311,7 @@ if HAS_GLUON:
             go = e >= 0
             if TILES == 1:
                 go = go & (row_end - row0 > BM // 2)
+        go = go & (gl.minimum(row0 + BM, row_end) > row_start)  # rows below row_start: already in place
         if go:
             n0 = pid_n * BN
             RR: gl.constexpr = BK if TRANS else BN
@@ -365,7 +366,7 @@ def split_tails() -> bool:
 
 
 def ws_gemm(a, a_idx, blocks, scales, trans, K, N, tables, bm, out, *, c_idx=None, bias=None, lora=None,
-            rowscale=None, epi=0, aux=None, limit=7.0, alpha=1.702):
+            rowscale=None, epi=0, aux=None, limit=7.0, alpha=1.702, row_start=0):
     """moe._gemm's launch for MXFP4 weights on sm_90 (check can_run first). blocks / scales: the expert stack's
     uint8 bytes [E, out * in / 2] and scales [E, out * in / 32]; trans: the backward orientation (QUANT 2).
 
@@ -399,7 +400,7 @@ def ws_gemm(a, a_idx, blocks, scales, trans, K, N, tables, bm, out, *, c_idx=Non
     def launch(tile_m, num_tiles, tiles):
         m = META[tile_m, lora is not None]
         _ws_gemm_kernel[(num_tiles * triton.cdiv(N, m["BN"]), )](
-            *args, num_tiles, K, N, float(limit), float(alpha), TILES=tiles, BM=tile_m, **flags, **m)
+            *args, num_tiles, row_start, K, N, float(limit), float(alpha), TILES=tiles, BM=tile_m, **flags, **m)
 
     if bm == 256 and split_tails():
         launch(256, tile_expert.numel(), LONG_TILES)

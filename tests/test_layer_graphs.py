@@ -83,6 +83,35 @@ def test_kept_layers_skip_the_gate_up_recompute(monkeypatch):
     assert counts == {0: 15, 2: 13, 3: 12}
 
 
+@pytest.mark.parametrize("targets,share,extra_gemms", [("all", 0.5, 3), ("all", 1.0, 0), ("qv", 0.3, 3)])
+def test_spilled_stashes_give_the_plain_gradients(monkeypatch, targets, share, extra_gemms):
+    """With offload and room for two layers' h, the three layers below keep theirs in host memory through the two
+    layers' buffers (each overwritten by the layer two above before the backward needs it back). Only the first
+    `share` of h's rows come back; the recompute runs the gate_up GEMM past them (one call per spilled layer)."""
+    from fastft.kernels import moe
+
+    model = _model("triton", targets, 0.0, num_hidden_layers=5)
+    batch = packed_batch([5, 8], model.config.vocab_size)
+    _, want, _ = _step(model, batch, seed=2)
+    model.enable_gradient_checkpointing(True, offload=True)
+    model.use_layer_graphs(True, pad_to=16, keep_gib=(2 * 16 * model._kept_bytes_per_token() + 100) / 2**30)
+    _step(model, batch, seed=2)  # builds the stack: on CPU nothing measured, so nothing spilled yet
+    stack = model._layer_graphs[1]
+    assert stack.kept_layers(16, torch.device("cpu")) == (2, 0, 0)
+    stack.spill_share_override = share
+    assert stack.kept_layers(16, torch.device("cpu")) == (2, 0, 3)
+    calls = []
+    real = moe._gemm
+    monkeypatch.setattr(moe, "_gemm", lambda *a, **k: calls.append(k.get("row_start", 0)) or real(*a, **k))
+    for _ in range(2):
+        calls.clear()
+        _, got, _ = _step(model, batch, seed=2)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        assert len(calls) == 5 * 4 + extra_gemms
+        assert sorted(calls)[-extra_gemms:] == [int(16 * 2 * share)] * extra_gemms if extra_gemms else True
+
+
 def test_whole_layers_are_not_recomputed(monkeypatch):
     """After the first step has measured what a layer's autograd graph holds, the budget left once every layer keeps
     its MoE's h goes to whole layers: their forward keeps its graph and their backward recomputes nothing, with the
@@ -103,7 +132,7 @@ def test_whole_layers_are_not_recomputed(monkeypatch):
     per_h, per_whole = 13 * stack.keep_bytes_per_token, 13 * stack.whole_bytes_per_token
     assert per_whole > per_h
     stack.keep = 3 * per_h + 2 * (per_whole - per_h) + 10  # room for two whole layers
-    assert stack.kept_layers(13, torch.device("cpu")) == (1, 2)
+    assert stack.kept_layers(13, torch.device("cpu")) == (1, 2, 0)
     calls.clear()
     _, got, _ = _step(model, batch, seed=4)
     assert len(calls) == 4  # two whole layers route once, the third twice
@@ -173,8 +202,36 @@ def test_graphs_replay_the_eager_stack(offload):
             assert torch.equal(x, y), step
     assert len(graphed._layer_graphs[1]._plans) == 2
     # every layer keeps its whole graph (the first step measured it; the H200 has room): no recompute at all
-    assert set(graphed.kept_layers().values()) == {(0, 4)}
+    assert set(graphed.kept_layers().values()) == {(0, 4, 0, 0.0)}
 
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("share", [None, 0.5])
+def test_graphs_with_spilled_stashes_replay_the_eager_stack(share):
+    """On CUDA with offload and room for two layers' h: the three layers below keep theirs in pinned host memory
+    (copies on the side stream inside the captured graphs; the share measured, or half of the rows); the gradients
+    are the eager recomputing stack's, bit for bit."""
+    kw = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=5, head_dim=64, sliding_window=5)
+    graphed = _model("triton", "all", 0.0, "cuda", torch.bfloat16, **kw)
+    eager = _model("triton", "all", 0.0, "cuda", torch.bfloat16, **kw)
+    for m in (graphed, eager):
+        m.enable_gradient_checkpointing(True, offload=True)
+    graphed.use_layer_graphs(True, graphs=True, pad_to=64,
+                             keep_gib=(2 * 128 * graphed._kept_bytes_per_token() + 100) / 2**30)
+    eager.use_layer_graphs(True, graphs=False, pad_to=64)
+    V = graphed.config.vocab_size
+    for step, n in enumerate(([37, 5, 64], [50, 40, 16], [100, 6], [9, 90, 7])):  # all pad to 128 tokens
+        batch = packed_batch(n, V, "cuda")
+        a_loss, a, _ = _step(graphed, batch, seed=10 + step)
+        if step == 0:
+            graphed._layer_graphs[1].spill_share_override = share
+        b_loss, b, _ = _step(eager, batch, seed=10 + step)
+        assert torch.equal(a_loss, b_loss), step
+        for x, y in zip(a, b):
+            assert torch.equal(x, y), step
+    (kept,) = graphed.kept_layers().values()
+    assert kept[:3] == (2, 0, 3) and 0.1 <= kept[3] <= 1 and (share is None or kept[3] == share), kept
 
 
 def test_two_forwards_before_backward():

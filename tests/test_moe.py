@@ -238,6 +238,39 @@ def test_routing_tables_cover_every_row_once(T, E, k, BM, skew):
         assert torch.equal(got, want)
 
 
+def gate_up_from_row(p, row_start, bm=None):
+    """The gate_up GEMM's h (epilogue 1) into a NaN-filled buffer, computed from sorted row ``row_start`` on."""
+    x = p["x"].detach()
+    weights, index = route(x, p["router_weight"], p["router_bias"], p["top_k"])
+    E, S = p["gate_up_bias"].shape[0], x.shape[0] * p["top_k"]
+    bm = bm or moe_mod._row_tile(S, E)
+    tables, _ = _routing_tables(index, weights, E, bm)
+    args = moe_mod._weight_args(p["gate_up"], x.dtype, True)
+    h = torch.full((S, args[8]), float("nan"), device=x.device, dtype=x.dtype)
+    act = torch.empty(S, args[8] // 2, device=x.device, dtype=x.dtype)
+    moe_mod._gemm(x, tables[0], args, tables, bm, act, bias=p["gate_up_bias"], epi=1, aux=h, row_start=row_start)
+    return h
+
+
+def check_row_start(p, bm=None):
+    """Rows from row_start on are the full GEMM's, bit for bit; tiles wholly below it are not computed."""
+    full = gate_up_from_row(p, 0, bm)
+    assert not full.isnan().any()
+    S = full.shape[0]
+    for row_start in (S // 3, S - 1, S):
+        part = gate_up_from_row(p, row_start, bm)
+        assert torch.equal(part[row_start:], full[row_start:])
+        done = ~part[:row_start].isnan().any(1)
+        assert torch.equal(part[:row_start][done], full[:row_start][done])  # a tile straddling row_start: whole
+        assert not done[: row_start // 2].all(), "nothing skipped"
+
+
+@pytest.mark.parametrize("quant", [True, False])
+def test_gemm_row_start_skips_the_rows_before(quant):
+    T, H, I, E, k = (29, 64, 32, 3, 2) if quant else (31, 40, 24, 3, 2)
+    check_row_start(make_problem(T, H, I, E, k, 2, quant, lora=False))
+
+
 def _peft_mlp(p, E, H, I, k, r, alpha):
     """transformers' GptOssMLP holding p's (dequantised) weights, with PEFT target_parameters LoRA on the experts."""
     from peft import LoraConfig, get_peft_model
@@ -343,6 +376,17 @@ def test_moe_gpu_skewed_routing_bf16(ws, bm, T, tails, monkeypatch):
     assert rel(out, ref) < 1e-2, rel(out, ref)
     errs = [rel(g, rg) for g, rg in zip(grads, ref_grads)]
     assert all(e < 1e-2 for e in errs), errs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bm", [128, 256])
+@pytest.mark.parametrize("ws", ["1", "0"])
+def test_gemm_gpu_row_start(ws, bm, monkeypatch):
+    """row_start in both kernels (the Hopper one with its BM=128 tail launch at bm 256), gpt-oss shape, bf16."""
+    monkeypatch.setenv("FASTFT_MOE_WS", ws)
+    c = GPT_OSS
+    check_row_start(make_problem(1031, c["H"], c["I"], c["E"], c["k"], c["r"], True, device="cuda",
+                                 dtype=torch.bfloat16, lora=False), bm)
 
 
 @pytest.mark.gpu

@@ -30,7 +30,7 @@ POINTERS = {"A": "*bf16", "a_idx": "*i32", "W": "*u8", "WS": "*u8", "bias": "*bf
             "tile_row": "*i32", "offsets": "*i32"}
 FLOATS = ("lora_scale", "limit", "alpha")
 # Arguments not specialised as multiples of 16 at gpt-oss shape (e.g. the scale rows, in / 32 = 90 bytes).
-ODD = ("num_tiles", "R", "s_sr", "s_be") + FLOATS
+ODD = ("num_tiles", "row_start", "R", "s_sr", "s_be") + FLOATS
 # The four GEMMs of one MoE block: (TRANS, EPI, GATHER_A, SCATTER_C, HAS_BIAS, ROWSCALE)
 VARIANTS = {
     "gate_up forward": (False, 1, True, False, True, False),

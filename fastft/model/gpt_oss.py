@@ -392,8 +392,9 @@ class GptOssForTraining(nn.Module):
         return stack
 
     def kept_layers(self) -> dict:
-        """Padded token count -> (layers keeping their MoE's gate_up output, layers keeping every activation, i.e.
-        never recomputed), for each captured plan (metadata)."""
+        """Padded token count -> (layers keeping their MoE's gate_up output on the device, layers keeping every
+        activation, i.e. never recomputed, layers keeping the gate_up output in host memory, the share of its rows
+        kept there), for each captured plan (metadata)."""
         stack = self._layer_graphs[1] if self._layer_graphs is not None else None
         return stack.kept() if stack is not None else {}
 

@@ -44,6 +44,7 @@ taken until then). Off CUDA the eager halves run (tests compare them with torch.
 from __future__ import annotations
 
 import contextlib
+import os
 import weakref
 
 import torch
@@ -52,6 +53,13 @@ from fastft.backends import ActivationStash, output_unused, stashing
 from fastft.model.offload import on_side_stream
 
 PAD_TO = 256
+
+
+def _free_host_bytes() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # no such query here: assume room
+        return 1 << 62
 
 
 def spare_device_memory(device: torch.device) -> int:
@@ -86,12 +94,22 @@ class _Plan:
     """Buffers (and, once captured, the graphs) for one padded token count."""
 
     def __init__(self, stack: "LayerGraphs", t_pad: int, like: torch.Tensor, cos: torch.Tensor, need_h: bool,
-                 graphed: bool, kept: tuple[int, int] = (0, 0)):
+                 graphed: bool, kept: tuple[int, int, int] = (0, 0, 0), spill_share: float | None = None):
         self.stack, self.t_pad, self.need_h, self.graphed = stack, t_pad, need_h, graphed
         L, H, dev = len(stack.layers), like.shape[1], like.device
-        stashed, whole = kept  # the last `whole` layers keep everything, the `stashed` before them their MoE's h
+        # the last `whole` layers keep everything, the `stashed` before them their MoE's h on the device, and the
+        # `spilled` before those theirs in host memory, through the device buffers of the first two stashed layers
+        stashed, whole, spilled = kept
+        first = L - whole - stashed
         self.whole = [_Whole() if i >= L - whole else None for i in range(L)]
-        self.stashes = [ActivationStash() if L - whole - stashed <= i < L - whole else None for i in range(L)]
+        self.stashes = [ActivationStash() if first <= i < L - whole else None for i in range(L)]
+        for i in range(first - spilled, first):  # layer i's buffers are layer i + 2's: its h leaves in between
+            self.stashes[i] = ActivationStash(shared_with=self.stashes[first + (i - first) % 2],
+                                              spill_share=spill_share)
+        self.spilled = [i < first and self.stashes[i] is not None for i in range(L)]
+        self.spill_share = spill_share if spilled else None
+        self.spill_host = [None] * L  # spilled layer -> {name: pinned host copy}, made after its first forward
+        self.forward_events = []  # eager plans on CUDA: (start, end) of each layer's forward half
         cuda = dev.type == "cuda"
         new = lambda: torch.zeros(t_pad, H, dtype=like.dtype, device=dev)  # noqa: E731
         self.offload = stack.offload
@@ -149,9 +167,13 @@ class _Plan:
 
     def _forward_half(self, i: int):
         x_in = self.slot(i)
-        if self.offload:
-            with self._fork():
-                self.host[i].copy_(x_in, non_blocking=self.side is not None)
+        spill = i > 0 and self.spilled[i - 1]
+        if self.offload or spill:
+            with self._fork():  # overlapping this layer's compute
+                if self.offload:
+                    self.host[i].copy_(x_in, non_blocking=self.side is not None)
+                if spill:  # before layer i + 1 writes its buffers
+                    self._spill(i - 1, out=True)
         if self.whole[i] is not None:
             self._forward_keeping_graph(i, x_in)
         else:
@@ -182,10 +204,28 @@ class _Plan:
         w.out, w.inputs = self._with_autograd(i, x_in)
         self.slot(i + 1).copy_(w.out.detach())
 
+    def _spill(self, i: int, out: bool):
+        """Copies spilled layer i's stash to its host copy (out) or back into the shared device buffers."""
+        for name, (buf, rows) in self.stashes[i].written().items():
+            dst, src = (self.spill_host[i][name], buf[:rows]) if out else (buf[:rows], self.spill_host[i][name])
+            dst.copy_(src, non_blocking=self.side is not None)
+
+    def _host_copies(self, i: int):
+        """Pinned host tensors for spilled layer i's stash, shaped after what its first forward wrote (made between
+        graph captures: a pinned allocation is not a stream operation)."""
+        if self.spilled[i] and self.spill_host[i] is None:
+            self.spill_host[i] = {name: torch.empty((rows, *buf.shape[1:]), dtype=buf.dtype,
+                                                    pin_memory=buf.device.type == "cuda")
+                                  for name, (buf, rows) in self.stashes[i].written().items()}
+
     def _backward_half(self, i: int):
-        if self.offload and i > 0:  # layer i-1's input comes back while layer i recomputes
+        spill = i > 0 and self.spilled[i - 1]
+        if (self.offload or spill) and i > 0:  # layer i-1's input (and stash) come back while layer i recomputes
             with self._fork():
-                self.slot(i - 1).copy_(self.host[i - 1], non_blocking=self.side is not None)
+                if self.offload:
+                    self.slot(i - 1).copy_(self.host[i - 1], non_blocking=self.side is not None)
+                if spill:
+                    self._spill(i - 1, out=False)
         need_x = i > 0 or self.need_h
         w = self.whole[i]
         if w is not None:  # no recompute; a captured graph is walked again at every replay, so it is retained
@@ -216,10 +256,19 @@ class _Plan:
 
     # ---- a step ---------------------------------------------------------------------------------------------------
     def forward(self):
+        timed = not self.graphed and self.side is not None
         for i in range(len(self.stack.layers)):
             self.marks[i] = self.rng.mark()
+            start = torch.cuda.Event(enable_timing=True) if timed else None
+            if timed:
+                start.record()
             self._run(self.fwd_graphs, i, self._forward_half)
+            if timed:
+                self.forward_events.append((start, torch.cuda.Event(enable_timing=True)))
+                self.forward_events[-1][1].record()
+            self._host_copies(i)
         self.end = self.rng.mark()
+        self.stack.note_forward(self)
 
     def backward(self, g):
         T = g.shape[0]
@@ -269,6 +318,9 @@ class LayerGraphs:
         self.offload, self.graphs, self.max_graphs, self.pad_to = offload, graphs, max_graphs, pad_to
         self.keep, self.keep_bytes_per_token = keep, keep_bytes_per_token
         self.whole_bytes_per_token = None  # what a layer's autograd graph holds per token, measured once
+        self.spill_share_override = None
+        self._forward_events = {}  # padded token count -> the last eager plan's per-layer forward timings
+        self._rate = None  # device-to-host bytes per second
         self._plans = {}  # key -> captured _Plan
         self._seen = set()
         self._pool = None
@@ -298,28 +350,70 @@ class LayerGraphs:
                        and len(self._plans) < self.max_graphs)
             keep = capture or self.keep != "auto"  # "auto" measures what the first step left free
             self._seen.add(key)
-        kept = self.kept_layers(t_pad, h.device) if keep else (0, 0)
-        plan = _Plan(self, t_pad, h, cos, h.requires_grad, graphed=capture, kept=kept)
+        kept = self.kept_layers(t_pad, h.device, h[0].nbytes) if keep else (0, 0, 0)
+        share = self.spill_share(t_pad, h.device, h[0].nbytes) if kept[2] else None
+        plan = _Plan(self, t_pad, h, cos, h.requires_grad, graphed=capture, kept=kept, spill_share=share)
         if capture:
             self._plans[key] = plan
         return plan
 
-    def kept_layers(self, t_pad: int, device: torch.device) -> tuple[int, int]:
-        """(layers that keep their MoE's h, layers that keep their whole autograd graph) of a plan for ``t_pad``
-        tokens, within the ``keep`` budget: first h for every layer (the most recompute saved per byte: the expert
-        gate_up GEMM), then, with what is left, whole layers (no recompute at all; their size is measured on the
-        first step's recompute)."""
+    def kept_layers(self, t_pad: int, device: torch.device, row_bytes: int = 0) -> tuple[int, int, int]:
+        """(layers that keep their MoE's h on the device, layers that keep their whole autograd graph, layers that
+        keep h in host memory) of a plan for ``t_pad`` tokens, within the ``keep`` budget: first h for every layer
+        (the most recompute saved per byte: the expert gate_up GEMM), then, with what is left, whole layers (no
+        recompute at all; their size is measured on the first step's recompute). With activation offload and room
+        for at least two layers' h but not for all, the layers below spill theirs to host memory (spill_share)."""
         per_h = t_pad * self.keep_bytes_per_token
         if per_h <= 0 or not self.keep:
-            return 0, 0
+            return 0, 0, 0
         L = len(self.layers)
         budget = spare_device_memory(device) if self.keep == "auto" else float(self.keep)
         stashed = max(0, min(L, int(budget // per_h)))
         if stashed < L or self.whole_bytes_per_token is None:
-            return stashed, 0
+            spill = self.offload and 2 <= stashed < L and self.spill_share(t_pad, device, row_bytes) is not None
+            return stashed, 0, L - stashed if spill else 0
         extra = t_pad * self.whole_bytes_per_token - per_h  # a whole layer's graph holds h too
         whole = min(L, int((budget - L * per_h) // extra)) if extra > 0 else L
-        return L - whole, whole
+        return L - whole, whole, 0
+
+    def spill_share(self, t_pad: int, device: torch.device, row_bytes: int) -> float | None:
+        """The share of a spilled layer's h that goes to host memory: what the host link moves while the next layer
+        computes (a longer copy would stall the forward at every layer, while each row left behind only costs its
+        share of the gate_up GEMM in the recompute). Measured: the layer forward's time from the first (eager) step
+        of this size, the link's device-to-host rate from one 64 MiB copy. None (no spill) before that step, when
+        under a tenth of h would move, or when the host copies would take over half the host's free memory;
+        ``spill_share_override`` fixes it (tests, A/B runs)."""
+        if self.spill_share_override is not None:
+            return self.spill_share_override
+        events = self._forward_events.get(t_pad)
+        if device.type != "cuda" or not events:
+            return None
+        times = sorted(start.elapsed_time(end) / 1e3 for start, end in events[1:] or events)  # layer 0 autotunes
+        seconds = times[len(times) // 2]
+        rate = self._link_rate(device)
+        movable = 0.9 * seconds * rate - (t_pad * row_bytes if self.offload else 0)  # the layer input goes too
+        share = min(1.0, movable / (t_pad * self.keep_bytes_per_token))
+        host = share * t_pad * self.keep_bytes_per_token * len(self.layers)
+        return share if share >= 0.1 and host <= 0.5 * _free_host_bytes() else None
+
+    def _link_rate(self, device: torch.device) -> float:
+        """Device-to-pinned-host copy rate in bytes per second (one 64 MiB copy, measured once)."""
+        if self._rate is None:
+            src = torch.empty(64 << 20, dtype=torch.uint8, device=device)
+            dst = torch.empty(src.shape, dtype=torch.uint8, pin_memory=True)
+            dst.copy_(src, non_blocking=True)  # warm-up: first-touch costs
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src, non_blocking=True)
+            end.record()
+            end.synchronize()
+            self._rate = src.numel() / (start.elapsed_time(end) / 1e3)
+        return self._rate
+
+    def note_forward(self, plan: _Plan):
+        """Keeps an eager plan's per-layer forward timings (read at the next plan for that size)."""
+        if plan.forward_events:
+            self._forward_events[plan.t_pad] = plan.forward_events
 
     @contextlib.contextmanager
     def measuring(self, plan: _Plan, i: int):
@@ -346,8 +440,10 @@ class LayerGraphs:
         self.whole_bytes_per_token = -(-(sum(saved.values()) + extra) // plan.t_pad)
 
     def kept(self) -> dict:
-        """Padded token count -> (layers keeping their MoE's h, layers keeping everything), captured plans."""
-        return {key[0]: (sum(st is not None for st in plan.stashes), sum(w is not None for w in plan.whole))
+        """Padded token count -> (layers keeping their MoE's h on the device, layers keeping everything, layers
+        keeping h in host memory, the share of their h rows that goes there), captured plans."""
+        return {key[0]: (sum(st is not None and not sp for st, sp in zip(plan.stashes, plan.spilled)),
+                         sum(w is not None for w in plan.whole), sum(plan.spilled), plan.spill_share or 0.0)
                 for key, plan in self._plans.items()}
 
     def __call__(self, h, cos, sin, cu_seqlens):
