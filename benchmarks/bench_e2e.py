@@ -158,15 +158,16 @@ def build_fastft(cfg: dict, workload: str, attention: str = "nf4", offload_embed
                  offload_activations: bool = False, lm_head: str = "int8", layer_graphs: bool = False,
                  keep_gib: float | str = 0, cap_gib: float | None = None):
     """fastft as the trainer runs it on CUDA: MXFP4 experts, NF4 attention projections (bitsandbytes' quantiser), the
-    input embedding in host memory, lm_head int8 (one fp32 scale per row). attention="bf16" /
+    input embedding in host memory, lm_head int8 (one fp32 scale per row; "int8-host": its codes in pinned host
+    memory, streamed by the loss). attention="bf16" /
     offload_embedding=False / lm_head="bf16" give the layout of earlier measurements; offload_activations keeps
     checkpointed layer inputs in host memory (long context); layer_graphs replays the decoder layers from CUDA graphs
     (fastft.model.layer_graphs, the trainer's default on one GPU; bench_e2e's default, not profile_e2e's, whose
     per-op attribution needs the eager launches); keep_gib: device memory for the experts' activations kept from the
     forward (layer_graphs; "auto" as the trainer's default, 0 recomputes everything); cap_gib: a device memory cap
     for this build (torch's per-process fraction, lifted after its measurement), e.g. 24 for a 24 GB card."""
-    if lm_head not in ("bf16", "int8"):
-        raise ValueError(f"lm_head must be bf16 or int8, not {lm_head!r}")
+    if lm_head not in ("bf16", "int8", "int8-host"):
+        raise ValueError(f"lm_head must be bf16, int8 or int8-host, not {lm_head!r}")
     from fastft.backends import get_backend
     from fastft.model import LoraSettings, apply_lora
     from fastft.model.config import ModelConfig
@@ -208,8 +209,10 @@ def build_fastft(cfg: dict, workload: str, attention: str = "nf4", offload_embed
                 proj = getattr(layer.self_attn, name)
                 proj.set_quantized(quantize_nf4(proj.weight.detach()))
         torch.cuda.empty_cache()
-    if lm_head == "int8":
+    if lm_head in ("int8", "int8-host"):
         model.quantize_lm_head("int8")  # the bf16 weight is dropped here, as the loader never keeps it
+    if lm_head == "int8-host":
+        model.lm_head_codes_to_host()
         torch.cuda.empty_cache()
     targets = "all" if workload == "W1-all" else "qv"
     apply_lora(model, LoraSettings(targets=targets, r=16, alpha=32, dropout=0.0 if workload == "W1-all" else 0.1,

@@ -222,7 +222,7 @@ class Int8RowsTensor:
         if scale.dtype != torch.float32 or tuple(scale.shape) != (data.shape[0],):
             raise TypeError(f"Int8RowsTensor scale must be fp32 [{data.shape[0]}], got {scale.dtype} "
                             f"{tuple(scale.shape)}")
-        if scale.device != data.device:
+        if scale.device != data.device and not (data.device.type == "cpu" and scale.is_cuda):
             raise ValueError(f"data on {data.device} but scale on {scale.device}")
         self.data, self.scale, self._dtype = data, scale, dtype
 
@@ -261,13 +261,28 @@ class Int8RowsTensor:
 
     @property
     def device(self) -> torch.device:
-        return self.data.device
+        """Where it decodes to: the scales' device (the codes may stay in host memory, see ``codes_to_host``)."""
+        return self.scale.device
+
+    @property
+    def codes_on_host(self) -> bool:
+        return self.data.device != self.scale.device
 
     def to(self, device) -> "Int8RowsTensor":
         return Int8RowsTensor(self.data.to(device), self.scale.to(device), self._dtype)
 
+    def codes_to_host(self) -> "Int8RowsTensor":
+        """The same weight with its codes in pinned host memory and the scales where they are (a CUDA device): the
+        fused loss streams the codes slab by slab (fastft.kernels.cross_entropy), so the GPU holds 4 bytes per row
+        instead of the whole [V, H] (0.54 GiB for gpt-oss-20b)."""
+        if not self.scale.is_cuda:
+            raise ValueError("codes_to_host keeps the scales on a CUDA device; this weight is on the CPU")
+        data = torch.empty(self.data.shape, dtype=torch.int8, pin_memory=True)
+        return Int8RowsTensor(data.copy_(self.data), self.scale, self._dtype)
+
     def nbytes(self) -> int:
-        return self.data.numel() + self.scale.numel() * 4
+        """Bytes on its device (codes in host memory do not count)."""
+        return (0 if self.codes_on_host else self.data.numel()) + self.scale.numel() * 4
 
     def numel(self) -> int:
         return self.data.numel()
@@ -278,7 +293,9 @@ class Int8RowsTensor:
         if isinstance(index, slice):
             q, s = self.data[index], self.scale[index]
         else:
-            q, s = self.data.index_select(0, index), self.scale.index_select(0, index)
+            q = self.data.index_select(0, index.to(self.data.device))
+            s = self.scale.index_select(0, index.to(self.scale.device))
+        q = q.to(s.device)  # host codes: copied over for this call
         if out is None:
             out = torch.empty(q.shape, dtype=dtype, device=q.device)
         return torch.mul(q, s.unsqueeze(1), out=out)

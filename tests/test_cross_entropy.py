@@ -476,3 +476,31 @@ def test_gpu_int8_extra_memory_at_16k():
     del weight
     extra = _extra_peak_bytes(hidden, q, labels)
     assert extra <= 256 * 2**20, f"extra peak {extra / 2**20:.1f} MiB"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,ignore_frac,kw", [
+    (4096, 0.3, dict()),  # gpt-oss shape, one block, compaction
+    (9001, 0.0, dict(block_rows=4000)),  # three blocks (the stream restarts per block), uneven
+    (37, 0.5, dict(block_rows=16, slab_cols=3000)),  # tiny blocks, many slabs
+])
+def test_gpu_int8_codes_in_host_memory_equal_the_device_codes(T, ignore_frac, kw):
+    """Codes streamed from pinned host memory (codes_to_host) give the device codes' loss and dH, bit for bit;
+    an out-of-range label is refused before anything streams; the device holds only the scales."""
+    from fastft.quant import Int8RowsTensor
+
+    H, V = 2880, 201088
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    hidden, weight, labels = _inputs(T, H, V, torch.bfloat16, "cuda", ignore_frac, gen)
+    labels[0] = V - 1
+    q = Int8RowsTensor.quantize(weight)
+    del weight
+    host = q.codes_to_host()
+    assert host.codes_on_host and host.device == q.device and host.nbytes() == V * 4
+    loss_d, gh_d = _run_frozen(hidden, q, labels, **kw)
+    loss_h, gh_h = _run_frozen(hidden, host, labels, **kw)
+    assert loss_h.item() == loss_d.item() and torch.equal(gh_h, gh_d)
+    with torch.no_grad():
+        assert fused_linear_cross_entropy(hidden, host, labels, **kw).item() == loss_d.item()
+    with pytest.raises(ValueError, match="outside"):  # checked before any streaming
+        fused_linear_cross_entropy(hidden, host, torch.full_like(labels, V), **kw)

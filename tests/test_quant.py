@@ -248,3 +248,12 @@ def test_int8_policy_and_weight_bytes():
     q = weight_bytes(model)
     assert q["lm_head"] == 61 * 64 + 61 * 4 and dense["lm_head"] == 61 * 64 * 2
     assert {k: v for k, v in q.items() if k != "lm_head"} == {k: v for k, v in dense.items() if k != "lm_head"}
+
+
+def test_int8_codes_to_host_needs_cuda_scales():
+    from fastft.quant import Int8RowsTensor
+
+    q = Int8RowsTensor.quantize(torch.randn(5, 8))
+    with pytest.raises(ValueError, match="CUDA"):
+        q.codes_to_host()
+    assert not q.codes_on_host and q.nbytes() == 5 * 8 + 5 * 4

@@ -344,6 +344,17 @@ class GptOssForTraining(nn.Module):
         self.lm_head.set_quantized(q)
         return self
 
+    def lm_head_codes_to_host(self):
+        """Moves the int8 lm_head's codes to pinned host memory (the scales stay on the GPU): the fused loss streams
+        them slab by slab while its GEMMs run, so the GPU no longer holds the [V, H] codes (0.54 GiB for
+        gpt-oss-20b). Needs an int8 lm_head on a CUDA device."""
+        w = self.lm_head.weight
+        if not self.lm_head.quantized:
+            raise ValueError("only an int8 lm_head (quantize_lm_head) can keep its codes in host memory")
+        if not w.codes_on_host:
+            self.lm_head.set_quantized(w.codes_to_host())
+        return self
+
     def enable_gradient_checkpointing(self, enabled: bool = True, offload: bool = False):
         """Checkpoints every decoder layer (torch.utils.checkpoint, non-reentrant); with offload, the layer inputs it
         keeps for backward live in host memory (see fastft.model.offload)."""
