@@ -430,7 +430,7 @@ class _HostCodes:
         self.side = torch.cuda.Stream(dev)
         self.bufs = [torch.empty(W, self.data.shape[1], dtype=torch.int8, device=dev) for _ in range(2)]
         self.rows = torch.empty(min(S, labels.numel()), self.data.shape[1], dtype=torch.int8, device=dev)
-        self.events, self.rows_ready, self.block = [None, None], None, None
+        self.events, self.block = [None, None], None
         self.n_slabs = -(-self.V // W)
 
     def _copy(self, dst, src):
@@ -449,11 +449,6 @@ class _HostCodes:
         """Codes of slab j, on the device (a new block of rows starting at ``start`` restarts the stream)."""
         if self.block != start:
             self.block = start
-            y = self.labels[start:start + self.rows.shape[0]]
-            y = torch.where((y >= 0) & (y < self.V), y, 0)
-            staged = torch.empty(y.numel(), self.data.shape[1], dtype=torch.int8, pin_memory=True)
-            torch.index_select(self.data, 0, y, out=staged)
-            self.rows_ready = self._copy(self.rows[: y.numel()], staged)
             self._issue(0)
         torch.cuda.current_stream().wait_event(self.events[j % 2])
         return self.bufs[j % 2][: min(self.W, self.V - j * self.W)]
@@ -464,8 +459,14 @@ class _HostCodes:
             self._issue(j + 1)
 
     def label_rows(self, start):
-        torch.cuda.current_stream().wait_event(self.rows_ready)
-        return self.rows[: min(self.rows.shape[0], self.labels.numel() - start)]
+        """The block's target rows. Gathered on the host once the block's slabs are queued, so the GPU runs their
+        GEMMs meanwhile (gathered first, the GPU would wait: the label check has just synchronised)."""
+        y = self.labels[start:start + self.rows.shape[0]]
+        y = torch.where((y >= 0) & (y < self.V), y, 0)
+        staged = torch.empty(y.numel(), self.data.shape[1], dtype=torch.int8, pin_memory=True)
+        torch.index_select(self.data, 0, y, out=staged)
+        torch.cuda.current_stream().wait_event(self._copy(self.rows[: y.numel()], staged))
+        return self.rows[: y.numel()]
 
 
 def _label_rows(weight, idx, scratch):

@@ -380,16 +380,17 @@ class LayerGraphs:
         """The share of a spilled layer's h that goes to host memory: what the host link moves while the next layer
         computes (a longer copy would stall the forward at every layer, while each row left behind only costs its
         share of the gate_up GEMM in the recompute). Measured: the layer forward's time from the first (eager) step
-        of this size, the link's device-to-host rate from one 64 MiB copy. None (no spill) before that step, when
-        under a tenth of h would move, or when the host copies would take over half the host's free memory;
-        ``spill_share_override`` fixes it (tests, A/B runs)."""
+        of this size (its fastest layer), the link's device-to-host rate from one 64 MiB copy. None (no spill) before
+        that step, when under a tenth of h would move, or when the host copies would take over half the host's free
+        memory; ``spill_share_override`` fixes it (tests, A/B runs)."""
         if self.spill_share_override is not None:
             return self.spill_share_override
         events = self._forward_events.get(t_pad)
         if device.type != "cuda" or not events:
             return None
-        times = sorted(start.elapsed_time(end) / 1e3 for start, end in events[1:] or events)  # layer 0 autotunes
-        seconds = times[len(times) // 2]
+        events[-1][1].synchronize()
+        # the fastest layer: layer 0 autotunes, and an eager step's host may leave gaps that a replay will not
+        seconds = min(start.elapsed_time(end) / 1e3 for start, end in events[1:] or events)
         rate = self._link_rate(device)
         movable = 0.9 * seconds * rate - (t_pad * row_bytes if self.offload else 0)  # the layer input goes too
         share = min(1.0, movable / (t_pad * self.keep_bytes_per_token))
