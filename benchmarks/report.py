@@ -53,9 +53,9 @@ class Goal(NamedTuple):
 
 # The project's targets (from its issues). The table in RESULTS.md is computed from these and the rows, never typed.
 E2E_QV = {"workload": "W1-qv", "reference_tok_s": MEASURED}  # reference measured in the same invocation
-# one line per memory mode of the newest run: layers keeping activations (0 = everything recomputed, least memory)
-# and layers never recomputed
-E2E = dict(per=("kept_activation_layers", "layers_without_recompute"), newest_run=True)
+# one line per memory mode of the newest run: layers keeping activations (0 = everything recomputed, least memory),
+# layers never recomputed, and where the lm_head lives (int8 on the device or its codes in host memory)
+E2E = dict(per=("kept_activation_layers", "layers_without_recompute", "build.lm_head"), newest_run=True)
 CE_T = (4096, 16384, 65536)
 GOALS = [
     #   bench   which rows (metric filters)   metric   op   target   [options]
@@ -280,6 +280,13 @@ def _key(value):
     return json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else value
 
 
+def _metric(metrics: dict, name: str):
+    """A metric by name; "a.b" reads key b of the dict metric a (e.g. build.lm_head)."""
+    head, _, rest = name.partition(".")
+    value = metrics.get(head)
+    return value.get(rest) if rest and isinstance(value, dict) else (None if rest else value)
+
+
 def _goal_rows(goal: Goal, rows: list[dict]) -> list[tuple[dict, dict | None]]:
     """(the `per` values, the newest row with them) for each line of the goal; one (.., None) line when no row."""
     found = [r for r in rows if r["bench"] == goal.bench and r["metrics"].get("quick") is not True
@@ -288,16 +295,16 @@ def _goal_rows(goal: Goal, rows: list[dict]) -> list[tuple[dict, dict | None]]:
         found = _newest_run(found)
     newest = {}
     for row in _newest_first(found):
-        newest.setdefault(tuple(_key(row["metrics"].get(k)) for k in goal.per), row)
+        newest.setdefault(tuple(_key(_metric(row["metrics"], k)) for k in goal.per), row)
     if not newest:
         return [({}, None)]
     lines = sorted(newest.values(), key=lambda r: r["_order"])  # in the order the bench measured them
-    return [({k: row["metrics"].get(k) for k in goal.per}, row) for row in lines]
+    return [({k: _metric(row["metrics"], k) for k in goal.per}, row) for row in lines]
 
 
 def _goal_text(goal: Goal, per: dict, row: dict | None) -> str:
     where = [f"{k} {v}" if v == MEASURED else f"{k}={_cell(v)}" for k, v in goal.where.items()]
-    where += [f"{k}={_cell(v)}" for k, v in per.items()]
+    where += [f"{k}={_cell(v)}" for k, v in per.items() if v is not None or not k.count(".")]
     where += [f"{k}={_cell(row['metrics'].get(k))}" for k in goal.label if row and k in row["metrics"]]
     scope = f" ({', '.join(where)})" if where else ""
     return f"{goal.bench}{scope}: `{goal.metric}` {OP_TEXT[goal.op]} {_cell(goal.target)}"
