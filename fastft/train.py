@@ -45,9 +45,17 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"fastft: error: {e}", file=sys.stderr)
         return 2
-    except (DataError, ModelLoadError, TrainingError) as e:
+    except DataError as e:  # its message is the data report, which names itself ("fastft data report")
+        print(e, file=sys.stderr)
+        return 1
+    except (ModelLoadError, TrainingError) as e:
         print(f"fastft: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # training: a second Ctrl-C (see StopRequest); no traceback, the shell's status
+        hint = "" if cfg.validate_only else (", without saving; --resume continues from the last checkpoint in "
+                                             "--output-dir, if there is one")
+        print(f"fastft: interrupted by Ctrl-C{hint}", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 def data_config(cfg: TrainConfig):
@@ -134,19 +142,27 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int):
 
 
 class StopRequest:
-    """SIGTERM / Ctrl-C: finish the current step, save, exit cleanly. A second Ctrl-C aborts at once."""
+    """SIGTERM / Ctrl-C: finish the current step, save a checkpoint, then exit with 128 + the signal's number (130,
+    143: the shell's convention), so that a script sees the run did not finish. A second Ctrl-C aborts at once."""
 
     def __init__(self):
-        self.requested = False
+        self.signum = 0  # the first signal received (0: none)
         signal.signal(signal.SIGTERM, self._handle)
         signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
+        if self.signum and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested = True
+        self.signum = self.signum or signum
         print(f"\nfastft: {signal.Signals(signum).name} received: saving a checkpoint after this step",
               file=sys.stderr)
+
+
+def stopped_early(signum: int, step: int, total: int, ckpt: Path, cfg: TrainConfig) -> str:
+    """The one line a stop by signal ends with: what stopped, where it was saved and how to go on."""
+    again = "again" if cfg.resume else "with --resume added"
+    return (f"fastft: stopped early by {signal.Signals(signum).name} at step {step}/{total} (checkpoint {ckpt}); "
+            f"to continue, run the same command {again} (same data and options, --output-dir {cfg.output_dir})")
 
 
 def weight_layout(cfg: TrainConfig, backend, device, tied: bool = False) -> dict:
@@ -171,6 +187,62 @@ def ties_lm_head(model_path: Path) -> bool:
         return ModelConfig.from_json(Path(model_path) / "config.json").tie_word_embeddings
     except (OSError, ValueError, TypeError):
         return False
+
+
+def ignored_options(cfg: TrainConfig, device, graphs: bool) -> list[str]:
+    """Options given that change nothing in this run (a GPU command line run on a CPU for a demo, say): one warning
+    each rather than an error, so that the same command line still runs."""
+    cpu = torch.device(device).type != "cuda"
+    out = []
+    no_checkpointing = "--no-gradient-checkpointing turns checkpointing off"
+    if cfg.cuda_graphs == "on" and not graphs:
+        out.append("--cuda-graphs on: " + ("CUDA graphs need a CUDA GPU" if cpu else
+                                           f"the graphs replay checkpointed layers, and {no_checkpointing}"))
+    if cfg.keep_activations not in ("auto", "off") and not graphs:
+        why = "there are none on a CPU" if cpu else "CUDA graphs are off (see --cuda-graphs)"
+        out.append(f"--keep-activations {cfg.keep_activations:g}: only layers replayed from CUDA graphs keep "
+                   f"activations, and {why}")
+    if cfg.offload_activations and cpu:
+        out.append("--offload-activations: on a CPU the activations are in host memory already")
+    elif cfg.offload_activations and not cfg.gradient_checkpointing:
+        out.append(f"--offload-activations: it moves the layer inputs that checkpointing keeps, and {no_checkpointing}")
+    if cfg.embedding == "host" and cpu:
+        out.append("--embedding host: on a CPU the embedding is in host memory already")
+    if cfg.eval_every and not cfg.eval_fraction:
+        out.append(f"--eval-every {cfg.eval_every}: there is no eval set (--eval-fraction 0)")
+    if cfg.overwrite and cfg.resume:
+        out.append("--overwrite: --resume continues the run in --output-dir and replaces nothing")
+    return [f"{w}; ignored" for w in out]
+
+
+class RunClock:
+    """Time and tokens of the whole run, segment by segment (the first start and each --resume). The segments before
+    this process come from the checkpoint it resumed, each as of its last checkpoint (steps redone after a kill count
+    once); this one is measured here. metadata.json reports them and their totals."""
+
+    def __init__(self, start_step: int, earlier: list, t_start: float):
+        self.start_step, self.earlier, self.t_start = start_step, list(earlier), t_start
+        self.t_loop, self.tokens = None, 0
+
+    def start_loop(self):
+        self.t_loop = time.time()
+
+    def segments(self, step: int, peak_gib: float | None) -> list[dict]:
+        """The earlier segments and this one up to now, at ``step``."""
+        now = time.time()
+        mine = {"start_step": self.start_step, "end_step": step, "wall_seconds": now - self.t_start,
+                "train_loop_seconds": now - self.t_loop if self.t_loop else 0.0, "tokens": self.tokens,
+                "peak_gpu_memory_gib": peak_gib}
+        return self.earlier + [mine]
+
+
+def run_totals(segments: list[dict]) -> dict:
+    """metadata.json's totals over all segments (tokens/s: tokens over time in the training loops)."""
+    loop, tokens = sum(s["train_loop_seconds"] for s in segments), sum(s["tokens"] for s in segments)
+    peaks = [s["peak_gpu_memory_gib"] for s in segments if s.get("peak_gpu_memory_gib") is not None]
+    return {"wall_seconds": sum(s["wall_seconds"] for s in segments), "train_loop_seconds": loop,
+            "tokens_processed": tokens, "tokens_per_s": tokens / loop if loop > 0 else None,
+            "peak_gpu_memory_gib": max(peaks) if peaks else None}
 
 
 def use_cuda_graphs(cfg, backend, dist) -> bool:
@@ -216,7 +288,8 @@ def train(cfg: TrainConfig) -> int:
     from fastft.engine import (LocalEngine, adamw, deepspeed_config, init_distributed, resolve_dtype,
                                uses_deepspeed)
     from fastft.metadata import git_revision, versions
-    from fastft.model import LoraSettings, apply_lora, load_model, load_tokenizer, resolve_model_path, save_adapter
+    from fastft.model import (LoraSettings, apply_lora, base_model_reference, load_model, load_tokenizer,
+                              resolve_model_path, save_adapter)
 
     t_start = time.time()
     stop = StopRequest()
@@ -232,6 +305,9 @@ def train(cfg: TrainConfig) -> int:
                          "interpreter, slowly); use --kernels auto or torch")
     backend = get_backend(cfg.kernels, dist.device)
     say = print if dist.is_main else (lambda *a, **k: None)
+    graphs = use_cuda_graphs(cfg, backend, dist)
+    for warning in ignored_options(cfg, dist.device, graphs):
+        say(f"fastft: warning: {warning}", file=sys.stderr)
 
     # ---- data: validated, tokenised (cached), packed ------------------------------------------------------------
     model_path = resolve_model_path(cfg.model)
@@ -252,7 +328,6 @@ def train(cfg: TrainConfig) -> int:
         model.offload_embedding()  # after apply_lora: only a frozen embedding can move
     model.enable_gradient_checkpointing(cfg.gradient_checkpointing,
                                         offload=cfg.offload_activations and cfg.gradient_checkpointing)
-    graphs = use_cuda_graphs(cfg, backend, dist)
     keep = {"off": 0}.get(cfg.keep_activations, cfg.keep_activations)
     model.use_layer_graphs(graphs, keep_gib=keep, pad_to=graph_tokens(cfg))
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -277,24 +352,29 @@ def train(cfg: TrainConfig) -> int:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         engine = LocalEngine(model, named.values(), optimizer, scheduler, plan["grad_accum"], cfg.max_grad_norm)
 
-    step, history = 0, {"train_loss": [], "eval_loss": []}
+    step, history, earlier_segments = 0, {"train_loss": [], "eval_loss": []}, []
     run = {"data_sha256": sorted(data.data_hashes.values()), "max_seq_len": cfg.max_seq_len,
            "rows_per_step": plan["rows_per_step"], "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha,
                                                            "targets": cfg.lora_targets}}
     if resume_from is not None:
         check_resumable(resume_from, run)
         state = checkpoint.load(resume_from, engine, named, dist.rank)
-        step, history = state["step"], state["history"]
+        step, history, earlier_segments = state["step"], state["history"], state.get("segments", [])
         engine.global_steps = state["optimizer_steps"]  # Adam's step count goes on from there
         scheduler.last_epoch = step - 1
         scheduler.step()  # sets the lr of step `step` on the optimizer
         say(f"fastft: resumed from {resume_from} at step {step}")
+    clock = RunClock(step, earlier_segments, t_start)
+    base_model = base_model_reference(cfg.model)  # adapter_config.json's: PEFT must find it from anywhere
+
+    def peak_gib():
+        return torch.cuda.max_memory_allocated() / 2**30 if dist.device.type == "cuda" else None
 
     def save_ckpt():
         trainer_state = {"step": step, "optimizer_steps": engine.global_steps + 0, "history": history,
-                         "plan": plan, "seed": cfg.seed, "run": run}
+                         "plan": plan, "seed": cfg.seed, "run": run, "segments": clock.segments(step, peak_gib())}
         return checkpoint.save(out, step, engine, named, trainer_state,
-                               lambda d: save_adapter(model, d, base_model_name_or_path=cfg.model),
+                               lambda d: save_adapter(model, d, base_model_name_or_path=base_model),
                                dist.rank, cfg.keep_checkpoints)
 
     if dist.is_main and cfg.overwrite and resume_from is None:
@@ -336,7 +416,7 @@ def train(cfg: TrainConfig) -> int:
     # ---- the loop -----------------------------------------------------------------------------------------------
     engine.train()
     epoch_rows, epoch_of_rows = None, -1
-    tokens_done, t_loop = 0, time.time()
+    clock.start_loop()
     if dist.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     while step < plan["total_steps"]:
@@ -365,12 +445,12 @@ def train(cfg: TrainConfig) -> int:
                                 f"checkpoint is {last or 'none (no checkpoint was saved yet)'}; try a lower "
                                 f"--learning-rate, then --resume")
         dt = time.time() - t0
-        tokens_done += n_tokens
+        clock.tokens += int(n_tokens)
         metrics = {"step": step, "epoch": epoch + (index + 1) / plan["steps_per_epoch"],
                    "loss": loss_sum / n_micro, "lr": lr,
                    "grad_norm": _maybe_float(engine.get_global_grad_norm()),
                    "tokens": int(n_tokens), "tokens_per_s": n_tokens / dt, "step_s": dt,
-                   "gpu_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if dist.device.type == "cuda" else None}
+                   "gpu_mem_gib": peak_gib()}
         history["train_loss"].append(metrics["loss"])
         if step % cfg.log_every == 0 or step == plan["total_steps"]:
             for o in observers:
@@ -383,20 +463,21 @@ def train(cfg: TrainConfig) -> int:
                 history["eval_loss"].append((step, eval_loss))
                 for o in observers:
                     o.eval({"step": step, "eval_loss": eval_loss})
-        stop_now = _any_rank(stop.requested, dist)
-        if step % cfg.save_every == 0 or step == plan["total_steps"] or stop_now:
-            save_ckpt()
-        if stop_now:
+        # A signal during the last step stops nothing: the run ends as it would have, outputs and all.
+        stop_signal = _max_over_ranks(stop.signum, dist) if step < plan["total_steps"] else 0
+        if step % cfg.save_every == 0 or step == plan["total_steps"] or stop_signal:
+            ckpt = save_ckpt()
+        if stop_signal:
             for o in observers:
                 o.end({})
-            say(f"fastft: stopped at step {step}/{plan['total_steps']}; continue with the same command plus --resume")
-            return 0
+            say(stopped_early(stop_signal, step, plan["total_steps"], ckpt, cfg), file=sys.stderr)
+            return 128 + stop_signal
 
     # ---- outputs ------------------------------------------------------------------------------------------------
-    wall = time.time() - t_start
-    loop_s = time.time() - t_loop
+    segments = clock.segments(step, peak_gib())
+    totals = run_totals(segments)
     if dist.is_main:
-        save_adapter(model, out, base_model_name_or_path=cfg.model)
+        save_adapter(model, out, base_model_name_or_path=base_model)
         tokenizer.save_pretrained(out)
         import json
 
@@ -413,16 +494,14 @@ def train(cfg: TrainConfig) -> int:
                      "packed_rows": data.num_packed_rows, "packing_efficiency": data.packing_efficiency,
                      "max_seq_len": cfg.max_seq_len},
             "steps": step, "plan": plan, "trainable_parameters": n_trainable,
-            "wall_seconds": wall, "train_loop_seconds": loop_s,
-            "tokens_per_s": tokens_done / loop_s if loop_s > 0 else None,
-            "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if dist.device.type == "cuda" else None,
+            **totals, "segments": segments,  # the whole run: totals over the first start and every --resume
             "final_train_loss": history["train_loss"][-1] if history["train_loss"] else None,
             "final_eval_loss": history["eval_loss"][-1][1] if history["eval_loss"] else None,
         }
         (out / "metadata.json").write_text(json.dumps(meta, indent=1))
     for o in observers:
         o.end({})
-    say(f"fastft: done in {wall:.0f}s; final train loss {history['train_loss'][-1]:.4f}. "
+    say(f"fastft: done in {totals['wall_seconds']:.0f}s; final train loss {history['train_loss'][-1]:.4f}. "
         f"Adapter written to {out}/ (load it with peft.PeftModel.from_pretrained(base_model, '{out}'))")
     return 0
 
@@ -434,14 +513,15 @@ def _maybe_float(x):
         return None
 
 
-def _any_rank(flag: bool, dist) -> bool:
+def _max_over_ranks(value: int, dist) -> int:
+    """The largest of every rank's ``value`` (a signal reaches some ranks and not others: all stop together)."""
     if dist.world_size == 1:
-        return flag
+        return value
     import torch.distributed as dist_
 
-    t = torch.tensor([1 if flag else 0], device=dist.device)
-    dist_.all_reduce(t)
-    return bool(t.item())
+    t = torch.tensor([value], device=dist.device)
+    dist_.all_reduce(t, op=dist_.ReduceOp.MAX)
+    return int(t.item())
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -158,3 +159,22 @@ def test_foreign_chat_template_is_a_usage_error(tmp_path):
     p = write(tmp_path, "d.jsonl", [qa(1)])
     with pytest.raises(UsageError, match="chat template"):
         prepare(cfg(tmp_path, [p]), tok)
+
+
+@pytest.mark.parametrize("via_env", [True, False])
+def test_cache_folder_that_is_a_file_is_a_usage_error(tok, tmp_path, monkeypatch, via_env):
+    """$FASTFT_CACHE (or cache_dir) naming a file: a UsageError naming where the folder came from and the file, not
+    the OSError of a mkdir deep in tokenisation."""
+    blocker = tmp_path / "cachefile"
+    blocker.write_text("")
+    p = write(tmp_path, "d.jsonl", [qa(1), qa(2)])
+    monkeypatch.setenv("FASTFT_CACHE", str(blocker))
+    config = DataConfig(paths=[p], max_seq_len=256, cache_dir=None if via_env else str(blocker))
+    where = f"FASTFT_CACHE={blocker}" if via_env else f"cache_dir {blocker}"
+    fix = "set FASTFT_CACHE to a folder" if via_env else "pass another cache_dir"
+    message = f"{where}: {blocker} is a file, not a folder; {fix}"
+    with pytest.raises(UsageError, match=re.escape(message)) as e:
+        prepare(config, tok)
+    assert "\n" not in str(e.value)
+    monkeypatch.setenv("FASTFT_CACHE", str(tmp_path / "fresh"))  # a folder that does not exist yet is made
+    assert prepare(DataConfig(paths=[p], max_seq_len=256), tok).cache_file.startswith(str(tmp_path / "fresh" / "data"))

@@ -2,12 +2,14 @@
 
 import json
 import os
+import re
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from fastft.model import CheckpointError, ModelLoadError, ModelNotFoundError, load_model, resolve_model_path
+from fastft.model import (CheckpointError, ModelLoadError, ModelNotFoundError, base_model_reference, load_model,
+                          load_tokenizer, resolve_model_path)
 from fastft.model.gpt_oss import Experts, GptOssForTraining, LoraLinear
 from fastft.model.testing import hf_model, packed_batch, tiny_config
 from fastft.mxfp4 import MXFP4Tensor, dequantize_expert_param
@@ -183,6 +185,29 @@ def test_cached_hub_id_resolves(tmp_path, monkeypatch):
     (cache / "models--someone--tiny-oss" / "refs" / "main").write_text("a" * 40)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     assert resolve_model_path("someone/tiny-oss") == snap
+
+
+def test_folder_without_config_json_says_so_before_the_tokenizer(tmp_path):
+    """A folder that is not a model folder: the tokenizer, read first, must not be what the message is about."""
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path} has no config.json: --model expects a Hugging "
+                                                        f"Face model folder")) as e:
+        load_tokenizer(tmp_path)
+    assert "tokenizer (" not in str(e.value)
+
+
+def test_base_model_reference_makes_local_folders_absolute(tmp_path, monkeypatch):
+    """adapter_config.json's base_model_name_or_path: PEFT resolves it from its own working directory, so a local
+    folder is stored absolute; hub ids and built-in names are not paths and stay as given."""
+    (tmp_path / "models" / "gpt-oss").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "models")
+    assert base_model_reference("gpt-oss") == str(tmp_path / "models" / "gpt-oss")
+    assert base_model_reference("../models/gpt-oss/") == str(tmp_path / "models" / "gpt-oss")
+    assert base_model_reference(tmp_path / "models" / "gpt-oss") == str(tmp_path / "models" / "gpt-oss")
+    assert base_model_reference("openai/gpt-oss-20b") == "openai/gpt-oss-20b"  # no such folder here: a hub id
+    assert base_model_reference("tiny") == "tiny"
+    (tmp_path / "models" / "tiny").mkdir()  # the built-in name wins over a folder of that name, as in loading
+    assert base_model_reference("tiny") == "tiny"
 
 
 def test_builtin_tiny_model_loads():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -32,19 +33,44 @@ def write_data(path: Path, n: int = 48) -> Path:
     return path
 
 
-def run_train(args, env_extra=None, timeout=600, check=True):
+def train_env(env_extra=None) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update({"MASTER_PORT": next_port(), "PYTHONUNBUFFERED": "1"})
     env.update(env_extra or {})
-    r = subprocess.run([sys.executable, str(TRAIN), *args], capture_output=True, text=True, env=env, timeout=timeout)
+    return env
+
+
+def run_train(args, env_extra=None, timeout=600, check=True, cwd=None):
+    r = subprocess.run([sys.executable, str(TRAIN), *args], capture_output=True, text=True, env=train_env(env_extra),
+                       timeout=timeout, cwd=cwd)
     if check and r.returncode != 0:
         raise AssertionError(f"exit {r.returncode}\nstdout:\n{r.stdout[-3000:]}\nstderr:\n{r.stderr[-5000:]}")
     return r
 
 
-def losses(out: Path) -> list[float]:
+def train_rows(out: Path) -> list[dict]:
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    return [r["loss"] for r in rows if r["type"] == "train"]
+    return [r for r in rows if r["type"] == "train"]
+
+
+def losses(out: Path) -> list[float]:
+    return [r["loss"] for r in train_rows(out)]
+
+
+def start_train(args, out: Path, steps_done: int, checkpointed: bool, **popen) -> subprocess.Popen:
+    """The trainer in the background, returned once ``steps_done`` steps are logged (and, if ``checkpointed``, a
+    checkpoint exists)."""
+    proc = subprocess.Popen([sys.executable, str(TRAIN), *args, "--output-dir", str(out)], env=train_env(), **popen)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        ready = (out / "latest").exists() or not checkpointed
+        if ready and (out / "metrics.jsonl").exists() and len(losses(out)) >= steps_done:
+            return proc
+        if proc.poll() is not None:
+            pytest.fail(f"training ended (exit {proc.returncode}) before {steps_done} steps were logged")
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"no {steps_done} steps logged in time")
 
 
 COMMON = ["--model", "tiny", "--max-seq-len", "256", "--batch-size", "2", "--lora-targets", "attn", "--lora-r", "8",
@@ -126,25 +152,65 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path, trained):
     ref_out = tmp_path / "ref"
     run_train(args + ["--output-dir", str(ref_out)])
     out = tmp_path / "killed"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(MASTER_PORT=next_port())
-    proc = subprocess.Popen([sys.executable, str(TRAIN), *args, "--output-dir", str(out)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline:  # kill hard once a checkpoint exists and training went past it
-        metrics = out / "metrics.jsonl"
-        if (out / "latest").exists() and metrics.exists() and len(losses(out)) >= 5:
-            break
-        if proc.poll() is not None:
-            pytest.fail("training ended before it could be killed")
-        time.sleep(0.05)
+    # killed hard once a checkpoint exists and training went past it
+    proc = start_train(args, out, 5, checkpointed=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     run_train(args + ["--output-dir", str(out), "--resume"])
     assert losses(out) == pytest.approx(losses(ref_out), rel=1e-5, abs=1e-6)
+    # metadata.json totals the whole run: the killed segment up to the checkpoint resumed from, then the resumed one
+    meta = json.loads((out / "metadata.json").read_text())
+    first, second = meta["segments"]
+    assert first["start_step"] == 0 and first["end_step"] == second["start_step"] > 0
+    assert second["end_step"] == meta["steps"] == len(losses(ref_out))
+    assert meta["tokens_processed"] == sum(r["tokens"] for r in train_rows(out))
     # Adam's step count is the run's, not the resumed segment's: a second resume from this checkpoint stays exact
     state = json.loads((out / (out / "latest").read_text() / "trainer_state.json").read_text())
     assert state["optimizer_steps"] == state["step"]
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_stop_by_signal_saves_and_exits_with_the_shells_status(tmp_path, trained, sig, status):
+    """Ctrl-C / SIGTERM: the step finishes, a checkpoint is saved, the last line says that the run stopped early and
+    how to continue, and the exit status is the shell's for that signal (a script must not take the run for
+    finished). --resume then finishes it, and metadata.json describes both segments and their totals."""
+    args = [str(trained[0]), *COMMON, "--epochs", "100"]  # far more steps than it takes to send the signal
+    out, log = tmp_path / "out", tmp_path / "stderr.txt"
+    with open(log, "w") as err:
+        proc = start_train(args, out, 2, checkpointed=False, stdout=subprocess.DEVNULL, stderr=err)
+        proc.send_signal(sig)
+        assert proc.wait(timeout=300) == status, log.read_text()[-3000:]
+    stderr = log.read_text()
+    stopped = int((out / "latest").read_text().removeprefix("checkpoint-"))
+    assert "Traceback" not in stderr and len(losses(out)) == stopped
+    last = [line for line in stderr.splitlines() if line.startswith("fastft: ")][-1]  # (torch may warn after it)
+    assert re.fullmatch(re.escape(f"fastft: stopped early by {sig.name} at step {stopped}/") + r"\d+ " + re.escape(
+        f"(checkpoint {out}/checkpoint-{stopped}); to continue, run the same command with --resume added (same data "
+        f"and options, --output-dir {out})"), last)
+
+    run_train(args + ["--max-steps", str(stopped + 2), "--output-dir", str(out), "--resume"])
+    meta = json.loads((out / "metadata.json").read_text())
+    segments = meta["segments"]
+    assert [(s["start_step"], s["end_step"]) for s in segments] == [(0, stopped), (stopped, stopped + 2)]
+    assert meta["steps"] == stopped + 2 and len(losses(out)) == stopped + 2
+    assert meta["tokens_processed"] == sum(s["tokens"] for s in segments) == sum(r["tokens"] for r in train_rows(out))
+    for key in ("wall_seconds", "train_loop_seconds"):
+        assert meta[key] == pytest.approx(sum(s[key] for s in segments))
+    assert all(s["wall_seconds"] > s["train_loop_seconds"] > 0 for s in segments)
+    assert meta["tokens_per_s"] == pytest.approx(meta["tokens_processed"] / meta["train_loop_seconds"])
+
+
+def test_run_totals_add_segments_up():
+    from fastft.train import run_totals
+
+    segments = [{"start_step": 0, "end_step": 4, "wall_seconds": 10.0, "train_loop_seconds": 8.0, "tokens": 400,
+                 "peak_gpu_memory_gib": 3.0},
+                {"start_step": 4, "end_step": 6, "wall_seconds": 5.0, "train_loop_seconds": 2.0, "tokens": 200,
+                 "peak_gpu_memory_gib": 4.5}]
+    assert run_totals(segments) == {"wall_seconds": 15.0, "train_loop_seconds": 10.0, "tokens_processed": 600,
+                                    "tokens_per_s": 60.0, "peak_gpu_memory_gib": 4.5}
+    cpu = [dict(s, peak_gpu_memory_gib=None) for s in segments]
+    assert run_totals(cpu)["peak_gpu_memory_gib"] is None
 
 
 def test_second_resume_matches_uninterrupted(tmp_path, trained):
@@ -237,6 +303,104 @@ def test_bad_cli_values_are_clear(tmp_path, trained, args, message, code):
     assert r.returncode == code, r
     assert message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_data_errors_print_the_report_without_a_doubled_prefix(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "answer": "a"}\n{oops\n')
+    r = run_train([str(bad), "--model", "tiny", "--output-dir", str(tmp_path / "o")], check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "fastft data report" in r.stderr.splitlines() and f"{bad}:2:2: invalid JSON" in r.stderr
+    assert "fastft: fastft" not in r.stderr
+
+
+def test_fastft_cache_naming_a_file_is_a_one_line_usage_error(tmp_path, trained):
+    blocker = tmp_path / "cache"
+    blocker.write_text("")
+    r = run_train([str(trained[0]), *COMMON, "--output-dir", str(tmp_path / "o")],
+                  env_extra={"FASTFT_CACHE": str(blocker)}, check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert [line for line in r.stderr.splitlines() if "error" in line] == [
+        f"fastft: error: FASTFT_CACHE={blocker}: {blocker} is a file, not a folder; set FASTFT_CACHE to a folder "
+        f"fastft may write its dataset cache to"]
+
+
+def test_model_folder_without_config_json_says_so(tmp_path, trained):
+    folder = tmp_path / "not-a-model"
+    folder.mkdir()
+    r = run_train([str(trained[0]), *COMMON, "--model", str(folder), "--output-dir", str(tmp_path / "o")], check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "cannot load the tokenizer" not in r.stderr
+    assert f"fastft: {folder} has no config.json: --model expects a Hugging Face model folder" in r.stderr, r.stderr
+
+
+def test_adapter_names_a_local_base_by_its_absolute_path(tmp_path, trained, monkeypatch):
+    """--model ../models/tiny-copy (relative): adapter_config.json stores the folder's absolute path, so PEFT finds
+    the base from any working directory."""
+    import shutil
+
+    from peft import AutoPeftModelForCausalLM
+
+    from fastft.model import resolve_model_path
+
+    base = tmp_path / "models" / "tiny-copy"
+    shutil.copytree(resolve_model_path("tiny"), base)
+    work = tmp_path / "work"
+    work.mkdir()
+    run_train([str(trained[0]), *COMMON, "--model", "../models/tiny-copy", "--max-steps", "1", "--output-dir", "out"],
+              cwd=work)
+    for folder in (work / "out", work / "out" / "checkpoint-1"):
+        assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
+    monkeypatch.chdir(tmp_path)  # elsewhere: ../models/tiny-copy would not be found from here
+    model = AutoPeftModelForCausalLM.from_pretrained(str(work / "out"))
+    assert model.peft_config["default"].base_model_name_or_path == str(base)
+
+
+def test_options_without_effect_on_cpu_warn_once_each(tmp_path, trained):
+    """A GPU command line run on a CPU (a demo): it trains, with one warning line per option that changes nothing."""
+    flags = ["--cuda-graphs", "on", "--keep-activations", "2", "--offload-activations", "--embedding", "host"]
+    r = run_train([str(trained[0]), *COMMON, "--max-steps", "1", "--output-dir", str(tmp_path / "o"), *flags],
+                  env_extra={"CUDA_VISIBLE_DEVICES": ""})
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("fastft: warning: ")]
+    assert [w.split(":")[2].strip() for w in warnings] == ["--cuda-graphs on", "--keep-activations 2",
+                                                            "--offload-activations", "--embedding host"], warnings
+    assert all(w.endswith("; ignored") for w in warnings)
+
+
+def test_ignored_options_only_where_they_change_nothing():
+    from fastft.config import TrainConfig
+    from fastft.train import ignored_options
+
+    def named(device, graphs, **options):
+        return [w.split(":")[0] for w in ignored_options(TrainConfig(data="x.jsonl", **options), device, graphs)]
+
+    assert named("cpu", False) == [] and named("cuda", True) == []  # the defaults never warn
+    assert named("cpu", False, keep_activations="off", cuda_graphs="off") == []
+    gpu_line = dict(cuda_graphs="on", keep_activations=6.0, offload_activations=True, embedding="host")
+    assert named("cuda", True, **gpu_line) == []
+    assert named("cpu", False, **gpu_line) == ["--cuda-graphs on", "--keep-activations 6", "--offload-activations",
+                                               "--embedding host"]
+    assert named("cuda", False, keep_activations=6.0) == ["--keep-activations 6"]  # torch kernels: no graphs
+    assert named("cuda", False, gradient_checkpointing=False, cuda_graphs="on", offload_activations=True) == [
+        "--cuda-graphs on", "--offload-activations"]
+    assert named("cuda", True, eval_every=5) == ["--eval-every 5"] and named("cuda", True, eval_every=5,
+                                                                             eval_fraction=0.1) == []
+    assert named("cpu", False, overwrite=True, resume=True) == ["--overwrite"]
+
+
+def test_help_explains_every_option_with_its_default():
+    from fastft.config import build_parser
+
+    parser = build_parser()
+    text = parser.format_help()
+    assert all(action.help for action in parser._actions), [a.dest for a in parser._actions if not a.help]
+    for noise in ("(default: False)", "(default: True)", "(default: None)"):  # flags and options without a default
+        assert noise not in text
+    for option, default in [("--output-dir DIR", "fastft-out"), ("--epochs N", "3"), ("--learning-rate LR", "0.0001"),
+                            ("--seed SEED", "42"), ("--lora-r R", "16"), ("--keep-checkpoints N", "2"),
+                            ("--log-every N", "1"), ("--model ID|DIR", "openai/gpt-oss-20b")]:
+        entry = " ".join(text.split(f"  {option}", 1)[1].split("\n  -", 1)[0].split())
+        assert entry.endswith(f"(default: {default})"), (option, entry)
+    assert "130 / 143 stopped by Ctrl-C / SIGTERM" in " ".join(text.split())
 
 
 def test_validate_only_reports_and_exits_zero(trained):

@@ -51,5 +51,28 @@ class DataConfig:
         return self
 
     def resolved_cache_dir(self) -> Path:
-        root = self.cache_dir or os.environ.get("FASTFT_CACHE") or Path.home() / ".cache" / "fastft"
-        return Path(root) / "data"
+        return self._cache_root()[1] / "data"
+
+    def make_cache_dir(self) -> Path:
+        """The tokenisation cache folder, created if need be. One that cannot be (a file in the way, no permission)
+        is a UsageError that says where the folder came from: $FASTFT_CACHE is set far from the command line."""
+        where, root = self._cache_root()
+        folder = root / "data"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+            reason = f"{blocker} is a file, not a folder" if blocker else f"cannot create {folder} ({e.strerror or e})"
+            fix = ("pass another cache_dir" if self.cache_dir else
+                   "set FASTFT_CACHE to a folder fastft may write its dataset cache to")
+            raise UsageError(f"{where}: {reason}; {fix}") from None
+        return folder
+
+    def _cache_root(self) -> tuple[str, Path]:
+        """(where the root was set, for messages; the root)."""
+        if self.cache_dir:
+            return f"cache_dir {self.cache_dir}", Path(self.cache_dir).expanduser()
+        if os.environ.get("FASTFT_CACHE"):
+            return f"FASTFT_CACHE={os.environ['FASTFT_CACHE']}", Path(os.environ["FASTFT_CACHE"]).expanduser()
+        default = Path.home() / ".cache" / "fastft"
+        return f"the default cache folder {default}", default

@@ -106,8 +106,7 @@ def _tokenise(checked: _Checked, cfg: DataConfig, tokenizer):
 
     # A tokenizer or template fastft cannot use fails here with a UsageError, not inside datasets.map.
     encode([checked.conversations[0].messages], tokenizer, cfg.train_on_all, cfg.reasoning_effort)
-    cache_dir = cfg.resolved_cache_dir()
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir = cfg.make_cache_dir()
     key = _cache_key(cfg, tokenizer, checked.data_hashes)
     cache_file = cache_dir / f"tokens-{key}.arrow"
     hit = cache_file.exists()

@@ -16,7 +16,7 @@ API for the trainer::
     model.enable_gradient_checkpointing(True)                        # torch.utils.checkpoint per decoder layer
     loss = model(input_ids, position_ids, cu_seqlens, labels)        # fp32 mean token loss
     logits = model.logits(input_ids, position_ids, cu_seqlens)      # [T, V] (tests, evaluation)
-    save_adapter(model, out_dir, base_model_name_or_path)            # PEFT 0.21 layout
+    save_adapter(model, out_dir, base_model_reference(name))         # PEFT 0.21 layout; a local base: absolute path
     load_adapter(model, adapter_dir)                                 # resume: apply_lora first, then load
 
 Inputs are one packed, flattened stream: ``input_ids [T]`` and ``position_ids [T]`` (restarting at 0 per document)
@@ -32,10 +32,10 @@ dropout; fastft applies ``LoraSettings.dropout`` to the attention adapters only.
 from fastft.model.adapter import load_adapter, save_adapter
 from fastft.model.config import ModelConfig
 from fastft.model.gpt_oss import GptOssForTraining
-from fastft.model.loading import (CheckpointError, ModelLoadError, ModelNotFoundError, load_model, load_tokenizer,
-                                  resolve_model_path)
+from fastft.model.loading import (CheckpointError, ModelLoadError, ModelNotFoundError, base_model_reference,
+                                  load_model, load_tokenizer, resolve_model_path)
 from fastft.model.lora import LoraSettings, apply_lora, count_parameters, trainable_parameters
 
-__all__ = ["CheckpointError", "GptOssForTraining", "LoraSettings", "ModelConfig", "ModelLoadError", "ModelNotFoundError",
-           "apply_lora", "count_parameters", "load_adapter", "load_model", "load_tokenizer", "resolve_model_path",
-           "save_adapter", "trainable_parameters"]
+__all__ = ["CheckpointError", "GptOssForTraining", "LoraSettings", "ModelConfig", "ModelLoadError",
+           "ModelNotFoundError", "apply_lora", "base_model_reference", "count_parameters", "load_adapter", "load_model",
+           "load_tokenizer", "resolve_model_path", "save_adapter", "trainable_parameters"]

@@ -79,6 +79,26 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
                             f"hub id of the form owner/name")
 
 
+def base_model_reference(name_or_path: str | Path) -> str:
+    """What an adapter records as its base model (adapter_config.json's base_model_name_or_path): a local folder as an
+    absolute path, so that PEFT finds it from any working directory; a hub id or a built-in name as given."""
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if name in BUILTIN_MODELS or not path.is_dir():
+        return name
+    return str(path.resolve())
+
+
+def _config_path(model_dir: Path) -> Path:
+    """model_dir/config.json, which every model folder has: without it, say so before anything else (the tokenizer,
+    read first, would fail with a message about itself)."""
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{model_dir} has no config.json: --model expects a Hugging Face model folder "
+                              f"(config.json, the tokenizer's files, *.safetensors)")
+    return config_path
+
+
 def weight_map(model_dir: Path) -> dict[str, str]:
     """tensor name -> shard file name, from the index or the single-file checkpoint."""
     index = model_dir / INDEX
@@ -340,9 +360,7 @@ def load_model(name_or_path: str | Path, dtype=torch.float32, device="cpu", back
     if lm_head not in _LM_HEADS:
         raise ValueError(f"lm_head must be one of {_LM_HEADS}, not {lm_head!r}")
     model_dir = resolve_model_path(name_or_path)
-    config_path = model_dir / "config.json"
-    if not config_path.is_file():
-        raise CheckpointError(f"{model_dir}: no config.json")
+    config_path = _config_path(model_dir)
     try:
         cfg = ModelConfig.from_json(config_path)
     except (json.JSONDecodeError, TypeError, ValueError) as e:
@@ -369,6 +387,7 @@ def load_tokenizer(name_or_path: str | Path):
     from transformers import AutoTokenizer
 
     model_dir = resolve_model_path(name_or_path)
+    _config_path(model_dir)
     try:
         return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as e:
