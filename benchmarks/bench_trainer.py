@@ -1,8 +1,8 @@
 """trainer: what a user of ``python fastft/train.py`` gets per step, against bench_e2e's bare loop, in one invocation.
 
 bench_e2e times the model and a torch AdamW step in a bare loop. A user runs the CLI, which adds what a training run
-needs around the same model: DeepSpeed's engine (ZeRO-2 optimizer with fp32 master weights, gradient clipping), the
-non-finite-loss check, per-step metrics, data collation. Here the CLI trains on a synthetic gpt-oss-20b checkpoint in
+needs around the same model: its engine (fused AdamW on the fp32 LoRA weights, gradient clipping; DeepSpeed's
+with several GPUs), the non-finite-loss check, per-step metrics, data collation. Here the CLI trains on a synthetic gpt-oss-20b checkpoint in
 the hub layout (benchmarks/bench_weights.py writes it; random weights, the built-in tiny model's tokenizer) and a
 generated JSONL file that packs into full --max-seq-len rows, one row per optimizer step (W1-qv: LoRA r16 on
 q_proj, v_proj, dropout 0.1, the CLI's defaults). Each step's time comes from the run's own metrics.jsonl; the median
@@ -94,7 +94,8 @@ def loop_child(row_len: int, keep: str, steps: int) -> None:
     cfg = json.loads(CONFIG.read_text())
     rows = token_stream(3, row_len, cfg["vocab_size"], seed=1)
     keep_gib = 0 if keep == "off" else keep if keep == "auto" else float(keep)  # as the CLI's --keep-activations
-    model, _ = build_fastft(cfg, "W1-qv", offload_activations=True, layer_graphs=True, keep_gib=keep_gib)
+    model, _ = build_fastft(cfg, "W1-qv", offload_activations=True, layer_graphs=True, keep_gib=keep_gib,
+                            lm_head="int8-host")  # the trainer's default layout on CUDA
     m = measure(fastft_step, model, rows, cfg, steps, warmup=2)
     print(json.dumps({"loop_s_per_step": m["step_s"], "loop_tok_s": row_len / m["step_s"],
                       "loop_peak_gib": m["peak_gib"]}))

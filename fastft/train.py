@@ -167,15 +167,17 @@ def stopped_early(signum: int, step: int, total: int, ckpt: Path, cfg: TrainConf
 
 def weight_layout(cfg: TrainConfig, backend, device, tied: bool = False) -> dict:
     """Where and how the base weights live. auto = the fast path when the triton kernels run on CUDA (MXFP4 experts,
-    NF4 attention projections, int8 lm_head, input embedding in host memory: ~10.3 GiB resident for gpt-oss-20b, see
+    NF4 attention projections, int8 lm_head with its codes in host memory, input embedding in host memory: ~9.8 GiB
+    resident for gpt-oss-20b, see
     fastft.quant); elsewhere the checkpoint's own layout, which the torch reference reads directly. An lm_head tied
     to the embedding (``tied``) stays dense under auto."""
     fast = torch.device(device).type == "cuda" and backend.sources["moe"] == "triton"
+    lm_head = "int8-host" if fast and not tied else "bf16"
     return {
         "experts": cfg.experts if cfg.experts != "auto" else ("mxfp4" if fast else "dense"),
         "linears": cfg.linears if cfg.linears != "auto" else ("nf4" if fast else "dense"),
         "embedding": cfg.embedding if cfg.embedding != "auto" else ("host" if fast else "device"),
-        "lm_head": cfg.lm_head if cfg.lm_head != "auto" else ("int8" if fast and not tied else "bf16"),
+        "lm_head": cfg.lm_head if cfg.lm_head != "auto" else lm_head,
     }
 
 
@@ -208,6 +210,8 @@ def ignored_options(cfg: TrainConfig, device, graphs: bool) -> list[str]:
         out.append(f"--offload-activations: it moves the layer inputs that checkpointing keeps, and {no_checkpointing}")
     if cfg.embedding == "host" and cpu:
         out.append("--embedding host: on a CPU the embedding is in host memory already")
+    if cfg.lm_head == "int8-host" and cpu:
+        out.append("--lm-head int8-host: on a CPU the lm_head is in host memory already (held int8)")
     if cfg.eval_every and not cfg.eval_fraction:
         out.append(f"--eval-every {cfg.eval_every}: there is no eval set (--eval-fraction 0)")
     if cfg.overwrite and cfg.resume:
@@ -320,8 +324,11 @@ def train(cfg: TrainConfig) -> int:
     # ---- model + LoRA -------------------------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)  # identical LoRA init on every rank
     layout = weight_layout(cfg, backend, dist.device, tied=ties_lm_head(model_path))
+    head = "int8" if layout["lm_head"] == "int8-host" else layout["lm_head"]  # loaded int8, then its codes move
     model = load_model(model_path, dtype=dtype, device=dist.device, backend=backend, experts=layout["experts"],
-                       linears=layout["linears"], lm_head=layout["lm_head"])
+                       linears=layout["linears"], lm_head=head)
+    if layout["lm_head"] == "int8-host" and torch.device(dist.device).type == "cuda":
+        model.lm_head_codes_to_host()
     apply_lora(model, LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                                    targets=cfg.lora_targets))
     if layout["embedding"] == "host":

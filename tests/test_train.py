@@ -375,10 +375,11 @@ def test_ignored_options_only_where_they_change_nothing():
 
     assert named("cpu", False) == [] and named("cuda", True) == []  # the defaults never warn
     assert named("cpu", False, keep_activations="off", cuda_graphs="off") == []
-    gpu_line = dict(cuda_graphs="on", keep_activations=6.0, offload_activations=True, embedding="host")
+    gpu_line = dict(cuda_graphs="on", keep_activations=6.0, offload_activations=True, embedding="host",
+                    lm_head="int8-host")
     assert named("cuda", True, **gpu_line) == []
     assert named("cpu", False, **gpu_line) == ["--cuda-graphs on", "--keep-activations 6", "--offload-activations",
-                                               "--embedding host"]
+                                               "--embedding host", "--lm-head int8-host"]
     assert named("cuda", False, keep_activations=6.0) == ["--keep-activations 6"]  # torch kernels: no graphs
     assert named("cuda", False, gradient_checkpointing=False, cuda_graphs="on", offload_activations=True) == [
         "--cuda-graphs on", "--offload-activations"]
@@ -431,7 +432,7 @@ def test_weight_layout_auto_and_explicit():
     gpu = SimpleNamespace(sources={"moe": "triton"})
     ref = SimpleNamespace(sources={"moe": "torch"})
     assert weight_layout(TrainConfig(data="x.jsonl"), gpu, "cuda") == {"experts": "mxfp4", "linears": "nf4",
-                                                                        "embedding": "host", "lm_head": "int8"}
+                                                                        "embedding": "host", "lm_head": "int8-host"}
     assert weight_layout(TrainConfig(data="x.jsonl"), gpu, "cpu") == {"experts": "dense", "linears": "dense",
                                                                        "embedding": "device", "lm_head": "bf16"}
     assert weight_layout(TrainConfig(data="x.jsonl"), ref, "cuda")["experts"] == "dense"
@@ -439,11 +440,12 @@ def test_weight_layout_auto_and_explicit():
     assert weight_layout(TrainConfig(data="x.jsonl"), gpu, "cuda", tied=True)["lm_head"] == "bf16"
     explicit = TrainConfig(data="x.jsonl", experts="nf4", linears="dense", embedding="device")
     assert weight_layout(explicit, gpu, "cuda") == {"experts": "nf4", "linears": "dense", "embedding": "device",
-                                                    "lm_head": "int8"}
+                                                    "lm_head": "int8-host"}
 
 
-@pytest.mark.parametrize("flag,device,want", [("auto", "cuda", "int8"), ("auto", "cpu", "bf16"),
-                                              ("bf16", "cuda", "bf16"), ("int8", "cpu", "int8")])
+@pytest.mark.parametrize("flag,device,want", [("auto", "cuda", "int8-host"), ("auto", "cpu", "bf16"),
+                                              ("bf16", "cuda", "bf16"), ("int8", "cpu", "int8"),
+                                              ("int8-host", "cuda", "int8-host")])
 def test_lm_head_flag_resolution(flag, device, want):
     from types import SimpleNamespace
 
