@@ -94,7 +94,7 @@ class _Plan:
     """Buffers (and, once captured, the graphs) for one padded token count."""
 
     def __init__(self, stack: "LayerGraphs", t_pad: int, like: torch.Tensor, cos: torch.Tensor, need_h: bool,
-                 graphed: bool, kept: tuple[int, int, int] = (0, 0, 0), spill_share: float | None = None):
+                 graphed: bool, kept: tuple[int, int, int] = (0, 0, 0)):
         self.stack, self.t_pad, self.need_h, self.graphed = stack, t_pad, need_h, graphed
         L, H, dev = len(stack.layers), like.shape[1], like.device
         # the last `whole` layers keep everything, the `stashed` before them their MoE's h on the device, and the
@@ -104,12 +104,11 @@ class _Plan:
         self.whole = [_Whole() if i >= L - whole else None for i in range(L)]
         self.stashes = [ActivationStash() if first <= i < L - whole else None for i in range(L)]
         for i in range(first - spilled, first):  # layer i's buffers are layer i + 2's: its h leaves in between
-            self.stashes[i] = ActivationStash(shared_with=self.stashes[first + (i - first) % 2],
-                                              spill_share=spill_share)
+            self.stashes[i] = ActivationStash(shared_with=self.stashes[first + (i - first) % 2], spill_share=0.0)
         self.spilled = [i < first and self.stashes[i] is not None for i in range(L)]
-        self.spill_share = spill_share if spilled else None
+        # set once layer 0's forward is captured (timed from its replay), before any copy is made or captured
+        self.spill_share = None if spilled else 0.0
         self.spill_host = [None] * L  # spilled layer -> {name: pinned host copy}, made after its first forward
-        self.forward_events = []  # eager plans on CUDA: (start, end) of each layer's forward half
         cuda = dev.type == "cuda"
         new = lambda: torch.zeros(t_pad, H, dtype=like.dtype, device=dev)  # noqa: E731
         self.offload = stack.offload
@@ -256,19 +255,32 @@ class _Plan:
 
     # ---- a step ---------------------------------------------------------------------------------------------------
     def forward(self):
-        timed = not self.graphed and self.side is not None
         for i in range(len(self.stack.layers)):
             self.marks[i] = self.rng.mark()
-            start = torch.cuda.Event(enable_timing=True) if timed else None
-            if timed:
-                start.record()
             self._run(self.fwd_graphs, i, self._forward_half)
-            if timed:
-                self.forward_events.append((start, torch.cuda.Event(enable_timing=True)))
-                self.forward_events[-1][1].record()
+            if self.spill_share is None:  # layer 0 spills: its h first leaves in layer 1's forward
+                self._set_spill_share(self.stack.spill_share(self.t_pad, self.slots[0], self._replay_seconds(0)))
             self._host_copies(i)
         self.end = self.rng.mark()
-        self.stack.note_forward(self)
+
+    def _replay_seconds(self, i: int) -> float | None:
+        """GPU time of layer i's captured forward, replayed once more (same input, same dropout masks: the generator
+        is set back to where that forward started, so the replay rewrites what it wrote)."""
+        if self.fwd_graphs[i] is None:
+            return None
+        self.rng.rewind(self.marks[i])
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        self.fwd_graphs[i].replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+    def _set_spill_share(self, share: float):
+        self.spill_share = share
+        for st, spilled in zip(self.stashes, self.spilled):
+            if spilled:
+                st.spill_share = share
 
     def backward(self, g):
         T = g.shape[0]
@@ -319,7 +331,7 @@ class LayerGraphs:
         self.keep, self.keep_bytes_per_token = keep, keep_bytes_per_token
         self.whole_bytes_per_token = None  # what a layer's autograd graph holds per token, measured once
         self.spill_share_override = None
-        self._forward_events = {}  # padded token count -> the last eager plan's per-layer forward timings
+        self._layer_seconds = {}  # padded token count -> a layer forward's GPU time (a captured plan's replay)
         self._rate = None  # device-to-host bytes per second
         self._plans = {}  # key -> captured _Plan
         self._seen = set()
@@ -350,14 +362,13 @@ class LayerGraphs:
                        and len(self._plans) < self.max_graphs)
             keep = capture or self.keep != "auto"  # "auto" measures what the first step left free
             self._seen.add(key)
-        kept = self.kept_layers(t_pad, h.device, h[0].nbytes) if keep else (0, 0, 0)
-        share = self.spill_share(t_pad, h.device, h[0].nbytes) if kept[2] else None
-        plan = _Plan(self, t_pad, h, cos, h.requires_grad, graphed=capture, kept=kept, spill_share=share)
+        kept = self.kept_layers(t_pad, h.device) if keep else (0, 0, 0)
+        plan = _Plan(self, t_pad, h, cos, h.requires_grad, graphed=capture, kept=kept)
         if capture:
             self._plans[key] = plan
         return plan
 
-    def kept_layers(self, t_pad: int, device: torch.device, row_bytes: int = 0) -> tuple[int, int, int]:
+    def kept_layers(self, t_pad: int, device: torch.device) -> tuple[int, int, int]:
         """(layers that keep their MoE's h on the device, layers that keep their whole autograd graph, layers that
         keep h in host memory) of a plan for ``t_pad`` tokens, within the ``keep`` budget: first h for every layer
         (the most recompute saved per byte: the expert gate_up GEMM), then, with what is left, whole layers (no
@@ -370,32 +381,31 @@ class LayerGraphs:
         budget = spare_device_memory(device) if self.keep == "auto" else float(self.keep)
         stashed = max(0, min(L, int(budget // per_h)))
         if stashed < L or self.whole_bytes_per_token is None:
-            spill = self.offload and 2 <= stashed < L and self.spill_share(t_pad, device, row_bytes) is not None
+            host = (L - stashed) * per_h  # at most: every row of the spilled layers' h
+            spill = (self.offload and 2 <= stashed < L and host <= 0.5 * _free_host_bytes()
+                     and (device.type == "cuda" or self.spill_share_override is not None))
             return stashed, 0, L - stashed if spill else 0
         extra = t_pad * self.whole_bytes_per_token - per_h  # a whole layer's graph holds h too
         whole = min(L, int((budget - L * per_h) // extra)) if extra > 0 else L
         return L - whole, whole, 0
 
-    def spill_share(self, t_pad: int, device: torch.device, row_bytes: int) -> float | None:
-        """The share of a spilled layer's h that goes to host memory: what the host link moves while the next layer
-        computes (a longer copy would stall the forward at every layer, while each row left behind only costs its
-        share of the gate_up GEMM in the recompute). Measured: the layer forward's time from the first (eager) step
-        of this size (its fastest layer), the link's device-to-host rate from one 64 MiB copy. None (no spill) before
-        that step, when under a tenth of h would move, or when the host copies would take over half the host's free
-        memory; ``spill_share_override`` fixes it (tests, A/B runs)."""
+    def spill_share(self, t_pad: int, like: torch.Tensor, seconds: float | None) -> float:
+        """The share of a spilled layer's h rows that goes to host memory: what the host link moves while the next
+        layer computes (a longer copy would stall the forward at every layer, while each row left behind only costs
+        its share of the gate_up GEMM in the recompute). ``seconds``: a layer forward's GPU time, from the replay of
+        a captured plan's layer 0 (kept per token count for later eager plans of that size: None asks for it); the
+        link's device-to-host rate comes from one 64 MiB copy. 0 (everything recomputed) without a measurement or
+        when under a tenth of h would move; ``spill_share_override`` fixes it (tests, A/B runs)."""
         if self.spill_share_override is not None:
             return self.spill_share_override
-        events = self._forward_events.get(t_pad)
-        if device.type != "cuda" or not events:
-            return None
-        events[-1][1].synchronize()
-        # the fastest layer: layer 0 autotunes, and an eager step's host may leave gaps that a replay will not
-        seconds = min(start.elapsed_time(end) / 1e3 for start, end in events[1:] or events)
-        rate = self._link_rate(device)
-        movable = 0.9 * seconds * rate - (t_pad * row_bytes if self.offload else 0)  # the layer input goes too
-        share = min(1.0, movable / (t_pad * self.keep_bytes_per_token))
-        host = share * t_pad * self.keep_bytes_per_token * len(self.layers)
-        return share if share >= 0.1 and host <= 0.5 * _free_host_bytes() else None
+        if seconds is not None:
+            self._layer_seconds[t_pad] = seconds
+        seconds = self._layer_seconds.get(t_pad)
+        if seconds is None or like.device.type != "cuda":
+            return 0.0
+        movable = 0.9 * seconds * self._link_rate(like.device) - (t_pad * like[0].nbytes if self.offload else 0)
+        share = min(1.0, movable / (t_pad * self.keep_bytes_per_token))  # the layer input goes too (offload)
+        return share if share >= 0.1 else 0.0
 
     def _link_rate(self, device: torch.device) -> float:
         """Device-to-pinned-host copy rate in bytes per second (one 64 MiB copy, measured once)."""
@@ -410,11 +420,6 @@ class LayerGraphs:
             end.synchronize()
             self._rate = src.numel() / (start.elapsed_time(end) / 1e3)
         return self._rate
-
-    def note_forward(self, plan: _Plan):
-        """Keeps an eager plan's per-layer forward timings (read at the next plan for that size)."""
-        if plan.forward_events:
-            self._forward_events[plan.t_pad] = plan.forward_events
 
     @contextlib.contextmanager
     def measuring(self, plan: _Plan, i: int):
