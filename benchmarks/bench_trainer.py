@@ -2,9 +2,9 @@
 
 bench_e2e times the model and a torch AdamW step in a bare loop. A user runs the CLI, which adds what a training run
 needs around the same model: its engine (fused AdamW on the fp32 LoRA weights, gradient clipping; DeepSpeed's
-with several GPUs), the non-finite-loss check, per-step metrics, data collation. Here the CLI trains on a synthetic gpt-oss-20b checkpoint in
-the hub layout (benchmarks/bench_weights.py writes it; random weights, the built-in tiny model's tokenizer) and a
-generated JSONL file that packs into full --max-seq-len rows, one row per optimizer step (W1-qv: LoRA r16 on
+with several GPUs), the non-finite-loss check, per-step metrics, data collation. Here the CLI trains on a synthetic
+gpt-oss-20b checkpoint in the hub layout (benchmarks/bench_weights.py writes it; random weights, the built-in tiny
+model's tokenizer) and a generated JSONL file that packs into full --max-seq-len rows, one row per optimizer step (W1-qv: LoRA r16 on
 q_proj, v_proj, dropout 0.1, the CLI's defaults). Each step's time comes from the run's own metrics.jsonl; the median
 skips the first two steps (kernel autotuning, CUDA graph capture). In the same invocation bench_e2e's loop is
 timed on rows of the same length with the same memory mode. One ``trainer`` row per --keep value:

@@ -493,7 +493,8 @@ def train(cfg: TrainConfig) -> int:
             "versions": versions(), "git_revision": git_revision(),
             "model": cfg.model, "model_path": str(model_path), "dtype": str(dtype).replace("torch.", ""),
             "kernels": {"backend": backend.name, **backend.sources}, "weights": layout,
-            "cuda_graphs": graphs, "kept_activation_layers": model.kept_layers(),  # {tokens: [h kept, whole]}
+            # {tokens: [layers keeping h, whole layers, layers spilling h to the host, the share spilled]}
+            "cuda_graphs": graphs, "kept_activation_layers": model.kept_layers(),
             "world_size": dist.world_size, "engine": "deepspeed" if ds_config else "fastft (one process)",
             "zero_stage": ds_config["zero_optimization"]["stage"] if ds_config else None,
             "data": {"files": data.data_hashes, "rows": data.num_rows, "eval_rows": data.num_eval_rows,
