@@ -29,6 +29,12 @@ DeepSpeed's gradient hooks see them as usual). A ``_Plan`` owns the fixed buffer
   last layers keep their whole autograd graph (the forward runs with autograd, the backward recomputes nothing; a
   layer's size is measured on the first step's recompute). With "auto" only captured plans keep (the first step,
   eager, shows what is free); a second forward issued before the first one's backward keeps nothing.
+- Spilled activations: with offload, when the budget holds at least two layers' h but not all, the layers below the
+  kept ones keep theirs in pinned host memory, written through the buffers of the two lowest kept layers in turn
+  (layer i's and layer i + 2's are the same): layer i's h leaves on the side stream during layer i + 1's forward
+  and comes back during layer i + 1's backward. Only the share of its rows that the link moves in one layer forward
+  goes (``spill_share``), the recompute computes the rest; at 4096 tokens 22 layers spilling 63-70 % of their h
+  saved 15 ms of a 0.24 s step for 0.56 GiB (benchmarks/ANALYSIS.md).
 - Dropout: the masks come from the default generator, whose offset is noted before each layer's forward and set
   back to it before that layer's recompute (then to the forward's end), so the recompute draws the same masks; a
   graph replay draws at the generator's current offset, so this holds for replays as for eager runs.
