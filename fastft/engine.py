@@ -59,6 +59,12 @@ def init_distributed(local_rank_arg: int = -1) -> Dist:
     return Dist(rank, world, local_rank, device)
 
 
+def shutdown_distributed():
+    """Ends the process group init_distributed started: left open, torch warns at exit on every GPU run."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32

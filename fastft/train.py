@@ -56,6 +56,10 @@ def main(argv=None) -> int:
                                              "--output-dir, if there is one")
         print(f"fastft: interrupted by Ctrl-C{hint}", file=sys.stderr)
         return 128 + signal.SIGINT
+    finally:
+        from fastft.engine import shutdown_distributed
+
+        shutdown_distributed()  # the process group training started, if it did
 
 
 def data_config(cfg: TrainConfig):

@@ -520,3 +520,16 @@ def test_cuda_graphs_train_like_eager_layers(tmp_path):
     assert len(curves["on"]) == len(curves["off"]) > 4
     for a, b in zip(curves["on"], curves["off"]):
         assert abs(a - b) <= 2e-2 * abs(b), (curves["on"], curves["off"])
+
+
+def test_shutdown_distributed_closes_the_process_group():
+    """main() ends the process group it started (torch warns at exit about one left open); twice is harmless."""
+    import torch.distributed as tdist
+
+    from fastft.engine import shutdown_distributed
+
+    if not tdist.is_initialized():
+        tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{next_port()}", rank=0, world_size=1)
+    shutdown_distributed()
+    assert not tdist.is_initialized()
+    shutdown_distributed()
