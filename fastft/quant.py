@@ -287,15 +287,14 @@ class Int8RowsTensor:
     def numel(self) -> int:
         return self.data.numel()
 
-    def rows(self, index=slice(None), dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None):
+    def rows(self, index=slice(None), dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None,
+             codes: torch.Tensor | None = None):
         """Decoded rows ``w[index]`` (a slice or an index tensor): codes times scale in fp32, rounded once to
-        ``dtype`` (or to ``out``'s dtype, written in place: the fused loss decodes into a reused scratch)."""
-        if isinstance(index, slice):
-            q, s = self.data[index], self.scale[index]
-        else:
-            q = self.data.index_select(0, index.to(self.data.device))
-            s = self.scale.index_select(0, index.to(self.scale.device))
-        q = q.to(s.device)  # host codes: copied over for this call
+        ``dtype`` (or to ``out``'s dtype, written in place: the fused loss decodes into a reused scratch).
+        ``codes``: those rows' codes, already on the scales' device (the loss streams host codes itself)."""
+        sel = (lambda t: t[index]) if isinstance(index, slice) else (lambda t: t.index_select(0, index.to(t.device)))
+        s = sel(self.scale)
+        q = (sel(self.data) if codes is None else codes).to(s.device)  # host codes: copied over for this call
         if out is None:
             out = torch.empty(q.shape, dtype=dtype, device=q.device)
         return torch.mul(q, s.unsqueeze(1), out=out)

@@ -379,12 +379,11 @@ def _forward_slabs(hidden, weight, labels, ignore_index, need_dh, block_rows=Non
         a = acc[:r] if need_dh else None
         for j, col0 in enumerate(range(0, V, W)):
             width = min(W, V - col0)
-            if host is not None:
-                w_slab = torch.mul(host.slab(start, j), weight.scale[col0:col0 + width].unsqueeze(1),
-                                   out=scratch[:width])
-                host.decoded(j)
-            elif int8:
-                w_slab = weight.rows(slice(col0, col0 + width), out=scratch[:width])
+            if int8:
+                codes = host.slab(start, j) if host is not None else None
+                w_slab = weight.rows(slice(col0, col0 + width), out=scratch[:width], codes=codes)
+                if host is not None:
+                    host.decoded(j)
             else:
                 w_slab = weight[col0:col0 + W]
             z, p = buf[:r, :width], pbuf[:r, :width]
@@ -405,9 +404,8 @@ def _forward_slabs(hidden, weight, labels, ignore_index, need_dh, block_rows=Non
         loss_rows[start:end] = torch.where(y == ignore_index, 0.0, loss)
         if need_dh:
             a.mul_((keep / s_all).unsqueeze(1))
-            target = torch.where(in_range, y, 0)
-            w_label = _label_rows(weight, target, scratch) if host is None else torch.mul(
-                host.label_rows(start), weight.scale.index_select(0, target).unsqueeze(1), out=scratch[:r])
+            codes = host.label_rows(start) if host is not None else None
+            w_label = _label_rows(weight, torch.where(in_range, y, 0), scratch, codes)
             a.addcmul_((-keep * s / s_all).unsqueeze(1), w_label)
             if rows is None:
                 grad_h[start:end] = a
@@ -472,12 +470,13 @@ class _HostCodes:
         return self.rows[: y.numel()]
 
 
-def _label_rows(weight, idx, scratch):
-    """W[idx]; an int8 weight's rows are decoded into the slab scratch (free at the end of a block) when they fit."""
+def _label_rows(weight, idx, scratch, codes=None):
+    """W[idx]; an int8 weight's rows are decoded into the slab scratch (free at the end of a block) when they fit.
+    ``codes``: those rows' int8 codes already on the device (streamed from host memory)."""
     if scratch is None:
         return weight.index_select(0, idx)
     out = scratch[: idx.numel()] if idx.numel() <= scratch.shape[0] else None
-    return weight.rows(idx, dtype=scratch.dtype, out=out)
+    return weight.rows(idx, dtype=scratch.dtype, out=out, codes=codes)
 
 
 def _mm_fp32(a, b, out, accumulate=False):

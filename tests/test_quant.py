@@ -257,3 +257,13 @@ def test_int8_codes_to_host_needs_cuda_scales():
     with pytest.raises(ValueError, match="CUDA"):
         q.codes_to_host()
     assert not q.codes_on_host and q.nbytes() == 5 * 8 + 5 * 4
+
+
+def test_int8_rows_decode_given_codes_like_their_own():
+    """rows(..., codes=) decodes codes handed in (the loss's streamed host codes) exactly as the held ones."""
+    from fastft.quant import Int8RowsTensor
+
+    q = Int8RowsTensor.quantize(torch.randn(9, 16))
+    idx = torch.tensor([3, 0, 8, 3])
+    assert torch.equal(q.rows(idx, torch.bfloat16, codes=q.data[idx].clone()), q.rows(idx, torch.bfloat16))
+    assert torch.equal(q.rows(slice(2, 7), codes=q.data[2:7].clone()), q.rows(slice(2, 7)))
