@@ -3,9 +3,10 @@
 Rivals, measured in the same invocation, same x / dy / adapters (bf16, rank --rank, with bias as gpt-oss has):
   bnb_peft: bitsandbytes.matmul_4bit over its NF4 weight + PEFT's two LoRA matmuls (what bnb Linear4bit wrapped by
             peft's LoRA runs);  bf16: cuBLAS F.linear over a bf16 weight + the same LoRA matmuls.
-fastft is timed three ways: auto (fastft_ms: what users get; `path` says which path it chose at this T), and each
-path forced through FASTFT_LORA_PATH (fastft_fused_ms, fastft_slabs_ms). rel_err_* is the worst of the three against
-an fp32 reference over the same dequantised weight. One row per T x projection x fastft weight format.
+fastft is timed four ways: auto (fastft_ms: what users get; `path` says which path it chose at this T), and each
+path forced through FASTFT_LORA_PATH (fastft_fused_ms, fastft_slabs_ms, fastft_ws_ms: the warp-specialised in-loop
+decode GEMM, sm_90 only, null elsewhere). rel_err_* is the worst of them against an fp32 reference over the same
+dequantised weight. One row per T x projection x fastft weight format.
 
 Timing (`timing` column): every contender's step is captured once in a CUDA graph and its replays are timed
 ("cuda_graph": GPU time); the k/v steps (~0.3 ms of kernels at T=16384) are host-bound when launched eagerly, so
@@ -31,7 +32,7 @@ from fastft.kernels.lora_linear import lora_linear, lora_path  # noqa: E402
 from fastft.quant import quantize_mxfp4, quantize_nf4  # noqa: E402
 
 SHAPES = {"q": (2880, 4096), "k": (2880, 512), "v": (2880, 512), "o": (4096, 2880)}  # (in, out)
-PATHS = ("auto", "fused", "slabs")
+PATHS = ("auto", "fused", "slabs", "ws")
 
 
 def _fwd_bwd(fn, x, params, dy):
@@ -132,10 +133,13 @@ def main():
                 ref_dx, ref_dA = xf.grad, Af.grad
                 del xf, Af, Bf, yf
                 times, peak, err_dx, err_dA = {}, {}, 0.0, 0.0
+                ws_ok = lora_mod._ws_ok(x.detach(), lora_mod._weight_fields(wf), args.rank)
                 for path in PATHS:
+                    if path == "ws" and not ws_ok:
+                        continue
                     with _forced_path(path):
                         if path == "auto":
-                            chosen = lora_path(T)
+                            chosen = lora_path(T, ws_ok)
                         step()
                         err_dx = max(err_dx, _rel(x.grad.float(), ref_dx))
                         err_dA = max(err_dA, _rel(A.grad.float(), ref_dA))
@@ -156,11 +160,15 @@ def main():
                     "speedup_vs_bnb_peft": round(bnb_ms / fastft_ms, 3) if bnb_ms else None,
                     "ratio_vs_bf16": round(fastft_ms / bf16_ms, 3),
                     "fastft_fused_ms": round(ms["fused"], 4), "fastft_slabs_ms": round(ms["slabs"], 4),
+                    "fastft_ws_ms": round(ms["ws"], 4) if "ws" in ms else None,
+                    "ws_speedup_vs_bnb_peft": round(bnb_ms / ms["ws"], 3) if bnb_ms and "ws" in ms else None,
+                    "ws_ratio_vs_bf16": round(ms["ws"] / bf16_ms, 3) if "ws" in ms else None,
                     "slabs_speedup_vs_bnb_peft": round(bnb_ms / ms["slabs"], 3) if bnb_ms else None,
                     "slabs_ratio_vs_bf16": round(ms["slabs"] / bf16_ms, 3),
                     "fastft_extra_peak_gib": round(peak["auto"], 4),
                     "fastft_fused_extra_peak_gib": round(peak["fused"], 4),
                     "fastft_slabs_extra_peak_gib": round(peak["slabs"], 4),
+                    "fastft_ws_extra_peak_gib": round(peak["ws"], 4) if "ws" in peak else None,
                     "bf16_extra_peak_gib": round(extra_peak_gib(bf16_step), 4),
                     "slab_mib": round(lora_mod.SLAB_BYTES / 2**20, 2),
                     "timing": timing,
@@ -169,7 +177,8 @@ def main():
                     "rel_err_dx": err_dx, "rel_err_dA": err_dA,
                 }
                 print(f"T={T} {metrics['shape']} {fmt}: auto({metrics['path']}) {fastft_ms:.3f} ms, fused "
-                      f"{ms['fused']:.3f}, slabs {ms['slabs']:.3f}, bnb+peft {bnb_ms or float('nan'):.3f}, "
+                      f"{ms['fused']:.3f}, slabs {ms['slabs']:.3f}, ws {ms.get('ws', float('nan')):.3f}, "
+                      f"bnb+peft {bnb_ms or float('nan'):.3f}, "
                       f"bf16 {bf16_ms:.3f}", file=sys.stderr, flush=True)
                 if args.no_record:
                     print(metrics)

@@ -48,6 +48,7 @@ try:
 except ImportError:  # CPU-only installs without triton use the reference
     triton = None
 
+from fastft.kernels import moe_hopper
 from fastft.kernels._env import FLOAT_DTYPES, interpreting, sm_count, triton_runs
 from fastft.mxfp4 import MXFP4Tensor
 
@@ -451,15 +452,20 @@ DECODE_META = {"BLOCK_R": 64, "BLOCK_C": 128}
 INTERPRETER_DECODE_META = {"BLOCK_R": 16, "BLOCK_C": 64}
 
 
-def lora_path(num_tokens: int) -> str:
+def lora_path(num_tokens: int, ws_ok: bool = False) -> str:
     """The path a call over num_tokens rows takes: "fused" (in-loop dequant, reads 4 bits per weight: wins while
-    memory-bound) or "slabs" (cuBLAS: wins once compute-bound). FASTFT_LORA_PATH=fused|slabs forces one (A/B timing);
-    otherwise slabs from FASTFT_LORA_SLAB_MIN_T tokens up (default SLAB_MIN_T)."""
+    memory-bound), "slabs" (cuBLAS: wins once compute-bound) or, where ``ws_ok`` (a 4-bit weight, bf16, sm_90:
+    see _ws_ok), "ws": moe_hopper's warp-specialised GEMM, in-loop dequant in its own warps, from
+    FASTFT_LORA_WS_MIN_T tokens up (default WS_MIN_T). FASTFT_LORA_PATH=fused|slabs|ws forces one (A/B timing; ws
+    only where it can run, otherwise the choice below); otherwise slabs from FASTFT_LORA_SLAB_MIN_T tokens up
+    (default SLAB_MIN_T)."""
     forced = os.environ.get("FASTFT_LORA_PATH", "auto")
     if forced in ("fused", "slabs"):
         return forced
-    if forced != "auto":
-        raise ValueError(f"FASTFT_LORA_PATH must be auto, fused or slabs, not {forced!r}")
+    if forced not in ("auto", "ws"):
+        raise ValueError(f"FASTFT_LORA_PATH must be auto, fused, slabs or ws, not {forced!r}")
+    if ws_ok and (forced == "ws" or num_tokens >= int(os.environ.get("FASTFT_LORA_WS_MIN_T", WS_MIN_T))):
+        return "ws"
     return "slabs" if num_tokens >= int(os.environ.get("FASTFT_LORA_SLAB_MIN_T", SLAB_MIN_T)) else "fused"
 
 
@@ -542,6 +548,58 @@ def _dx_slabs(dy, fields, lora_dx):
     return dx
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# ws path (sm_90): the projection as a one-expert call of moe_hopper's grouped GEMM. Its loader, decoder and MMA
+# warps overlap the copies, the 4-bit decode and the wgmma, so W is decoded tile by tile in shared memory (never
+# densified) at close to cuBLAS speed; the LoRA term and the bias are in its epilogue.
+WS_MIN_T = 1024
+_ws_tables_cache = {}
+
+
+def _ws_ok(x2d, fields, rank) -> bool:
+    """The ws kernel reads this call: MXFP4, or NF4 in 64-value blocks that start every row; K of both directions
+    (in, out) in whole 64-column steps; a rank whose LoRA tiles fit its shared memory."""
+    fmt, _, _, _, nf4_bs, n_w, k_w = fields
+    return ((fmt == FMT_MXFP4 or (fmt == FMT_NF4 and nf4_bs == 64)) and n_w % moe_hopper.BK == 0
+            and moe_hopper.can_run(x2d, x2d, k_w, 256, rank))
+
+
+def _ws_tables(T, bm, device):
+    """moe_hopper's routing tables for one expert over T rows: tile starts every bm rows. Cached per (T, bm) outside
+    CUDA-graph capture (inside, fresh tensors: a cached one would be filled only by the graph's replays)."""
+    key = (T, bm, device)
+    tables = _ws_tables_cache.get(key)
+    if tables is None:
+        rows = torch.arange(0, T, bm, device=device, dtype=torch.int32)
+        tables = (None, None, torch.arange(0, 2 * T, T, device=device, dtype=torch.int32)[:2] if T else None,
+                  torch.zeros_like(rows), rows)
+        if not torch.cuda.is_current_stream_capturing():
+            _ws_tables_cache[key] = tables
+    return tables
+
+
+def _nf4_code(weight):
+    """bitsandbytes' 16-value fp32 code on the weight's device, kept on the holder (frozen)."""
+    code = getattr(weight, "_lora_code", None)
+    if code is None:
+        code = weight._lora_code = weight.code.to(device=weight.device, dtype=torch.float32).contiguous()
+    return code
+
+
+def _ws_gemm(a, weight, fields, trans, out, bias=None, lora=None, add_c=False):
+    """out = a W^T (forward; or a W with trans) + bias + the LoRA term lora = (L [T, r], factor, 0, s_n, s_r, s) of
+    moe_hopper.ws_gemm (+ out itself with add_c); a, out bf16 [T, *] with unit column stride."""
+    fmt, w, aux, _, _, n_w, k_w = fields
+    T = a.shape[0]
+    if T == 0:
+        return out
+    bm = 256 if T > 128 else 128
+    K, N = (n_w, k_w) if trans else (k_w, n_w)
+    return moe_hopper.ws_gemm(a, None, w.reshape(1, -1), aux.reshape(1, -1), trans, K, N, _ws_tables(T, bm, a.device),
+                              bm, out, bias=bias, lora=lora, add_c=add_c,
+                              nf4_code=_nf4_code(weight) if fmt == FMT_NF4 else None)
+
+
 def _scaled_mm(a, b, alpha):
     """alpha * a @ b with the scale applied inside the GEMM: one launch and one rounding instead of a matmul then a
     scaling pass."""
@@ -609,9 +667,13 @@ class LoRALinearFunction(torch.autograd.Function):
             B = lora_B if lora_B.dtype == x2d.dtype else lora_B.to(x2d.dtype)
             # [T, r]: tiny, the epilogue adds s * xa B^T
             xa = _scaled_mm(x2d, A.t(), 1.0) if mask is None else _masked_down(x2d, mask, A, inv_keep)
-        ctx.slabs = lora_path(x2d.shape[0]) == "slabs"
-        if ctx.slabs:
+        ctx.path = lora_path(x2d.shape[0], _ws_ok(x2d, fields, A.shape[0] if A is not None else 0))
+        if ctx.path == "slabs":
             y = _forward_slabs(x2d, fields, bias, xa, B, scaling)
+        elif ctx.path == "ws":
+            y = x2d.new_empty(x2d.shape[0], fields[5])
+            _ws_gemm(x2d, weight, fields, False, y, bias=bias.to(x2d.dtype) if bias is not None else None,
+                     lora=(xa, B, 0, B.stride(0), B.stride(1), scaling) if xa is not None else None)
         else:
             y = _gemm(x2d, fields, False, bias=bias, p=xa, q=B.t() if B is not None else None, scaling=scaling)
         ctx.save_for_backward(x2d if lora_A is not None else None, mask, xa, A, B)
@@ -627,15 +689,21 @@ class LoRALinearFunction(torch.autograd.Function):
         dy = dy.contiguous()
         g = dy @ B if B is not None else None  # [T, r]
         dx = d_bias = dA = dB = lora_dx = None
-        if mask is not None and (need_dA or (need_dx and ctx.slabs)):
-            lora_dx, dA = _masked_lora_grads(g, A, mask, x2d, s * inv_keep, write_dx=need_dx and ctx.slabs,
-                                             need_da=need_dA)
+        dx_apart = need_dx and ctx.path in ("slabs", "ws")  # the dropout LoRA dX term comes first, the GEMM adds
+        if mask is not None and (need_dA or dx_apart):
+            lora_dx, dA = _masked_lora_grads(g, A, mask, x2d, s * inv_keep, write_dx=dx_apart, need_da=need_dA)
         if need_dx:
             fields = _weight_fields(ctx.weight)
-            if ctx.slabs:
+            if ctx.path == "slabs":
                 if g is not None and lora_dx is None:
                     lora_dx = _scaled_mm(g, A, s)
                 dx = _dx_slabs(dy, fields, lora_dx)
+            elif ctx.path == "ws":
+                if lora_dx is not None:
+                    dx = _ws_gemm(dy, ctx.weight, fields, True, lora_dx, add_c=True)
+                else:
+                    dx = _ws_gemm(dy, ctx.weight, fields, True, dy.new_empty(dy.shape[0], fields[6]),
+                                  lora=(g, A, 0, A.stride(1), A.stride(0), s) if g is not None else None)
             else:
                 dx = _gemm(dy, fields, True, p=g, q=A, scaling=s, mask=mask, inv_keep=inv_keep)
         if ctx.needs_input_grad[2]:

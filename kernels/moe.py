@@ -566,7 +566,8 @@ def _gemm(a, a_idx, w_args, tables, bm, out, *, c_idx=None, bias=None, lora=None
     lora = (L [S, r], LB, s_lbe, s_lbn, s_lbr, scaling). Row tiles that end at or below sorted row ``row_start`` are
     skipped (their output is already in place); a tile straddling it is computed whole."""
     W, WS, quant, s_we, s_wk, s_wn, s_se, K, N = w_args
-    if quant in (1, 2) and _FORCE_META is None and moe_hopper.can_run(a, out, K, bm):
+    if quant in (1, 2) and _FORCE_META is None and moe_hopper.can_run(
+            a, out, K, bm, lora[0].shape[1] if lora is not None else 0):
         return moe_hopper.ws_gemm(a, a_idx, W, WS, quant == 2, K, N, tables, bm, out, c_idx=c_idx, bias=bias,
                                   lora=lora, rowscale=rowscale, epi=epi, aux=aux, limit=limit, alpha=alpha,
                                   row_start=row_start)

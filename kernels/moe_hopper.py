@@ -87,12 +87,18 @@ def _is_sm90(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) == (9, 0)
 
 
-def can_run(a: torch.Tensor, out: torch.Tensor, K: int, bm: int) -> bool:
+# LoRA rank bound: the epilogue's factor tiles take R_PAD * (4 * BM + 2 * BN) bytes of shared memory, 40 KB at
+# R_PAD = 32 and BM = 256 beside the 3-stage rings (~215 KB of 227); rank 64 would not fit.
+MAX_RANK = 32
+
+
+def can_run(a: torch.Tensor, out: torch.Tensor, K: int, bm: int, rank: int = 0) -> bool:
     """Whether this kernel serves a GEMM: sm_90 (not under Triton's interpreter, which has no Gluon), bf16
-    activations and output, K in whole BK steps, a known row tile. (MXFP4 weights are the caller's check.)"""
+    activations and output, K in whole BK steps, a known row tile, a LoRA rank whose tiles fit. (4-bit weights
+    are the caller's check.)"""
     return (enabled() and a.is_cuda and not interpreting() and _is_sm90(a.device)
             and a.dtype == torch.bfloat16 and out.dtype == torch.bfloat16 and a.stride(1) == 1
-            and out.stride(1) == 1 and K % BK == 0 and (bm, False) in META)
+            and out.stride(1) == 1 and K % BK == 0 and (bm, False) in META and rank <= MAX_RANK)
 
 
 if HAS_GLUON:
@@ -123,12 +129,13 @@ if HAS_GLUON:
     @gluon.jit
     def _loader(A, a_idx, s_am, W, WS, s_we, s_wr, s_se, s_sr, L, s_lm, LBt, lora_scale, R, e, row0, row_end, n0,
                 K, N, a_bufs, raw_bufs, sc_bufs, l_smem, lb_smem, a_ready, ab_empty, raw_ready, raw_empty, lora_ready,
-                TRANS: gl.constexpr, GATHER_A: gl.constexpr, R_PAD: gl.constexpr, BM: gl.constexpr,
+                TRANS: gl.constexpr, GS: gl.constexpr, GATHER_A: gl.constexpr, R_PAD: gl.constexpr, BM: gl.constexpr,
                 BN: gl.constexpr, BK: gl.constexpr, NUM_STAGES: gl.constexpr, RAW_STAGES: gl.constexpr,
                 LOAD_WARPS: gl.constexpr):
         RR: gl.constexpr = BK if TRANS else BN  # raw tile [RR, RC/2] bytes: rows as stored, RC values per row
         RC: gl.constexpr = BN if TRANS else BK
-        G: gl.constexpr = RC // 32
+        G: gl.constexpr = RC // 32  # 32-value chunks per stored row and step, one scale each (NF4's 64-value
+        # groups are read once per chunk: the decoder then handles both formats' scales alike)
         # Activation rows. Rows past the expert's end read a valid row and are never stored, so the copies need
         # no mask (K % BK == 0 is the launcher's check).
         A_L: gl.constexpr = _rows_layout(BK, 2, LOAD_WARPS)
@@ -153,7 +160,7 @@ if HAS_GLUON:
             w_ptr = w_base + rr.to(gl.int64)[:, None] * s_wr + (nh + rc)[None, :]
             w_mask = (rr[:, None] >= 0) & ((nh + rc) < s_wr)[None, :]
             w_step = BK * s_wr
-            s_ptr = s_base + sr.to(gl.int64)[:, None] * s_sr + gl.minimum(n0 // 32 + sg, s_sr - 1)[None, :]
+            s_ptr = s_base + sr.to(gl.int64)[:, None] * s_sr + gl.minimum((n0 + 32 * sg) // GS, s_sr - 1)[None, :]
             s_step = BK * s_sr
         else:
             # rows: this tile's N output features (past N: clamped to N - 1, never stored); columns: K, BK per step
@@ -162,8 +169,8 @@ if HAS_GLUON:
             w_mask = None
             w_step = BK // 2
             rs = gl.minimum(n0 + sr, N - 1)
-            s_ptr = s_base + rs.to(gl.int64)[:, None] * s_sr + sg[None, :]
-            s_step = G
+            s_ptr = s_base + rs.to(gl.int64)[:, None] * s_sr + ((32 * sg) // GS)[None, :]
+            s_step = BK // GS
         num_k = K // BK
         sc = gl.load(s_ptr)
         for i in range(num_k):
@@ -193,9 +200,9 @@ if HAS_GLUON:
             mbarrier.arrive(lora_ready, count=1)
 
     @gluon.jit
-    def _decoder(raw_bufs, sc_bufs, b_bufs, ab_empty, raw_ready, raw_empty, b_ready, K,
-                 TRANS: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, NUM_STAGES: gl.constexpr,
-                 RAW_STAGES: gl.constexpr, DEC_WARPS: gl.constexpr):
+    def _decoder(raw_bufs, sc_bufs, b_bufs, ab_empty, raw_ready, raw_empty, b_ready, K, LUT,
+                 TRANS: gl.constexpr, NF4: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
+                 NUM_STAGES: gl.constexpr, RAW_STAGES: gl.constexpr, DEC_WARPS: gl.constexpr):
         RR: gl.constexpr = BK if TRANS else BN
         RC: gl.constexpr = BN if TRANS else BK
         G: gl.constexpr = RC // 32
@@ -208,10 +215,19 @@ if HAS_GLUON:
             mbarrier.wait(ab_empty.index(s), ((i // NUM_STAGES) & 1) ^ 1)
             for c in gl.static_range(RR // ROWS):
                 raw = raw_bufs.index(r).reshape([RR, G, 16]).slice(c * ROWS, ROWS).load(R3)
-                v = gl.fp4_to_fp(raw, gl.bfloat16, 2)  # [ROWS, G, 32], low nibble first (hub packing)
-                sc = sc_bufs.index(r).slice(c * ROWS, ROWS).load(gl.SliceLayout(2, v.type.layout))
-                scale = (sc.to(gl.int16) << 7).to(gl.bfloat16, bitcast=True)  # e8m0 -> bf16 2**(s - 127)
-                b_bufs.index(s).slice(c * ROWS, ROWS).store(gl.reshape(v * gl.expand_dims(scale, 2), [ROWS, RC]))
+                if NF4:
+                    # bitsandbytes: element 2i in the HIGH nibble; value = bf16(code[nibble] * absmax) in fp32,
+                    # as its dequantize_4bit rounds (the 64-byte code table stays in L1: one line per gather)
+                    b = raw.to(gl.int32)
+                    sc = gl.expand_dims(sc_bufs.index(r).slice(c * ROWS, ROWS).load(gl.SliceLayout(2, R3)), 2)
+                    first = (gl.load(LUT + (b >> 4)) * sc).to(gl.bfloat16)
+                    second = (gl.load(LUT + (b & 15)) * sc).to(gl.bfloat16)
+                    b_bufs.index(s).slice(c * ROWS, ROWS).store(gl.reshape(gl.join(first, second), [ROWS, RC]))
+                else:
+                    v = gl.fp4_to_fp(raw, gl.bfloat16, 2)  # [ROWS, G, 32], low nibble first (hub packing)
+                    sc = sc_bufs.index(r).slice(c * ROWS, ROWS).load(gl.SliceLayout(2, v.type.layout))
+                    scale = (sc.to(gl.int16) << 7).to(gl.bfloat16, bitcast=True)  # e8m0 -> bf16 2**(s - 127)
+                    b_bufs.index(s).slice(c * ROWS, ROWS).store(gl.reshape(v * gl.expand_dims(scale, 2), [ROWS, RC]))
             mbarrier.arrive(raw_empty.index(r), count=1)
             fence_async_shared()  # generic-proxy shared-memory writes -> async-proxy wgmma reads
             mbarrier.arrive(b_ready.index(s), count=1)
@@ -220,7 +236,7 @@ if HAS_GLUON:
     def _mma(bias, s_be, R, C, c_idx, s_cm, rowscale, AUX, s_xm, e, row0, row_end, n0, K, N, limit, alpha,
              a_bufs, b_bufs, l_smem, lb_smem, a_ready, ab_empty, b_ready, lora_ready,
              TRANS: gl.constexpr, EPI: gl.constexpr, SCATTER_C: gl.constexpr, HAS_BIAS: gl.constexpr,
-             ROWSCALE: gl.constexpr, R_PAD: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
+             ROWSCALE: gl.constexpr, ADD_C: gl.constexpr, R_PAD: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
              NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):
         MMA_L: gl.constexpr = _mma_layout(BM, BN, num_warps)
         acc = gl.zeros([BM, BN], gl.float32, layout=MMA_L)
@@ -260,8 +276,10 @@ if HAS_GLUON:
                 crow = gl.load(c_idx + rm, mask=mmask, other=0).to(gl.int64)
             else:
                 crow = rm.to(gl.int64)
-            gl.store(C + crow[:, None] * s_cm + rn[None, :], acc.to(C.dtype.element_ty),
-                     mask=mmask[:, None] & nmask[None, :])
+            c_ptr = C + crow[:, None] * s_cm + rn[None, :]
+            if ADD_C:  # C holds a term computed before (lora_linear's dropout LoRA dX): read, add, write back
+                acc += gl.load(c_ptr, mask=mmask[:, None] & nmask[None, :], other=0.0).to(gl.float32)
+            gl.store(c_ptr, acc.to(C.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
         else:
             # h (interleaved gate/up columns) saved in x's dtype; the activation reads h as saved, so backward's
             # clamp masks belong to the function the forward evaluated (as in moe.py)
@@ -278,11 +296,12 @@ if HAS_GLUON:
                      mask=(ra < row_end)[:, None] & (ca < N // 2)[None, :])
 
     @gluon.jit
-    def _ws_gemm_kernel(A, a_idx, s_am, W, WS, s_we, s_wr, s_se, s_sr, bias, s_be,
+    def _ws_gemm_kernel(A, a_idx, s_am, W, WS, LUT, s_we, s_wr, s_se, s_sr, bias, s_be,
                         L, s_lm, LBt, lora_scale, R, C, c_idx, s_cm, rowscale, AUX, s_xm,
                         tile_expert, tile_row, offsets, num_tiles, row_start, K, N, limit, alpha,
-                        TRANS: gl.constexpr, EPI: gl.constexpr, GATHER_A: gl.constexpr, SCATTER_C: gl.constexpr,
-                        HAS_BIAS: gl.constexpr, ROWSCALE: gl.constexpr, R_PAD: gl.constexpr, TILES: gl.constexpr,
+                        TRANS: gl.constexpr, NF4: gl.constexpr, GS: gl.constexpr, EPI: gl.constexpr,
+                        GATHER_A: gl.constexpr, SCATTER_C: gl.constexpr, HAS_BIAS: gl.constexpr,
+                        ROWSCALE: gl.constexpr, ADD_C: gl.constexpr, R_PAD: gl.constexpr, TILES: gl.constexpr,
                         BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, GROUP: gl.constexpr,
                         NUM_STAGES: gl.constexpr, RAW_STAGES: gl.constexpr, LOAD_WARPS: gl.constexpr,
                         DEC_WARPS: gl.constexpr, LOAD_REGS: gl.constexpr, DEC_REGS: gl.constexpr,
@@ -322,7 +341,7 @@ if HAS_GLUON:
                                                gl.NVMMASharedLayout.get_default_for([RR, RC], gl.bfloat16))
             raw_bufs = gl.allocate_shared_memory(gl.uint8, [RAW_STAGES, RR, RC // 2],
                                                  gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
-            sc_bufs = gl.allocate_shared_memory(gl.uint8, [RAW_STAGES, RR, RC // 32],
+            sc_bufs = gl.allocate_shared_memory(WS.dtype.element_ty, [RAW_STAGES, RR, RC // 32],
                                                 gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
             a_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
             b_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
@@ -347,13 +366,14 @@ if HAS_GLUON:
             gl.warp_specialize([
                 (_mma, (bias, s_be, R, C, c_idx, s_cm, rowscale, AUX, s_xm, e, row0, row_end, n0, K, N, limit,
                         alpha, a_bufs, b_bufs, l_smem, lb_smem, a_ready, ab_empty, b_ready, lora_ready,
-                        TRANS, EPI, SCATTER_C, HAS_BIAS, ROWSCALE, R_PAD, BM, BN, BK, NUM_STAGES, num_warps)),
+                        TRANS, EPI, SCATTER_C, HAS_BIAS, ROWSCALE, ADD_C, R_PAD, BM, BN, BK, NUM_STAGES,
+                        num_warps)),
                 (_loader, (A, a_idx, s_am, W, WS, s_we, s_wr, s_se, s_sr, L, s_lm, LBt, lora_scale, R, e, row0,
                            row_end, n0, K, N, a_bufs, raw_bufs, sc_bufs, l_smem, lb_smem, a_ready, ab_empty,
-                           raw_ready, raw_empty, lora_ready, TRANS, GATHER_A, R_PAD, BM, BN, BK, NUM_STAGES,
+                           raw_ready, raw_empty, lora_ready, TRANS, GS, GATHER_A, R_PAD, BM, BN, BK, NUM_STAGES,
                            RAW_STAGES, LOAD_WARPS)),
-                (_decoder, (raw_bufs, sc_bufs, b_bufs, ab_empty, raw_ready, raw_empty, b_ready, K,
-                            TRANS, BN, BK, NUM_STAGES, RAW_STAGES, DEC_WARPS)),
+                (_decoder, (raw_bufs, sc_bufs, b_bufs, ab_empty, raw_ready, raw_empty, b_ready, K, LUT,
+                            TRANS, NF4, BN, BK, NUM_STAGES, RAW_STAGES, DEC_WARPS)),
             ], [LOAD_WARPS, DEC_WARPS], [LOAD_REGS, DEC_REGS])
 
 
@@ -366,9 +386,11 @@ def split_tails() -> bool:
 
 
 def ws_gemm(a, a_idx, blocks, scales, trans, K, N, tables, bm, out, *, c_idx=None, bias=None, lora=None,
-            rowscale=None, epi=0, aux=None, limit=7.0, alpha=1.702, row_start=0):
-    """moe._gemm's launch for MXFP4 weights on sm_90 (check can_run first). blocks / scales: the expert stack's
-    uint8 bytes [E, out * in / 2] and scales [E, out * in / 32]; trans: the backward orientation (QUANT 2).
+            rowscale=None, epi=0, aux=None, limit=7.0, alpha=1.702, row_start=0, nf4_code=None, add_c=False):
+    """moe._gemm's launch for 4-bit weights on sm_90 (check can_run first). blocks / scales: the expert stack's
+    uint8 bytes [E, out * in / 2] and scales, MXFP4's e8m0 [E, out * in / 32] or, with nf4_code (bitsandbytes'
+    16-value fp32 code), NF4's fp32 absmax [E, out * in / 64] (lora_linear's projections, E = 1); trans: the
+    backward orientation (QUANT 2). add_c: the epilogue adds the tile of ``out`` to the product (EPI 0).
 
     With 256-row tables, an expert's last tile holds 1-256 rows: a BM=256 program for a few rows pays the MMA
     work of 256. So the tiles with more than 128 rows go to the BM=256 kernel and the short tails (at most 128
@@ -385,16 +407,18 @@ def ws_gemm(a, a_idx, blocks, scales, trans, K, N, tables, bm, out, *, c_idx=Non
         # the expert factor as [E, R, N], N contiguous (<= 6 MB at gpt-oss shape): the loader reads rank rows
         LBt = torch.as_strided(LB, (blocks.shape[0], R, N), (s_lbe, s_lbr, s_lbn)).contiguous()
     s_wr = (N if trans else K) // 2  # bytes per stored row (the forward's input features / 2)
+    group = 64 if nf4_code is not None else 32  # values per scale
     args = (a, a_idx if a_idx is not None else offsets, a.stride(0),
-            blocks, scales, blocks.stride(0), s_wr, scales.stride(0), s_wr // 16,
+            blocks, scales, nf4_code if nf4_code is not None else scales,
+            blocks.stride(0), s_wr, scales.stride(0), 2 * s_wr // group,
             bias if bias is not None else out, bias.stride(0) if bias is not None else 0,
             L, L.stride(0), LBt, float(scaling), R,
             out, c_idx if c_idx is not None else offsets, out.stride(0),
             rowscale if rowscale is not None else out,
             aux if aux is not None else out, aux.stride(0) if aux is not None else 0,
             tile_expert, tile_row, offsets)
-    flags = dict(TRANS=trans, EPI=epi, GATHER_A=a_idx is not None, SCATTER_C=c_idx is not None,
-                 HAS_BIAS=bias is not None, ROWSCALE=rowscale is not None,
+    flags = dict(TRANS=trans, NF4=nf4_code is not None, GS=group, EPI=epi, GATHER_A=a_idx is not None,
+                 SCATTER_C=c_idx is not None, HAS_BIAS=bias is not None, ROWSCALE=rowscale is not None, ADD_C=add_c,
                  R_PAD=triton.next_power_of_2(R) if R else 0, BK=BK, GROUP=GROUP_M)
 
     def launch(tile_m, num_tiles, tiles):

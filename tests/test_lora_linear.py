@@ -3,8 +3,9 @@ dequantise-then-matmul reference.
 
 CPU: Triton interpreter, fp32, small odd shapes, all three weight formats, forward and backward (dX, dA, dB, db);
 the slab path with a shrunk SLAB_BYTES so slabs are several and do not divide out / in.
-GPU (-m gpu): bf16 at gpt-oss shapes on both paths; dequantisation bit-exact vs bitsandbytes and transformers; the
-slab GEMMs write column blocks in place (no hidden copies).
+GPU (-m gpu): bf16 at gpt-oss shapes on every path (fused, slabs, and ws on sm_90); dequantisation bit-exact vs
+bitsandbytes and transformers (fused, slab and ws decodes); the slab GEMMs write column blocks in place (no hidden
+copies); the ws path under CUDA-graph capture.
 """
 
 import pytest
@@ -331,14 +332,30 @@ def test_slab_memory_math():
 GPT_OSS_SHAPES = {"q": (2880, 4096), "k": (2880, 512), "v": (2880, 512), "o": (4096, 2880)}
 
 
+def _needs_ws():
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0) or not mod.moe_hopper.HAS_GLUON:
+        pytest.skip("the ws path runs on sm_90 with Gluon")
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", ["fused", "slabs"])
+@pytest.mark.parametrize("T", [1037, 77])
+@pytest.mark.parametrize("path", ["fused", "slabs", "ws"])
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("proj", list(GPT_OSS_SHAPES))
-def test_gpt_oss_shapes_gpu(fmt, proj, path, monkeypatch):
+def test_gpt_oss_shapes_gpu(fmt, proj, path, T, monkeypatch):
+    # T = 1037: 256-row tiles and a 13-row tail (the ws path's second launch); T = 77: one 128-row tile
+    if path == "ws":
+        if fmt == "dense":
+            pytest.skip("dense weights go to cuBLAS")
+        _needs_ws()
+        calls = []
+        real = mod._ws_gemm
+        monkeypatch.setattr(mod, "_ws_gemm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    elif T != 1037:
+        pytest.skip("the small T is the ws path's BM=128 case")
     monkeypatch.setenv("FASTFT_LORA_PATH", path)
     in_f, out_f = GPT_OSS_SHAPES[proj]
-    T, r = 1037, 32
+    r = 32
     dev, dt = "cuda", torch.bfloat16
     w = _weight(fmt, out_f, in_f, dev, dt)
     x = torch.randn(T, in_f, device=dev, dtype=dt, requires_grad=True)
@@ -354,14 +371,20 @@ def test_gpt_oss_shapes_gpu(fmt, proj, path, monkeypatch):
     assert _rel(y, y_ref) < 1e-2
     for a, b in zip(g, g_ref):
         assert _rel(a, b) < 1e-2
+    if path == "ws":
+        assert len(calls) == 2  # forward and dX ran the ws kernel
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("path", ["slabs", "ws"])
 @pytest.mark.parametrize("fmt", ["mxfp4", "nf4"])
 @pytest.mark.parametrize("proj", ["q", "o"])
-def test_slabs_dropout_gpu(fmt, proj, monkeypatch):
-    # the dropout mask on the slab path's dX LoRA term, bf16 at gpt-oss shapes (3 slabs per direction)
-    monkeypatch.setenv("FASTFT_LORA_PATH", "slabs")
+def test_slabs_dropout_gpu(fmt, proj, path, monkeypatch):
+    # the dropout mask on the slab / ws path's dX LoRA term (computed first; the GEMM adds onto it), bf16 at
+    # gpt-oss shapes
+    if path == "ws":
+        _needs_ws()
+    monkeypatch.setenv("FASTFT_LORA_PATH", path)
     in_f, out_f = GPT_OSS_SHAPES[proj]
     T, r, p, dev, dt = 2053, 16, 0.1, "cuda", torch.bfloat16
     w = _weight(fmt, out_f, in_f, dev, dt)
@@ -461,3 +484,65 @@ def test_dequant_bit_exact_gpu(monkeypatch):
         ref = bnbf.dequantize_4bit(q.data, q.quant_state).float()
         assert torch.equal(q.decode(torch.float32).to(torch.bfloat16), ref.to(torch.bfloat16))
         assert torch.equal(lora_linear(eye, q).t(), q.decode(torch.float32))
+
+
+@pytest.mark.gpu
+def test_ws_decode_bit_exact_gpu():
+    # the ws kernel's in-loop decode, both orientations: an identity on either side returns W^T (forward) or W (dX)
+    # exactly, equal to transformers' MXFP4 and bitsandbytes' NF4 decoding in bf16
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    _needs_ws()
+    dev, dt = "cuda", torch.bfloat16
+    blocks = torch.randint(0, 256, (1, 512, 90, 16), dtype=torch.uint8, device=dev)
+    scales = torch.randint(100, 140, (1, 512, 90), dtype=torch.uint8, device=dev)
+    weights = [(MXFP4Tensor(blocks[0], scales[0]), convert_moe_packed_tensors(blocks, scales, dtype=dt)[0].t())]
+    if HAVE_BNB:
+        import bitsandbytes.functional as bnbf
+
+        q = quantize_nf4(torch.randn(512, 2880, device=dev, dtype=dt))
+        weights.append((q, bnbf.dequantize_4bit(q.data, q.quant_state)))
+    for w, ref in weights:  # ref: [out, in] = [512, 2880]
+        fields = mod._weight_fields(w)
+        y = mod._ws_gemm(torch.eye(2880, device=dev, dtype=dt), w, fields, False, torch.empty(2880, 512, device=dev,
+                                                                                               dtype=dt))
+        assert torch.equal(y.t(), ref)
+        dx = mod._ws_gemm(torch.eye(512, device=dev, dtype=dt), w, fields, True, torch.empty(512, 2880, device=dev,
+                                                                                              dtype=dt))
+        assert torch.equal(dx, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["mxfp4", "nf4"])
+def test_ws_cuda_graph_gpu(fmt, monkeypatch):
+    # a token count first seen inside a capture: the routing tables are built in the graph (not cached), so the
+    # replays equal an eager step
+    _needs_ws()
+    monkeypatch.setenv("FASTFT_LORA_PATH", "ws")
+    dev, dt = "cuda", torch.bfloat16
+    T, in_f, out_f, r = 3001, 2880, 512, 16
+    w = _weight(fmt, out_f, in_f, dev, dt)
+    x = torch.randn(T, in_f, device=dev, dtype=dt, requires_grad=True)
+    A = (torch.randn(r, in_f, device=dev, dtype=dt) * 0.02).requires_grad_()
+    B = (torch.randn(out_f, r, device=dev, dtype=dt) * 0.02).requires_grad_()
+    dy = torch.randn(T, out_f, device=dev, dtype=dt)
+
+    def step():
+        y = lora_linear(x, w, None, A, B, 2.0)
+        return (y, *torch.autograd.grad(y, (x, A, B), dy))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(side):
+        step()  # compiles outside the capture
+        torch.cuda.synchronize()
+        mod._ws_tables_cache.clear()
+        with torch.cuda.graph(graph):
+            got = step()
+    torch.cuda.current_stream().wait_stream(side)
+    assert (T, 256, torch.device(dev, torch.cuda.current_device())) not in mod._ws_tables_cache
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(got, step()):
+        assert torch.equal(a, b)

@@ -25,29 +25,37 @@ from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
 
 BIN = Path(triton.__path__[0]) / "backends" / "nvidia" / "bin"
 SMEM_LIMIT = 232448  # sm_90: 227 KB of dynamic shared memory per block
-POINTERS = {"A": "*bf16", "a_idx": "*i32", "W": "*u8", "WS": "*u8", "bias": "*bf16", "L": "*fp32", "LBt": "*bf16",
+POINTERS = {"A": "*bf16", "a_idx": "*i32", "W": "*u8", "WS": "*u8", "LUT": "*fp32", "bias": "*bf16", "L": "*fp32",
+            "LBt": "*bf16",
             "C": "*bf16", "c_idx": "*i32", "rowscale": "*fp32", "AUX": "*bf16", "tile_expert": "*i32",
             "tile_row": "*i32", "offsets": "*i32"}
 FLOATS = ("lora_scale", "limit", "alpha")
 # Arguments not specialised as multiples of 16 at gpt-oss shape (e.g. the scale rows, in / 32 = 90 bytes).
 ODD = ("num_tiles", "row_start", "R", "s_sr", "s_be") + FLOATS
-# The four GEMMs of one MoE block: (TRANS, EPI, GATHER_A, SCATTER_C, HAS_BIAS, ROWSCALE)
+# The four GEMMs of one MoE block, then lora_linear's (one expert, MXFP4 or NF4; its dropout dX adds onto C):
+# (TRANS, EPI, GATHER_A, SCATTER_C, HAS_BIAS, ROWSCALE, NF4, ADD_C)
 VARIANTS = {
-    "gate_up forward": (False, 1, True, False, True, False),
-    "down forward": (False, 0, False, True, True, True),
-    "down dX": (True, 0, True, False, False, False),
-    "gate_up dX": (True, 0, False, True, False, False),
+    "gate_up forward": (False, 1, True, False, True, False, False, False),
+    "down forward": (False, 0, False, True, True, True, False, False),
+    "down dX": (True, 0, True, False, False, False, False, False),
+    "gate_up dX": (True, 0, False, True, False, False, False, False),
+    "linear forward": (False, 0, False, False, True, False, False, False),
+    "linear dX": (True, 0, False, False, False, False, False, True),
+    "nf4 linear forward": (False, 0, False, False, True, False, True, False),
+    "nf4 linear dX": (True, 0, False, False, False, False, True, True),
 }
 
 
 def build(variant, bm, lora, tiles):
     fn = moe_hopper._ws_gemm_kernel
-    trans, epi, gather, scatter, has_bias, rowscale = VARIANTS[variant]
+    trans, epi, gather, scatter, has_bias, rowscale, nf4, add_c = VARIANTS[variant]
     meta = dict(moe_hopper.META[bm, lora])
     num_warps = meta.pop("num_warps")
-    const = dict(TRANS=trans, EPI=epi, GATHER_A=gather, SCATTER_C=scatter, HAS_BIAS=has_bias, ROWSCALE=rowscale,
-                 R_PAD=16 if lora else 0, TILES=tiles, BM=bm, BK=moe_hopper.BK, GROUP=moe_hopper.GROUP_M, num_warps=num_warps, **meta)
-    sig = {n: "constexpr" if n in const else POINTERS.get(n, "fp32" if n in FLOATS else "i32") for n in fn.arg_names}
+    const = dict(TRANS=trans, NF4=nf4, GS=64 if nf4 else 32, EPI=epi, GATHER_A=gather, SCATTER_C=scatter,
+                 HAS_BIAS=has_bias, ROWSCALE=rowscale, ADD_C=add_c, R_PAD=16 if lora else 0, TILES=tiles, BM=bm,
+                 BK=moe_hopper.BK, GROUP=moe_hopper.GROUP_M, num_warps=num_warps, **meta)
+    pointers = dict(POINTERS, WS="*fp32") if nf4 else POINTERS
+    sig = {n: "constexpr" if n in const else pointers.get(n, "fp32" if n in FLOATS else "i32") for n in fn.arg_names}
     attrs = {(i, ): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
              if sig[n] != "constexpr" and n not in ODD}
     return triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
