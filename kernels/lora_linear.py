@@ -596,7 +596,7 @@ def _ws_gemm(a, weight, fields, trans, out, bias=None, lora=None, add_c=False):
     bm = 256 if T > 128 else 128
     K, N = (n_w, k_w) if trans else (k_w, n_w)
     return moe_hopper.ws_gemm(a, None, w.reshape(1, -1), aux.reshape(1, -1), trans, K, N, _ws_tables(T, bm, a.device),
-                              bm, out, bias=bias, lora=lora, add_c=add_c,
+                              bm, out, bias=bias, lora=lora, add_c=add_c, lora_mma=True,
                               nf4_code=_nf4_code(weight) if fmt == FMT_NF4 else None)
 
 

@@ -129,7 +129,8 @@ if HAS_GLUON:
     @gluon.jit
     def _loader(A, a_idx, s_am, W, WS, s_we, s_wr, s_se, s_sr, L, s_lm, LBt, lora_scale, R, e, row0, row_end, n0,
                 K, N, a_bufs, raw_bufs, sc_bufs, l_smem, lb_smem, a_ready, ab_empty, raw_ready, raw_empty, lora_ready,
-                TRANS: gl.constexpr, GS: gl.constexpr, GATHER_A: gl.constexpr, R_PAD: gl.constexpr, BM: gl.constexpr,
+                TRANS: gl.constexpr, GS: gl.constexpr, GATHER_A: gl.constexpr, R_PAD: gl.constexpr,
+                LORA_MMA: gl.constexpr, BM: gl.constexpr,
                 BN: gl.constexpr, BK: gl.constexpr, NUM_STAGES: gl.constexpr, RAW_STAGES: gl.constexpr,
                 LOAD_WARPS: gl.constexpr):
         RR: gl.constexpr = BK if TRANS else BN  # raw tile [RR, RC/2] bytes: rows as stored, RC values per row
@@ -187,7 +188,23 @@ if HAS_GLUON:
             async_copy.async_copy_global_to_shared(a_bufs.index(s), a_ptr + i * BK)
             async_copy.mbarrier_arrive(a_ready.index(s), increment_count=False)
             sc = sc_next
-        if R_PAD > 0:
+        if LORA_MMA:
+            # LoRA as one more wgmma (K = R_PAD): [BM, R_PAD] of s * L and [R_PAD, BN] of LBt, bf16 in wgmma's
+            # layouts; rows past the end read a valid row, ranks past R are zero, columns are clamped
+            LL: gl.constexpr = _rows_layout(R_PAD, 2, LOAD_WARPS)
+            rl = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, LL))
+            jl = gl.arange(0, R_PAD, layout=gl.SliceLayout(0, LL))
+            lv = gl.load(L + gl.where(rl < row_end, rl, row0).to(gl.int64)[:, None] * s_lm + jl[None, :],
+                         mask=(rl >= 0)[:, None] & (jl < R)[None, :], other=0.0)
+            l_smem.store((lv.to(gl.float32) * lora_scale).to(gl.bfloat16))
+            LBL: gl.constexpr = _rows_layout(BN, 2, LOAD_WARPS)
+            jb = gl.arange(0, R_PAD, layout=gl.SliceLayout(1, LBL))
+            cb = gl.minimum(n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, LBL)), N - 1)
+            lbv = gl.load(LBt + e.to(gl.int64) * R * N + jb[:, None] * N + cb[None, :],
+                          mask=(jb < R)[:, None] & (cb >= 0)[None, :], other=0.0)
+            lb_smem.store(lbv.to(gl.bfloat16))
+            mbarrier.arrive(lora_ready, count=1)
+        elif R_PAD > 0:
             # LoRA tiles, transposed ([R, BM] scaled L, [R, BN] of LBt = [E, R, N]) so the epilogue reads one
             # rank's row and column vectors at a time; rows past the end read a valid row, columns are clamped
             V: gl.constexpr = gl.BlockedLayout([1], [32], [LOAD_WARPS], [0])
@@ -236,7 +253,8 @@ if HAS_GLUON:
     def _mma(bias, s_be, R, C, c_idx, s_cm, rowscale, AUX, s_xm, e, row0, row_end, n0, K, N, limit, alpha,
              a_bufs, b_bufs, l_smem, lb_smem, a_ready, ab_empty, b_ready, lora_ready,
              TRANS: gl.constexpr, EPI: gl.constexpr, SCATTER_C: gl.constexpr, HAS_BIAS: gl.constexpr,
-             ROWSCALE: gl.constexpr, ADD_C: gl.constexpr, R_PAD: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
+             ROWSCALE: gl.constexpr, ADD_C: gl.constexpr, R_PAD: gl.constexpr, LORA_MMA: gl.constexpr,
+             BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
              NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):
         MMA_L: gl.constexpr = _mma_layout(BM, BN, num_warps)
         acc = gl.zeros([BM, BN], gl.float32, layout=MMA_L)
@@ -254,6 +272,10 @@ if HAS_GLUON:
             # one group in flight: after this wait step i-1's group has retired, so its slot is free
             acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
             mbarrier.arrive(ab_empty.index((i + NUM_STAGES - 1) % NUM_STAGES), count=1, pred=i > 0)
+        if LORA_MMA:
+            mbarrier.wait(lora_ready, 0)
+            fence_async_shared()  # the loader's plain stores -> wgmma's async-proxy reads
+            acc = warpgroup_mma(l_smem, lb_smem, acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         # (the last slot is never released: nobody waits for it in a one-tile-per-program kernel)
 
@@ -261,7 +283,7 @@ if HAS_GLUON:
         mmask = rm < row_end
         rn = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, MMA_L))
         nmask = rn < N
-        if R_PAD > 0:  # LoRA: R rank-1 fp32 updates from the staged tiles (a rolled loop: unrolled, it spills)
+        if R_PAD > 0 and not LORA_MMA:  # LoRA: R rank-1 fp32 updates (a rolled loop: unrolled, it spills)
             mbarrier.wait(lora_ready, 0)
             for j in range(R):
                 lo = l_smem.index(j).load(gl.SliceLayout(1, MMA_L))
@@ -301,7 +323,8 @@ if HAS_GLUON:
                         tile_expert, tile_row, offsets, num_tiles, row_start, K, N, limit, alpha,
                         TRANS: gl.constexpr, NF4: gl.constexpr, GS: gl.constexpr, EPI: gl.constexpr,
                         GATHER_A: gl.constexpr, SCATTER_C: gl.constexpr, HAS_BIAS: gl.constexpr,
-                        ROWSCALE: gl.constexpr, ADD_C: gl.constexpr, R_PAD: gl.constexpr, TILES: gl.constexpr,
+                        ROWSCALE: gl.constexpr, ADD_C: gl.constexpr, R_PAD: gl.constexpr, LORA_MMA: gl.constexpr,
+                        TILES: gl.constexpr,
                         BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, GROUP: gl.constexpr,
                         NUM_STAGES: gl.constexpr, RAW_STAGES: gl.constexpr, LOAD_WARPS: gl.constexpr,
                         DEC_WARPS: gl.constexpr, LOAD_REGS: gl.constexpr, DEC_REGS: gl.constexpr,
@@ -352,8 +375,14 @@ if HAS_GLUON:
             # the LoRA tiles (a token allocation without LoRA)
             LR: gl.constexpr = R_PAD if R_PAD > 0 else 1
             vec_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
-            l_smem = gl.allocate_shared_memory(gl.float32, [LR, BM if R_PAD > 0 else 32], vec_layout)
-            lb_smem = gl.allocate_shared_memory(LBt.dtype.element_ty, [LR, BN if R_PAD > 0 else 32], vec_layout)
+            if LORA_MMA:
+                l_smem = gl.allocate_shared_memory(gl.bfloat16, [BM, R_PAD],
+                                                   gl.NVMMASharedLayout.get_default_for([BM, R_PAD], gl.bfloat16))
+                lb_smem = gl.allocate_shared_memory(gl.bfloat16, [R_PAD, BN],
+                                                    gl.NVMMASharedLayout.get_default_for([R_PAD, BN], gl.bfloat16))
+            else:
+                l_smem = gl.allocate_shared_memory(gl.float32, [LR, BM if R_PAD > 0 else 32], vec_layout)
+                lb_smem = gl.allocate_shared_memory(LBt.dtype.element_ty, [LR, BN if R_PAD > 0 else 32], vec_layout)
             for j in gl.static_range(NUM_STAGES):
                 mbarrier.init(a_ready.index(j), count=LOAD_WARPS * 32)  # one cp.async arrival per loader thread
                 mbarrier.init(b_ready.index(j), count=1)
@@ -366,11 +395,12 @@ if HAS_GLUON:
             gl.warp_specialize([
                 (_mma, (bias, s_be, R, C, c_idx, s_cm, rowscale, AUX, s_xm, e, row0, row_end, n0, K, N, limit,
                         alpha, a_bufs, b_bufs, l_smem, lb_smem, a_ready, ab_empty, b_ready, lora_ready,
-                        TRANS, EPI, SCATTER_C, HAS_BIAS, ROWSCALE, ADD_C, R_PAD, BM, BN, BK, NUM_STAGES,
-                        num_warps)),
+                        TRANS, EPI, SCATTER_C, HAS_BIAS, ROWSCALE, ADD_C, R_PAD, LORA_MMA, BM, BN, BK,
+                        NUM_STAGES, num_warps)),
                 (_loader, (A, a_idx, s_am, W, WS, s_we, s_wr, s_se, s_sr, L, s_lm, LBt, lora_scale, R, e, row0,
                            row_end, n0, K, N, a_bufs, raw_bufs, sc_bufs, l_smem, lb_smem, a_ready, ab_empty,
-                           raw_ready, raw_empty, lora_ready, TRANS, GS, GATHER_A, R_PAD, BM, BN, BK, NUM_STAGES,
+                           raw_ready, raw_empty, lora_ready, TRANS, GS, GATHER_A, R_PAD, LORA_MMA, BM, BN, BK,
+                           NUM_STAGES,
                            RAW_STAGES, LOAD_WARPS)),
                 (_decoder, (raw_bufs, sc_bufs, b_bufs, ab_empty, raw_ready, raw_empty, b_ready, K, LUT,
                             TRANS, NF4, BN, BK, NUM_STAGES, RAW_STAGES, DEC_WARPS)),
@@ -386,11 +416,14 @@ def split_tails() -> bool:
 
 
 def ws_gemm(a, a_idx, blocks, scales, trans, K, N, tables, bm, out, *, c_idx=None, bias=None, lora=None,
-            rowscale=None, epi=0, aux=None, limit=7.0, alpha=1.702, row_start=0, nf4_code=None, add_c=False):
+            rowscale=None, epi=0, aux=None, limit=7.0, alpha=1.702, row_start=0, nf4_code=None, add_c=False,
+            lora_mma=False):
     """moe._gemm's launch for 4-bit weights on sm_90 (check can_run first). blocks / scales: the expert stack's
     uint8 bytes [E, out * in / 2] and scales, MXFP4's e8m0 [E, out * in / 32] or, with nf4_code (bitsandbytes'
     16-value fp32 code), NF4's fp32 absmax [E, out * in / 64] (lora_linear's projections, E = 1); trans: the
     backward orientation (QUANT 2). add_c: the epilogue adds the tile of ``out`` to the product (EPI 0).
+    lora_mma: the LoRA term as one more wgmma over bf16 s * L and LB (rounded to bf16, as PEFT's bf16 LoRA is)
+    instead of R exact fp32 rank-1 updates in the epilogue (the MoE's gate_up keeps those: its clamp masks).
 
     With 256-row tables, an expert's last tile holds 1-256 rows: a BM=256 program for a few rows pays the MMA
     work of 256. So the tiles with more than 128 rows go to the BM=256 kernel and the short tails (at most 128
@@ -419,7 +452,8 @@ def ws_gemm(a, a_idx, blocks, scales, trans, K, N, tables, bm, out, *, c_idx=Non
             tile_expert, tile_row, offsets)
     flags = dict(TRANS=trans, NF4=nf4_code is not None, GS=group, EPI=epi, GATHER_A=a_idx is not None,
                  SCATTER_C=c_idx is not None, HAS_BIAS=bias is not None, ROWSCALE=rowscale is not None, ADD_C=add_c,
-                 R_PAD=triton.next_power_of_2(R) if R else 0, BK=BK, GROUP=GROUP_M)
+                 R_PAD=(max(16, triton.next_power_of_2(R)) if lora_mma else triton.next_power_of_2(R)) if R else 0,
+                 LORA_MMA=lora_mma and R > 0, BK=BK, GROUP=GROUP_M)
 
     def launch(tile_m, num_tiles, tiles):
         m = META[tile_m, lora is not None]

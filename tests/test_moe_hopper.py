@@ -51,8 +51,10 @@ def build(variant, bm, lora, tiles):
     trans, epi, gather, scatter, has_bias, rowscale, nf4, add_c = VARIANTS[variant]
     meta = dict(moe_hopper.META[bm, lora])
     num_warps = meta.pop("num_warps")
+    # lora_linear's dX adds onto C only with dropout, whose LoRA term is then already in C
     const = dict(TRANS=trans, NF4=nf4, GS=64 if nf4 else 32, EPI=epi, GATHER_A=gather, SCATTER_C=scatter,
-                 HAS_BIAS=has_bias, ROWSCALE=rowscale, ADD_C=add_c, R_PAD=16 if lora else 0, TILES=tiles, BM=bm,
+                 HAS_BIAS=has_bias, ROWSCALE=rowscale, ADD_C=add_c and not lora, R_PAD=16 if lora else 0,
+                 LORA_MMA=lora and "linear" in variant, TILES=tiles, BM=bm,
                  BK=moe_hopper.BK, GROUP=moe_hopper.GROUP_M, num_warps=num_warps, **meta)
     pointers = dict(POINTERS, WS="*fp32") if nf4 else POINTERS
     sig = {n: "constexpr" if n in const else pointers.get(n, "fp32" if n in FLOATS else "i32") for n in fn.arg_names}
