@@ -417,13 +417,14 @@ def split_tails() -> bool:
 
 def ws_gemm(a, a_idx, blocks, scales, trans, K, N, tables, bm, out, *, c_idx=None, bias=None, lora=None,
             rowscale=None, epi=0, aux=None, limit=7.0, alpha=1.702, row_start=0, nf4_code=None, add_c=False,
-            lora_mma=False):
+            lora_mma=False, meta=None):
     """moe._gemm's launch for 4-bit weights on sm_90 (check can_run first). blocks / scales: the expert stack's
     uint8 bytes [E, out * in / 2] and scales, MXFP4's e8m0 [E, out * in / 32] or, with nf4_code (bitsandbytes'
     16-value fp32 code), NF4's fp32 absmax [E, out * in / 64] (lora_linear's projections, E = 1); trans: the
     backward orientation (QUANT 2). add_c: the epilogue adds the tile of ``out`` to the product (EPI 0).
     lora_mma: the LoRA term as one more wgmma over bf16 s * L and LB (rounded to bf16, as PEFT's bf16 LoRA is)
     instead of R exact fp32 rank-1 updates in the epilogue (the MoE's gate_up keeps those: its clamp masks).
+    meta: {(BM, LoRA): tile and warp parameters} in place of META.
 
     With 256-row tables, an expert's last tile holds 1-256 rows: a BM=256 program for a few rows pays the MMA
     work of 256. So the tiles with more than 128 rows go to the BM=256 kernel and the short tails (at most 128
@@ -456,7 +457,7 @@ def ws_gemm(a, a_idx, blocks, scales, trans, K, N, tables, bm, out, *, c_idx=Non
                  LORA_MMA=lora_mma and R > 0, BK=BK, GROUP=GROUP_M)
 
     def launch(tile_m, num_tiles, tiles):
-        m = META[tile_m, lora is not None]
+        m = (meta or META)[tile_m, lora is not None]
         _ws_gemm_kernel[(num_tiles * triton.cdiv(N, m["BN"]), )](
             *args, num_tiles, row_start, K, N, float(limit), float(alpha), TILES=tiles, BM=tile_m, **flags, **m)
 
