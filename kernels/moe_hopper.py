@@ -54,9 +54,11 @@ try:
     from triton.experimental.gluon.language.nvidia.hopper import (
         fence_async_shared,
         mbarrier,
+        tma,
         warpgroup_mma,
         warpgroup_mma_wait,
     )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     HAS_GLUON = True
 except ImportError:  # triton without Gluon (or no triton): the Triton kernel serves every GEMM
     HAS_GLUON = False
@@ -75,6 +77,9 @@ META = {
 }
 META[128, True] = META[128, False]
 META[256, True] = dict(META[256, False], NUM_STAGES=3, LOAD_REGS=72, DEC_REGS=48)
+# NF4 (lora_linear's projections): its decode is a code-table gather per value, so 8 decoder warps at 48 registers
+# (H200 sweep, o_proj at T=16384: forward 1068 vs 1160 us with 4 warps, dX 1107 vs 1198)
+NF4_META = {key: dict(m, DEC_WARPS=8, DEC_REGS=48, LOAD_REGS=min(m["LOAD_REGS"], 64)) for key, m in META.items()}
 
 
 def enabled() -> bool:
@@ -127,9 +132,10 @@ if HAS_GLUON:
         return gl.BlockedLayout([1, 1, 16], [32 // G, G, 1], [num_warps, 1, 1], [2, 1, 0])
 
     @gluon.jit
-    def _loader(A, a_idx, s_am, W, WS, s_we, s_wr, s_se, s_sr, L, s_lm, LBt, lora_scale, R, e, row0, row_end, n0,
-                K, N, a_bufs, raw_bufs, sc_bufs, l_smem, lb_smem, a_ready, ab_empty, raw_ready, raw_empty, lora_ready,
-                TRANS: gl.constexpr, GS: gl.constexpr, GATHER_A: gl.constexpr, R_PAD: gl.constexpr,
+    def _loader(A, a_desc, a_idx, s_am, W, WS, s_we, s_wr, s_se, s_sr, L, s_lm, LBt, lora_scale, R, e, row0,
+                row_end, n0, K, N, a_bufs, raw_bufs, sc_bufs, l_smem, lb_smem, a_ready, ab_empty, raw_ready,
+                raw_empty, lora_ready, TRANS: gl.constexpr, GS: gl.constexpr, GATHER_A: gl.constexpr,
+                TMA_A: gl.constexpr, R_PAD: gl.constexpr,
                 LORA_MMA: gl.constexpr, BM: gl.constexpr,
                 BN: gl.constexpr, BK: gl.constexpr, NUM_STAGES: gl.constexpr, RAW_STAGES: gl.constexpr,
                 LOAD_WARPS: gl.constexpr):
@@ -137,8 +143,9 @@ if HAS_GLUON:
         RC: gl.constexpr = BN if TRANS else BK
         G: gl.constexpr = RC // 32  # 32-value chunks per stored row and step, one scale each (NF4's 64-value
         # groups are read once per chunk: the decoder then handles both formats' scales alike)
-        # Activation rows. Rows past the expert's end read a valid row and are never stored, so the copies need
-        # no mask (K % BK == 0 is the launcher's check).
+        # Activation rows (cp.async; TMA_A: a descriptor's boxes, rows past the tensor zero-filled). Rows past the
+        # expert's end read a valid row and are never stored, so the copies need no mask (K % BK == 0 is the
+        # launcher's check).
         A_L: gl.constexpr = _rows_layout(BK, 2, LOAD_WARPS)
         rm = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, A_L))
         if GATHER_A:
@@ -174,20 +181,33 @@ if HAS_GLUON:
             s_step = BK // GS
         num_k = K // BK
         sc = gl.load(s_ptr)
-        for i in range(num_k):
-            r = i % RAW_STAGES
-            s = i % NUM_STAGES
-            sc_next = gl.load(s_ptr + (i + 1) * s_step, mask=i + 1 < num_k, other=0)
-            # raw bytes first: they still go through the decoder before the MMA can use them
-            mbarrier.wait(raw_empty.index(r), ((i // RAW_STAGES) & 1) ^ 1)
-            async_copy.async_copy_global_to_shared(raw_bufs.index(r), w_ptr + i * w_step, mask=w_mask)
-            sc_bufs.index(r).store(sc)
-            async_copy.mbarrier_arrive(raw_ready.index(r), increment_count=False)  # LOAD_WARPS * 32 arrivals
-            mbarrier.arrive(raw_ready.index(r), count=1)  # + 1 for the scales (after a partition barrier)
-            mbarrier.wait(ab_empty.index(s), ((i // NUM_STAGES) & 1) ^ 1)
-            async_copy.async_copy_global_to_shared(a_bufs.index(s), a_ptr + i * BK)
-            async_copy.mbarrier_arrive(a_ready.index(s), increment_count=False)
-            sc = sc_next
+        # The raw bytes of step t go out LEAD steps before its activations: they still pass the decoder, and with
+        # both copies of a step issued together the raw ones waited on a free activation slot (NUM_STAGES deep),
+        # so the decoder met their full latency (H200, lora_linear dX at T=16384: 944 us with the raw copies
+        # and no decode vs 583 without either). LEAD <= RAW_STAGES - 2 keeps the rings deadlock-free: the raw
+        # slot of step t frees once the decoder is past step t - RAW_STAGES, which needs only the MMA of earlier
+        # steps, whose activations were issued before.
+        LEAD: gl.constexpr = RAW_STAGES - 2
+        for t in range(num_k + LEAD):
+            if t < num_k:
+                r = t % RAW_STAGES
+                sc_next = gl.load(s_ptr + (t + 1) * s_step, mask=t + 1 < num_k, other=0)
+                mbarrier.wait(raw_empty.index(r), ((t // RAW_STAGES) & 1) ^ 1)
+                async_copy.async_copy_global_to_shared(raw_bufs.index(r), w_ptr + t * w_step, mask=w_mask)
+                sc_bufs.index(r).store(sc)
+                async_copy.mbarrier_arrive(raw_ready.index(r), increment_count=False)  # LOAD_WARPS * 32 arrivals
+                mbarrier.arrive(raw_ready.index(r), count=1)  # + 1 for the scales (after a partition barrier)
+                sc = sc_next
+            i = t - LEAD
+            if i >= 0:
+                s = i % NUM_STAGES
+                mbarrier.wait(ab_empty.index(s), ((i // NUM_STAGES) & 1) ^ 1)
+                if TMA_A:
+                    mbarrier.expect(a_ready.index(s), BM * BK * 2)
+                    tma.async_copy_global_to_shared(a_desc, [row0, i * BK], a_ready.index(s), a_bufs.index(s))
+                else:
+                    async_copy.async_copy_global_to_shared(a_bufs.index(s), a_ptr + i * BK)
+                    async_copy.mbarrier_arrive(a_ready.index(s), increment_count=False)
         if LORA_MMA:
             # LoRA as one more wgmma (K = R_PAD): [BM, R_PAD] of s * L and [R_PAD, BN] of LBt, bf16 in wgmma's
             # layouts; rows past the end read a valid row, ranks past R are zero, columns are clamped
@@ -244,7 +264,11 @@ if HAS_GLUON:
                     v = gl.fp4_to_fp(raw, gl.bfloat16, 2)  # [ROWS, G, 32], low nibble first (hub packing)
                     sc = sc_bufs.index(r).slice(c * ROWS, ROWS).load(gl.SliceLayout(2, v.type.layout))
                     scale = (sc.to(gl.int16) << 7).to(gl.bfloat16, bitcast=True)  # e8m0 -> bf16 2**(s - 127)
-                    b_bufs.index(s).slice(c * ROWS, ROWS).store(gl.reshape(v * gl.expand_dims(scale, 2), [ROWS, RC]))
+                    v, scale = gl.broadcast(v, gl.expand_dims(scale, 2))
+                    # two values per instruction (a bf16 `*` compiles to scalar multiplies plus register moves)
+                    v = gl.inline_asm_elementwise("mul.rn.bf16x2 $0, $1, $2;", "=r,r,r", [v, scale],
+                                                  dtype=gl.bfloat16, is_pure=True, pack=2)
+                    b_bufs.index(s).slice(c * ROWS, ROWS).store(gl.reshape(v, [ROWS, RC]))
             mbarrier.arrive(raw_empty.index(r), count=1)
             fence_async_shared()  # generic-proxy shared-memory writes -> async-proxy wgmma reads
             mbarrier.arrive(b_ready.index(s), count=1)
@@ -318,11 +342,12 @@ if HAS_GLUON:
                      mask=(ra < row_end)[:, None] & (ca < N // 2)[None, :])
 
     @gluon.jit
-    def _ws_gemm_kernel(A, a_idx, s_am, W, WS, LUT, s_we, s_wr, s_se, s_sr, bias, s_be,
+    def _ws_gemm_kernel(A, a_desc, a_idx, s_am, W, WS, LUT, s_we, s_wr, s_se, s_sr, bias, s_be,
                         L, s_lm, LBt, lora_scale, R, C, c_idx, s_cm, rowscale, AUX, s_xm,
                         tile_expert, tile_row, offsets, num_tiles, row_start, K, N, limit, alpha,
                         TRANS: gl.constexpr, NF4: gl.constexpr, GS: gl.constexpr, EPI: gl.constexpr,
-                        GATHER_A: gl.constexpr, SCATTER_C: gl.constexpr, HAS_BIAS: gl.constexpr,
+                        GATHER_A: gl.constexpr, TMA_A: gl.constexpr, SCATTER_C: gl.constexpr,
+                        HAS_BIAS: gl.constexpr,
                         ROWSCALE: gl.constexpr, ADD_C: gl.constexpr, R_PAD: gl.constexpr, LORA_MMA: gl.constexpr,
                         TILES: gl.constexpr,
                         BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, GROUP: gl.constexpr,
@@ -384,7 +409,8 @@ if HAS_GLUON:
                 l_smem = gl.allocate_shared_memory(gl.float32, [LR, BM if R_PAD > 0 else 32], vec_layout)
                 lb_smem = gl.allocate_shared_memory(LBt.dtype.element_ty, [LR, BN if R_PAD > 0 else 32], vec_layout)
             for j in gl.static_range(NUM_STAGES):
-                mbarrier.init(a_ready.index(j), count=LOAD_WARPS * 32)  # one cp.async arrival per loader thread
+                # one cp.async arrival per loader thread, or TMA's expect-tx arrival
+                mbarrier.init(a_ready.index(j), count=1 if TMA_A else LOAD_WARPS * 32)
                 mbarrier.init(b_ready.index(j), count=1)
                 mbarrier.init(ab_empty.index(j), count=1)
             for j in gl.static_range(RAW_STAGES):
@@ -397,9 +423,9 @@ if HAS_GLUON:
                         alpha, a_bufs, b_bufs, l_smem, lb_smem, a_ready, ab_empty, b_ready, lora_ready,
                         TRANS, EPI, SCATTER_C, HAS_BIAS, ROWSCALE, ADD_C, R_PAD, LORA_MMA, BM, BN, BK,
                         NUM_STAGES, num_warps)),
-                (_loader, (A, a_idx, s_am, W, WS, s_we, s_wr, s_se, s_sr, L, s_lm, LBt, lora_scale, R, e, row0,
-                           row_end, n0, K, N, a_bufs, raw_bufs, sc_bufs, l_smem, lb_smem, a_ready, ab_empty,
-                           raw_ready, raw_empty, lora_ready, TRANS, GS, GATHER_A, R_PAD, LORA_MMA, BM, BN, BK,
+                (_loader, (A, a_desc, a_idx, s_am, W, WS, s_we, s_wr, s_se, s_sr, L, s_lm, LBt, lora_scale, R, e,
+                           row0, row_end, n0, K, N, a_bufs, raw_bufs, sc_bufs, l_smem, lb_smem, a_ready, ab_empty,
+                           raw_ready, raw_empty, lora_ready, TRANS, GS, GATHER_A, TMA_A, R_PAD, LORA_MMA, BM, BN, BK,
                            NUM_STAGES,
                            RAW_STAGES, LOAD_WARPS)),
                 (_decoder, (raw_bufs, sc_bufs, b_bufs, ab_empty, raw_ready, raw_empty, b_ready, K, LUT,
@@ -442,6 +468,9 @@ def ws_gemm(a, a_idx, blocks, scales, trans, K, N, tables, bm, out, *, c_idx=Non
         LBt = torch.as_strided(LB, (blocks.shape[0], R, N), (s_lbe, s_lbr, s_lbn)).contiguous()
     s_wr = (N if trans else K) // 2  # bytes per stored row (the forward's input features / 2)
     group = 64 if nf4_code is not None else 32  # values per scale
+    # dense activation rows (not gathered) go through TMA: one thread issues a step's copy instead of 16 cp.async
+    # per loader thread (the loader's instruction stream was part of the step time)
+    tma_a = a_idx is None and a.data_ptr() % 16 == 0 and a.stride(0) * a.element_size() % 16 == 0
     args = (a, a_idx if a_idx is not None else offsets, a.stride(0),
             blocks, scales, nf4_code if nf4_code is not None else scales,
             blocks.stride(0), s_wr, scales.stride(0), 2 * s_wr // group,
@@ -451,15 +480,20 @@ def ws_gemm(a, a_idx, blocks, scales, trans, K, N, tables, bm, out, *, c_idx=Non
             rowscale if rowscale is not None else out,
             aux if aux is not None else out, aux.stride(0) if aux is not None else 0,
             tile_expert, tile_row, offsets)
-    flags = dict(TRANS=trans, NF4=nf4_code is not None, GS=group, EPI=epi, GATHER_A=a_idx is not None,
+    flags = dict(TRANS=trans, NF4=nf4_code is not None, GS=group, EPI=epi, GATHER_A=a_idx is not None, TMA_A=tma_a,
                  SCATTER_C=c_idx is not None, HAS_BIAS=bias is not None, ROWSCALE=rowscale is not None, ADD_C=add_c,
                  R_PAD=(max(16, triton.next_power_of_2(R)) if lora_mma else triton.next_power_of_2(R)) if R else 0,
                  LORA_MMA=lora_mma and R > 0, BK=BK, GROUP=GROUP_M)
 
     def launch(tile_m, num_tiles, tiles):
-        m = (meta or META)[tile_m, lora is not None]
+        m = (meta or (NF4_META if nf4_code is not None else META))[tile_m, lora is not None]
+        a_desc = a
+        if tma_a:
+            a_desc = TensorDescriptor.from_tensor(a, [tile_m, BK], gl.NVMMASharedLayout.get_default_for([tile_m, BK],
+                                                                                                     gl.bfloat16))
         _ws_gemm_kernel[(num_tiles * triton.cdiv(N, m["BN"]), )](
-            *args, num_tiles, row_start, K, N, float(limit), float(alpha), TILES=tiles, BM=tile_m, **flags, **m)
+            args[0], a_desc, *args[1:], num_tiles, row_start, K, N, float(limit), float(alpha), TILES=tiles,
+            BM=tile_m, **flags, **m)
 
     if bm == 256 and split_tails():
         launch(256, tile_expert.numel(), LONG_TILES)
