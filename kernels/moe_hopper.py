@@ -70,13 +70,13 @@ GROUP_M = 8  # programs sharing GROUP_M row tiles walk all column blocks (A stay
 # spill-free. At BM=256 the LoRA tiles (20 KB) fit beside 3 stages only, and the loader, which also stages them,
 # needs 72 registers not to spill in its K loop (sm_90 builds, tests/test_moe_hopper.py).
 META = {
-    (128, False): dict(BN=128, NUM_STAGES=4, RAW_STAGES=6, LOAD_WARPS=4, DEC_WARPS=4, LOAD_REGS=56, DEC_REGS=64,
+    (128, False): dict(BN=128, NUM_STAGES=4, B_STAGES=4, RAW_STAGES=6, LOAD_WARPS=4, DEC_WARPS=4, LOAD_REGS=56, DEC_REGS=64,
                        num_warps=4),
-    (256, False): dict(BN=128, NUM_STAGES=4, RAW_STAGES=6, LOAD_WARPS=4, DEC_WARPS=4, LOAD_REGS=56, DEC_REGS=56,
+    (256, False): dict(BN=128, NUM_STAGES=4, B_STAGES=4, RAW_STAGES=6, LOAD_WARPS=4, DEC_WARPS=4, LOAD_REGS=56, DEC_REGS=56,
                        num_warps=8),
 }
 META[128, True] = META[128, False]
-META[256, True] = dict(META[256, False], NUM_STAGES=3, LOAD_REGS=72, DEC_REGS=48)
+META[256, True] = dict(META[256, False], NUM_STAGES=3, B_STAGES=3, LOAD_REGS=72, DEC_REGS=48)
 # NF4 (lora_linear's projections): its decode is a code-table gather per value, so 8 decoder warps at 48 registers
 # (H200 sweep, o_proj at T=16384: forward 1068 vs 1160 us with 4 warps, dX 1107 vs 1198)
 NF4_META = {key: dict(m, DEC_WARPS=8, DEC_REGS=48, LOAD_REGS=min(m["LOAD_REGS"], 64)) for key, m in META.items()}
@@ -133,7 +133,7 @@ if HAS_GLUON:
 
     @gluon.jit
     def _loader(A, a_desc, a_idx, s_am, W, WS, s_we, s_wr, s_se, s_sr, L, s_lm, LBt, lora_scale, R, e, row0,
-                row_end, n0, K, N, a_bufs, raw_bufs, sc_bufs, l_smem, lb_smem, a_ready, ab_empty, raw_ready,
+                row_end, n0, K, N, a_bufs, raw_bufs, sc_bufs, l_smem, lb_smem, a_ready, a_empty, raw_ready,
                 raw_empty, lora_ready, TRANS: gl.constexpr, GS: gl.constexpr, GATHER_A: gl.constexpr,
                 TMA_A: gl.constexpr, R_PAD: gl.constexpr,
                 LORA_MMA: gl.constexpr, BM: gl.constexpr,
@@ -201,7 +201,7 @@ if HAS_GLUON:
             i = t - LEAD
             if i >= 0:
                 s = i % NUM_STAGES
-                mbarrier.wait(ab_empty.index(s), ((i // NUM_STAGES) & 1) ^ 1)
+                mbarrier.wait(a_empty.index(s), ((i // NUM_STAGES) & 1) ^ 1)
                 if TMA_A:
                     mbarrier.expect(a_ready.index(s), BM * BK * 2)
                     tma.async_copy_global_to_shared(a_desc, [row0, i * BK], a_ready.index(s), a_bufs.index(s))
@@ -237,9 +237,9 @@ if HAS_GLUON:
             mbarrier.arrive(lora_ready, count=1)
 
     @gluon.jit
-    def _decoder(raw_bufs, sc_bufs, b_bufs, ab_empty, raw_ready, raw_empty, b_ready, K, LUT,
+    def _decoder(raw_bufs, sc_bufs, b_bufs, b_empty, raw_ready, raw_empty, b_ready, K, LUT,
                  TRANS: gl.constexpr, NF4: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
-                 NUM_STAGES: gl.constexpr, RAW_STAGES: gl.constexpr, DEC_WARPS: gl.constexpr):
+                 B_STAGES: gl.constexpr, RAW_STAGES: gl.constexpr, DEC_WARPS: gl.constexpr):
         RR: gl.constexpr = BK if TRANS else BN
         RC: gl.constexpr = BN if TRANS else BK
         G: gl.constexpr = RC // 32
@@ -247,9 +247,9 @@ if HAS_GLUON:
         R3: gl.constexpr = _raw_layout(G, DEC_WARPS)
         for i in range(K // BK):
             r = i % RAW_STAGES
-            s = i % NUM_STAGES
+            s = i % B_STAGES
             mbarrier.wait(raw_ready.index(r), (i // RAW_STAGES) & 1)
-            mbarrier.wait(ab_empty.index(s), ((i // NUM_STAGES) & 1) ^ 1)
+            mbarrier.wait(b_empty.index(s), ((i // B_STAGES) & 1) ^ 1)
             for c in gl.static_range(RR // ROWS):
                 raw = raw_bufs.index(r).reshape([RR, G, 16]).slice(c * ROWS, ROWS).load(R3)
                 if NF4:
@@ -275,27 +275,28 @@ if HAS_GLUON:
 
     @gluon.jit
     def _mma(bias, s_be, R, C, c_idx, s_cm, rowscale, AUX, s_xm, e, row0, row_end, n0, K, N, limit, alpha,
-             a_bufs, b_bufs, l_smem, lb_smem, a_ready, ab_empty, b_ready, lora_ready,
+             a_bufs, b_bufs, l_smem, lb_smem, a_ready, a_empty, b_ready, b_empty, lora_ready,
              TRANS: gl.constexpr, EPI: gl.constexpr, SCATTER_C: gl.constexpr, HAS_BIAS: gl.constexpr,
              ROWSCALE: gl.constexpr, ADD_C: gl.constexpr, R_PAD: gl.constexpr, LORA_MMA: gl.constexpr,
              BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
-             NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):
+             NUM_STAGES: gl.constexpr, B_STAGES: gl.constexpr, num_warps: gl.constexpr):
         MMA_L: gl.constexpr = _mma_layout(BM, BN, num_warps)
         acc = gl.zeros([BM, BN], gl.float32, layout=MMA_L)
         for i in range(K // BK):
             s = i % NUM_STAGES
-            ph = (i // NUM_STAGES) & 1
-            mbarrier.wait(a_ready.index(s), ph)
-            mbarrier.wait(b_ready.index(s), ph)
+            sb = i % B_STAGES
+            mbarrier.wait(a_ready.index(s), (i // NUM_STAGES) & 1)
+            mbarrier.wait(b_ready.index(sb), (i // B_STAGES) & 1)
             fence_async_shared()  # A was written by cp.async (generic proxy); wgmma reads through the async proxy
             if TRANS:
-                b = b_bufs.index(s)  # [BK, BN], N contiguous
+                b = b_bufs.index(sb)  # [BK, BN], N contiguous
             else:
-                b = b_bufs.index(s).permute((1, 0))  # stored [BN, BK], K contiguous
+                b = b_bufs.index(sb).permute((1, 0))  # stored [BN, BK], K contiguous
             acc = warpgroup_mma(a_bufs.index(s), b, acc, is_async=True)
             # one group in flight: after this wait step i-1's group has retired, so its slot is free
             acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
-            mbarrier.arrive(ab_empty.index((i + NUM_STAGES - 1) % NUM_STAGES), count=1, pred=i > 0)
+            mbarrier.arrive(a_empty.index((i + NUM_STAGES - 1) % NUM_STAGES), count=1, pred=i > 0)
+            mbarrier.arrive(b_empty.index((i + B_STAGES - 1) % B_STAGES), count=1, pred=i > 0)
         if LORA_MMA:
             mbarrier.wait(lora_ready, 0)
             fence_async_shared()  # the loader's plain stores -> wgmma's async-proxy reads
@@ -351,7 +352,8 @@ if HAS_GLUON:
                         ROWSCALE: gl.constexpr, ADD_C: gl.constexpr, R_PAD: gl.constexpr, LORA_MMA: gl.constexpr,
                         TILES: gl.constexpr,
                         BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, GROUP: gl.constexpr,
-                        NUM_STAGES: gl.constexpr, RAW_STAGES: gl.constexpr, LOAD_WARPS: gl.constexpr,
+                        NUM_STAGES: gl.constexpr, B_STAGES: gl.constexpr, RAW_STAGES: gl.constexpr,
+                        LOAD_WARPS: gl.constexpr,
                         DEC_WARPS: gl.constexpr, LOAD_REGS: gl.constexpr, DEC_REGS: gl.constexpr,
                         num_warps: gl.constexpr):
         # TILES (see ws_gemm): 0 (ALL_TILES) every tile of the table, built for BM rows; 1 (LONG_TILES) those
@@ -385,15 +387,16 @@ if HAS_GLUON:
             RC: gl.constexpr = BN if TRANS else BK
             a_bufs = gl.allocate_shared_memory(gl.bfloat16, [NUM_STAGES, BM, BK],
                                                gl.NVMMASharedLayout.get_default_for([BM, BK], gl.bfloat16))
-            b_bufs = gl.allocate_shared_memory(gl.bfloat16, [NUM_STAGES, RR, RC],
+            b_bufs = gl.allocate_shared_memory(gl.bfloat16, [B_STAGES, RR, RC],
                                                gl.NVMMASharedLayout.get_default_for([RR, RC], gl.bfloat16))
             raw_bufs = gl.allocate_shared_memory(gl.uint8, [RAW_STAGES, RR, RC // 2],
                                                  gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
             sc_bufs = gl.allocate_shared_memory(WS.dtype.element_ty, [RAW_STAGES, RR, RC // 32],
                                                 gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
             a_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-            b_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-            ab_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+            a_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+            b_ready = gl.allocate_shared_memory(gl.int64, [B_STAGES, 1], mbarrier.MBarrierLayout())
+            b_empty = gl.allocate_shared_memory(gl.int64, [B_STAGES, 1], mbarrier.MBarrierLayout())
             raw_ready = gl.allocate_shared_memory(gl.int64, [RAW_STAGES, 1], mbarrier.MBarrierLayout())
             raw_empty = gl.allocate_shared_memory(gl.int64, [RAW_STAGES, 1], mbarrier.MBarrierLayout())
             lora_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -411,8 +414,10 @@ if HAS_GLUON:
             for j in gl.static_range(NUM_STAGES):
                 # one cp.async arrival per loader thread, or TMA's expect-tx arrival
                 mbarrier.init(a_ready.index(j), count=1 if TMA_A else LOAD_WARPS * 32)
+                mbarrier.init(a_empty.index(j), count=1)
+            for j in gl.static_range(B_STAGES):
                 mbarrier.init(b_ready.index(j), count=1)
-                mbarrier.init(ab_empty.index(j), count=1)
+                mbarrier.init(b_empty.index(j), count=1)
             for j in gl.static_range(RAW_STAGES):
                 mbarrier.init(raw_ready.index(j), count=LOAD_WARPS * 32 + 1)  # + the scale stores' arrival
                 mbarrier.init(raw_empty.index(j), count=1)
@@ -420,16 +425,16 @@ if HAS_GLUON:
 
             gl.warp_specialize([
                 (_mma, (bias, s_be, R, C, c_idx, s_cm, rowscale, AUX, s_xm, e, row0, row_end, n0, K, N, limit,
-                        alpha, a_bufs, b_bufs, l_smem, lb_smem, a_ready, ab_empty, b_ready, lora_ready,
+                        alpha, a_bufs, b_bufs, l_smem, lb_smem, a_ready, a_empty, b_ready, b_empty, lora_ready,
                         TRANS, EPI, SCATTER_C, HAS_BIAS, ROWSCALE, ADD_C, R_PAD, LORA_MMA, BM, BN, BK,
-                        NUM_STAGES, num_warps)),
+                        NUM_STAGES, B_STAGES, num_warps)),
                 (_loader, (A, a_desc, a_idx, s_am, W, WS, s_we, s_wr, s_se, s_sr, L, s_lm, LBt, lora_scale, R, e,
-                           row0, row_end, n0, K, N, a_bufs, raw_bufs, sc_bufs, l_smem, lb_smem, a_ready, ab_empty,
+                           row0, row_end, n0, K, N, a_bufs, raw_bufs, sc_bufs, l_smem, lb_smem, a_ready, a_empty,
                            raw_ready, raw_empty, lora_ready, TRANS, GS, GATHER_A, TMA_A, R_PAD, LORA_MMA, BM, BN, BK,
                            NUM_STAGES,
                            RAW_STAGES, LOAD_WARPS)),
-                (_decoder, (raw_bufs, sc_bufs, b_bufs, ab_empty, raw_ready, raw_empty, b_ready, K, LUT,
-                            TRANS, NF4, BN, BK, NUM_STAGES, RAW_STAGES, DEC_WARPS)),
+                (_decoder, (raw_bufs, sc_bufs, b_bufs, b_empty, raw_ready, raw_empty, b_ready, K, LUT,
+                            TRANS, NF4, BN, BK, B_STAGES, RAW_STAGES, DEC_WARPS)),
             ], [LOAD_WARPS, DEC_WARPS], [LOAD_REGS, DEC_REGS])
 
 
