@@ -1,6 +1,7 @@
 """Linear with an unmerged LoRA term, over dense or 4-bit weights: y = x W^T + b + s * (dropout(x) A^T) B^T.
 
-Two execution paths behind one autograd Function (same saved tensors); ``lora_path(T)`` picks one per call:
+Three execution paths behind one autograd Function (same saved tensors); ``lora_path(T)`` picks one per call
+(the third, "ws", is opt-in: see the ws section below):
 
 fused (T < SLAB_MIN_T = 1024, memory-bound): one Triton GEMM serves both directions; W is dequantised tile by tile
 inside its main loop and is never densified, so W costs 4 bits per weight of HBM traffic:
@@ -455,16 +456,18 @@ INTERPRETER_DECODE_META = {"BLOCK_R": 16, "BLOCK_C": 64}
 def lora_path(num_tokens: int, ws_ok: bool = False) -> str:
     """The path a call over num_tokens rows takes: "fused" (in-loop dequant, reads 4 bits per weight: wins while
     memory-bound), "slabs" (cuBLAS: wins once compute-bound) or, where ``ws_ok`` (a 4-bit weight, bf16, sm_90:
-    see _ws_ok), "ws": moe_hopper's warp-specialised GEMM, in-loop dequant in its own warps, from
-    FASTFT_LORA_WS_MIN_T tokens up (default WS_MIN_T). FASTFT_LORA_PATH=fused|slabs|ws forces one (A/B timing; ws
-    only where it can run, otherwise the choice below); otherwise slabs from FASTFT_LORA_SLAB_MIN_T tokens up
-    (default SLAB_MIN_T)."""
+    see _ws_ok), "ws": moe_hopper's warp-specialised GEMM, in-loop dequant in its own warps, W never densified.
+    ws is opt-in (FASTFT_LORA_PATH=ws, or FASTFT_LORA_WS_MIN_T=<tokens>): on the H200 it still runs each GEMM at
+    1.4-1.9x cuBLAS's time, so slabs stay faster (see WS_MIN_T). FASTFT_LORA_PATH=fused|slabs|ws forces one (A/B
+    timing; ws only where it can run, otherwise the choice below); otherwise slabs from FASTFT_LORA_SLAB_MIN_T
+    tokens up (default SLAB_MIN_T)."""
     forced = os.environ.get("FASTFT_LORA_PATH", "auto")
     if forced in ("fused", "slabs"):
         return forced
     if forced not in ("auto", "ws"):
         raise ValueError(f"FASTFT_LORA_PATH must be auto, fused, slabs or ws, not {forced!r}")
-    if ws_ok and (forced == "ws" or num_tokens >= int(os.environ.get("FASTFT_LORA_WS_MIN_T", WS_MIN_T))):
+    ws_min = os.environ.get("FASTFT_LORA_WS_MIN_T", WS_MIN_T)
+    if ws_ok and (forced == "ws" or (ws_min is not None and num_tokens >= int(ws_min))):
         return "ws"
     return "slabs" if num_tokens >= int(os.environ.get("FASTFT_LORA_SLAB_MIN_T", SLAB_MIN_T)) else "fused"
 
@@ -552,7 +555,11 @@ def _dx_slabs(dy, fields, lora_dx):
 # ws path (sm_90): the projection as a one-expert call of moe_hopper's grouped GEMM. Its loader, decoder and MMA
 # warps overlap the copies, the 4-bit decode and the wgmma, so W is decoded tile by tile in shared memory (never
 # densified) at close to cuBLAS speed; the LoRA term and the bias are in its epilogue.
-WS_MIN_T = 1024
+# Not chosen automatically (None): measured on the H200 at T=16384 (fwd + LoRA, dX + LoRA, per GEMM) MXFP4 runs at
+# 1.36-1.5x cuBLAS's bf16 time, NF4 at 1.7-2x (its decode is a code-table gather per value); the slab path's decode
+# plus cuBLAS is faster at every gpt-oss shape. The loader / MMA pipeline alone (decode removed, timing probe)
+# reaches cuBLAS speed: the decoder warps are what is left to make faster.
+WS_MIN_T = None
 _ws_tables_cache = {}
 
 
@@ -597,7 +604,8 @@ def _ws_gemm(a, weight, fields, trans, out, bias=None, lora=None, add_c=False):
     K, N = (n_w, k_w) if trans else (k_w, n_w)
     return moe_hopper.ws_gemm(a, None, w.reshape(1, -1), aux.reshape(1, -1), trans, K, N, _ws_tables(T, bm, a.device),
                               bm, out, bias=bias, lora=lora, add_c=add_c, lora_mma=True,
-                              nf4_code=_nf4_code(weight) if fmt == FMT_NF4 else None)
+                              nf4_code=_nf4_code(weight) if fmt == FMT_NF4 else None,
+                              meta=moe_hopper.NF4_META if fmt == FMT_NF4 else moe_hopper.LINEAR_META)
 
 
 def _scaled_mm(a, b, alpha):

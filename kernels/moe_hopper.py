@@ -32,7 +32,7 @@ second [BM, BN] tile in registers. The loader stages both factors' tiles in shar
 so the epilogue does not wait on global loads: read from global memory there, 16 dependent load rounds per tile
 made the T=16384 block's four GEMMs 6.3 ms slower with LoRA than without (H200).
 
-Shared memory per program (bf16 A and B rings of NUM_STAGES, raw ring of RAW_STAGES): BM=256: 4 * 32 KB + 4 * 16 KB
+Shared memory per program (bf16 A ring of NUM_STAGES, B ring of B_STAGES, raw ring of RAW_STAGES): BM=256: 4 * 32 KB + 4 * 16 KB
 + 6 * 4 KB ~ 218 KB of the 227 KB an sm_90 block may have, so one program per SM; with LoRA, 3 stages + the 20 KB
 of factor tiles ~ 190 KB.
 """
@@ -77,9 +77,14 @@ META = {
 }
 META[128, True] = META[128, False]
 META[256, True] = dict(META[256, False], NUM_STAGES=3, B_STAGES=3, LOAD_REGS=72, DEC_REGS=48)
-# NF4 (lora_linear's projections): its decode is a code-table gather per value, so 8 decoder warps at 48 registers
-# (H200 sweep, o_proj at T=16384: forward 1068 vs 1160 us with 4 warps, dX 1107 vs 1198)
-NF4_META = {key: dict(m, DEC_WARPS=8, DEC_REGS=48, LOAD_REGS=min(m["LOAD_REGS"], 64)) for key, m in META.items()}
+# lora_linear's projections (one expert, LoRA as a wgmma: 12 KB of factor tiles): two more weight stages, so the
+# decoder runs further ahead (H200, T=16384, forward + LoRA: q 742 vs 787 us, o 797 vs 829; dX unchanged).
+# NF4: its decode is a code-table gather per value, so 8 decoder warps (o_proj: forward 1068 vs 1160 us with 4
+# warps, dX 1107 vs 1198); 48 loader and 40 decoder registers leave the MMA warps enough not to spill (sm_90
+# builds; the loader only issues copies now that the activations come through TMA).
+LINEAR_META = dict(META)
+LINEAR_META[256, True] = dict(META[256, True], B_STAGES=5)
+NF4_META = {key: dict(m, DEC_WARPS=8, DEC_REGS=40, LOAD_REGS=48) for key, m in LINEAR_META.items()}
 
 
 def enabled() -> bool:
@@ -455,7 +460,7 @@ def ws_gemm(a, a_idx, blocks, scales, trans, K, N, tables, bm, out, *, c_idx=Non
     backward orientation (QUANT 2). add_c: the epilogue adds the tile of ``out`` to the product (EPI 0).
     lora_mma: the LoRA term as one more wgmma over bf16 s * L and LB (rounded to bf16, as PEFT's bf16 LoRA is)
     instead of R exact fp32 rank-1 updates in the epilogue (the MoE's gate_up keeps those: its clamp masks).
-    meta: {(BM, LoRA): tile and warp parameters} in place of META.
+    meta: {(BM, LoRA): tile and warp parameters} in place of META (lora_linear passes LINEAR_META / NF4_META).
 
     With 256-row tables, an expert's last tile holds 1-256 rows: a BM=256 program for a few rows pays the MMA
     work of 256. So the tiles with more than 128 rows go to the BM=256 kernel and the short tails (at most 128
@@ -491,7 +496,7 @@ def ws_gemm(a, a_idx, blocks, scales, trans, K, N, tables, bm, out, *, c_idx=Non
                  LORA_MMA=lora_mma and R > 0, BK=BK, GROUP=GROUP_M)
 
     def launch(tile_m, num_tiles, tiles):
-        m = (meta or (NF4_META if nf4_code is not None else META))[tile_m, lora is not None]
+        m = (meta or META)[tile_m, lora is not None]
         a_desc = a
         if tma_a:
             a_desc = TensorDescriptor.from_tensor(a, [tile_m, BK], gl.NVMMASharedLayout.get_default_for([tile_m, BK],

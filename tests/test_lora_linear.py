@@ -57,6 +57,7 @@ def _auto_path(monkeypatch):
     # tests choose the path themselves; a developer's exported override must not flip them
     monkeypatch.delenv("FASTFT_LORA_PATH", raising=False)
     monkeypatch.delenv("FASTFT_LORA_SLAB_MIN_T", raising=False)
+    monkeypatch.delenv("FASTFT_LORA_WS_MIN_T", raising=False)
 
 
 @pytest.fixture(params=[False, True], ids=["ab", "swap_ab"])
@@ -295,6 +296,15 @@ def test_slabs_bf16_io_cpu(fmt, monkeypatch):
 
 def test_path_choice_cpu(monkeypatch):
     assert lora_path(1023) == "fused" and lora_path(1024) == "slabs"
+    # ws (sm_90 kernel) only on request, and only where it can run
+    assert lora_path(10**6, ws_ok=True) == "slabs"
+    monkeypatch.setenv("FASTFT_LORA_WS_MIN_T", "100")
+    assert lora_path(100, ws_ok=True) == "ws" and lora_path(99, ws_ok=True) == "fused"
+    assert lora_path(100, ws_ok=False) == "fused"
+    monkeypatch.delenv("FASTFT_LORA_WS_MIN_T")
+    monkeypatch.setenv("FASTFT_LORA_PATH", "ws")
+    assert lora_path(5, ws_ok=True) == "ws" and lora_path(5000, ws_ok=False) == "slabs"
+    monkeypatch.delenv("FASTFT_LORA_PATH")
     monkeypatch.setenv("FASTFT_LORA_SLAB_MIN_T", "8")
     assert lora_path(7) == "fused" and lora_path(8) == "slabs"
     monkeypatch.setenv("FASTFT_LORA_PATH", "fused")

@@ -49,7 +49,8 @@ VARIANTS = {
 def build(variant, bm, lora, tiles):
     fn = moe_hopper._ws_gemm_kernel
     trans, epi, gather, scatter, has_bias, rowscale, nf4, add_c = VARIANTS[variant]
-    meta = dict(moe_hopper.META[bm, lora])
+    table = (moe_hopper.NF4_META if nf4 else moe_hopper.LINEAR_META) if "linear" in variant else moe_hopper.META
+    meta = dict(table[bm, lora])
     num_warps = meta.pop("num_warps")
     # lora_linear's dX adds onto C only with dropout, whose LoRA term is then already in C
     const = dict(TRANS=trans, NF4=nf4, GS=64 if nf4 else 32, EPI=epi, GATHER_A=gather, TMA_A=not gather,
