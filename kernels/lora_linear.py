@@ -605,7 +605,7 @@ def _ws_gemm(a, weight, fields, trans, out, bias=None, lora=None, add_c=False):
     return moe_hopper.ws_gemm(a, None, w.reshape(1, -1), aux.reshape(1, -1), trans, K, N, _ws_tables(T, bm, a.device),
                               bm, out, bias=bias, lora=lora, add_c=add_c, lora_mma=True,
                               nf4_code=_nf4_code(weight) if fmt == FMT_NF4 else None,
-                              meta=moe_hopper.NF4_META if fmt == FMT_NF4 else moe_hopper.LINEAR_META)
+                              meta=moe_hopper.NF4_META if fmt == FMT_NF4 else moe_hopper.LINEAR_META, linear=True)
 
 
 def _scaled_mm(a, b, alpha):

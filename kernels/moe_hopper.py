@@ -85,6 +85,9 @@ META[256, True] = dict(META[256, False], NUM_STAGES=3, B_STAGES=3, LOAD_REGS=72,
 LINEAR_META = dict(META)
 LINEAR_META[256, True] = dict(META[256, True], B_STAGES=5)
 NF4_META = {key: dict(m, DEC_WARPS=8, DEC_REGS=40, LOAD_REGS=48) for key, m in LINEAR_META.items()}
+# NF4's fp32 scale ring is 4.5 KB larger: 5 weight stages leave no room for rank 32; at 4, 56 loader / 32 decoder
+# registers are what keeps the MMA warps' main loop spill-free (sm_90 builds)
+NF4_META[256, True].update(B_STAGES=4, LOAD_REGS=56, DEC_REGS=32)
 
 
 def enabled() -> bool:
@@ -140,7 +143,7 @@ if HAS_GLUON:
     def _loader(A, a_desc, a_idx, s_am, W, WS, s_we, s_wr, s_se, s_sr, L, s_lm, LBt, lora_scale, R, e, row0,
                 row_end, n0, K, N, a_bufs, raw_bufs, sc_bufs, l_smem, lb_smem, a_ready, a_empty, raw_ready,
                 raw_empty, lora_ready, TRANS: gl.constexpr, GS: gl.constexpr, GATHER_A: gl.constexpr,
-                TMA_A: gl.constexpr, R_PAD: gl.constexpr,
+                TMA_A: gl.constexpr, LEAD: gl.constexpr, R_PAD: gl.constexpr,
                 LORA_MMA: gl.constexpr, BM: gl.constexpr,
                 BN: gl.constexpr, BK: gl.constexpr, NUM_STAGES: gl.constexpr, RAW_STAGES: gl.constexpr,
                 LOAD_WARPS: gl.constexpr):
@@ -191,8 +194,8 @@ if HAS_GLUON:
         # so the decoder met their full latency (H200, lora_linear dX at T=16384: 944 us with the raw copies
         # and no decode vs 583 without either). LEAD <= RAW_STAGES - 2 keeps the rings deadlock-free: the raw
         # slot of step t frees once the decoder is past step t - RAW_STAGES, which needs only the MMA of earlier
-        # steps, whose activations were issued before.
-        LEAD: gl.constexpr = RAW_STAGES - 2
+        # steps, whose activations were issued before. (LEAD = 0: both copies of a step together, the MoE's order:
+        # its block measured 10 % slower with lead + TMA + bf16x2 together, H200 T=16384, not yet bisected.)
         for t in range(num_k + LEAD):
             if t < num_k:
                 r = t % RAW_STAGES
@@ -243,7 +246,7 @@ if HAS_GLUON:
 
     @gluon.jit
     def _decoder(raw_bufs, sc_bufs, b_bufs, b_empty, raw_ready, raw_empty, b_ready, K, LUT,
-                 TRANS: gl.constexpr, NF4: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
+                 TRANS: gl.constexpr, NF4: gl.constexpr, MUL_X2: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
                  B_STAGES: gl.constexpr, RAW_STAGES: gl.constexpr, DEC_WARPS: gl.constexpr):
         RR: gl.constexpr = BK if TRANS else BN
         RC: gl.constexpr = BN if TRANS else BK
@@ -269,10 +272,13 @@ if HAS_GLUON:
                     v = gl.fp4_to_fp(raw, gl.bfloat16, 2)  # [ROWS, G, 32], low nibble first (hub packing)
                     sc = sc_bufs.index(r).slice(c * ROWS, ROWS).load(gl.SliceLayout(2, v.type.layout))
                     scale = (sc.to(gl.int16) << 7).to(gl.bfloat16, bitcast=True)  # e8m0 -> bf16 2**(s - 127)
-                    v, scale = gl.broadcast(v, gl.expand_dims(scale, 2))
-                    # two values per instruction (a bf16 `*` compiles to scalar multiplies plus register moves)
-                    v = gl.inline_asm_elementwise("mul.rn.bf16x2 $0, $1, $2;", "=r,r,r", [v, scale],
-                                                  dtype=gl.bfloat16, is_pure=True, pack=2)
+                    if MUL_X2:
+                        v, scale = gl.broadcast(v, gl.expand_dims(scale, 2))
+                        # two values per instruction (a bf16 `*` compiles to scalar multiplies + register moves)
+                        v = gl.inline_asm_elementwise("mul.rn.bf16x2 $0, $1, $2;", "=r,r,r", [v, scale],
+                                                      dtype=gl.bfloat16, is_pure=True, pack=2)
+                    else:
+                        v = v * gl.expand_dims(scale, 2)
                     b_bufs.index(s).slice(c * ROWS, ROWS).store(gl.reshape(v, [ROWS, RC]))
             mbarrier.arrive(raw_empty.index(r), count=1)
             fence_async_shared()  # generic-proxy shared-memory writes -> async-proxy wgmma reads
@@ -352,7 +358,8 @@ if HAS_GLUON:
                         L, s_lm, LBt, lora_scale, R, C, c_idx, s_cm, rowscale, AUX, s_xm,
                         tile_expert, tile_row, offsets, num_tiles, row_start, K, N, limit, alpha,
                         TRANS: gl.constexpr, NF4: gl.constexpr, GS: gl.constexpr, EPI: gl.constexpr,
-                        GATHER_A: gl.constexpr, TMA_A: gl.constexpr, SCATTER_C: gl.constexpr,
+                        GATHER_A: gl.constexpr, TMA_A: gl.constexpr, LEAD: gl.constexpr, MUL_X2: gl.constexpr,
+                        SCATTER_C: gl.constexpr,
                         HAS_BIAS: gl.constexpr,
                         ROWSCALE: gl.constexpr, ADD_C: gl.constexpr, R_PAD: gl.constexpr, LORA_MMA: gl.constexpr,
                         TILES: gl.constexpr,
@@ -435,11 +442,12 @@ if HAS_GLUON:
                         NUM_STAGES, B_STAGES, num_warps)),
                 (_loader, (A, a_desc, a_idx, s_am, W, WS, s_we, s_wr, s_se, s_sr, L, s_lm, LBt, lora_scale, R, e,
                            row0, row_end, n0, K, N, a_bufs, raw_bufs, sc_bufs, l_smem, lb_smem, a_ready, a_empty,
-                           raw_ready, raw_empty, lora_ready, TRANS, GS, GATHER_A, TMA_A, R_PAD, LORA_MMA, BM, BN, BK,
+                           raw_ready, raw_empty, lora_ready, TRANS, GS, GATHER_A, TMA_A, LEAD, R_PAD, LORA_MMA, BM,
+                           BN, BK,
                            NUM_STAGES,
                            RAW_STAGES, LOAD_WARPS)),
                 (_decoder, (raw_bufs, sc_bufs, b_bufs, b_empty, raw_ready, raw_empty, b_ready, K, LUT,
-                            TRANS, NF4, BN, BK, B_STAGES, RAW_STAGES, DEC_WARPS)),
+                            TRANS, NF4, MUL_X2, BN, BK, B_STAGES, RAW_STAGES, DEC_WARPS)),
             ], [LOAD_WARPS, DEC_WARPS], [LOAD_REGS, DEC_REGS])
 
 
@@ -453,7 +461,7 @@ def split_tails() -> bool:
 
 def ws_gemm(a, a_idx, blocks, scales, trans, K, N, tables, bm, out, *, c_idx=None, bias=None, lora=None,
             rowscale=None, epi=0, aux=None, limit=7.0, alpha=1.702, row_start=0, nf4_code=None, add_c=False,
-            lora_mma=False, meta=None):
+            lora_mma=False, meta=None, linear=False):
     """moe._gemm's launch for 4-bit weights on sm_90 (check can_run first). blocks / scales: the expert stack's
     uint8 bytes [E, out * in / 2] and scales, MXFP4's e8m0 [E, out * in / 32] or, with nf4_code (bitsandbytes'
     16-value fp32 code), NF4's fp32 absmax [E, out * in / 64] (lora_linear's projections, E = 1); trans: the
@@ -461,6 +469,8 @@ def ws_gemm(a, a_idx, blocks, scales, trans, K, N, tables, bm, out, *, c_idx=Non
     lora_mma: the LoRA term as one more wgmma over bf16 s * L and LB (rounded to bf16, as PEFT's bf16 LoRA is)
     instead of R exact fp32 rank-1 updates in the epilogue (the MoE's gate_up keeps those: its clamp masks).
     meta: {(BM, LoRA): tile and warp parameters} in place of META (lora_linear passes LINEAR_META / NF4_META).
+    linear: lora_linear's loader and decoder (activations through TMA, raw bytes RAW_STAGES - 2 steps ahead,
+    bf16x2 scale multiplies): per GEMM 2-8 % faster there, but the MoE block measured 10 % slower with all three.
 
     With 256-row tables, an expert's last tile holds 1-256 rows: a BM=256 program for a few rows pays the MMA
     work of 256. So the tiles with more than 128 rows go to the BM=256 kernel and the short tails (at most 128
@@ -480,7 +490,7 @@ def ws_gemm(a, a_idx, blocks, scales, trans, K, N, tables, bm, out, *, c_idx=Non
     group = 64 if nf4_code is not None else 32  # values per scale
     # dense activation rows (not gathered) go through TMA: one thread issues a step's copy instead of 16 cp.async
     # per loader thread (the loader's instruction stream was part of the step time)
-    tma_a = a_idx is None and a.data_ptr() % 16 == 0 and a.stride(0) * a.element_size() % 16 == 0
+    tma_a = linear and a_idx is None and a.data_ptr() % 16 == 0 and a.stride(0) * a.element_size() % 16 == 0
     args = (a, a_idx if a_idx is not None else offsets, a.stride(0),
             blocks, scales, nf4_code if nf4_code is not None else scales,
             blocks.stride(0), s_wr, scales.stride(0), 2 * s_wr // group,
@@ -491,6 +501,7 @@ def ws_gemm(a, a_idx, blocks, scales, trans, K, N, tables, bm, out, *, c_idx=Non
             aux if aux is not None else out, aux.stride(0) if aux is not None else 0,
             tile_expert, tile_row, offsets)
     flags = dict(TRANS=trans, NF4=nf4_code is not None, GS=group, EPI=epi, GATHER_A=a_idx is not None, TMA_A=tma_a,
+                 MUL_X2=linear,
                  SCATTER_C=c_idx is not None, HAS_BIAS=bias is not None, ROWSCALE=rowscale is not None, ADD_C=add_c,
                  R_PAD=(max(16, triton.next_power_of_2(R)) if lora_mma else triton.next_power_of_2(R)) if R else 0,
                  LORA_MMA=lora_mma and R > 0, BK=BK, GROUP=GROUP_M)
@@ -503,7 +514,7 @@ def ws_gemm(a, a_idx, blocks, scales, trans, K, N, tables, bm, out, *, c_idx=Non
                                                                                                      gl.bfloat16))
         _ws_gemm_kernel[(num_tiles * triton.cdiv(N, m["BN"]), )](
             args[0], a_desc, *args[1:], num_tiles, row_start, K, N, float(limit), float(alpha), TILES=tiles,
-            BM=tile_m, **flags, **m)
+            BM=tile_m, LEAD=m["RAW_STAGES"] - 2 if linear else 0, **flags, **m)
 
     if bm == 256 and split_tails():
         launch(256, tile_expert.numel(), LONG_TILES)

@@ -53,14 +53,16 @@ def build(variant, bm, lora, tiles):
     meta = dict(table[bm, lora])
     num_warps = meta.pop("num_warps")
     # lora_linear's dX adds onto C only with dropout, whose LoRA term is then already in C
-    const = dict(TRANS=trans, NF4=nf4, GS=64 if nf4 else 32, EPI=epi, GATHER_A=gather, TMA_A=not gather,
+    linear = "linear" in variant  # lora_linear's loader and decoder (TMA activations, raw lead, bf16x2)
+    const = dict(TRANS=trans, NF4=nf4, GS=64 if nf4 else 32, EPI=epi, GATHER_A=gather, TMA_A=linear,
+                 LEAD=meta["RAW_STAGES"] - 2 if linear else 0, MUL_X2=linear,
                  SCATTER_C=scatter,
                  HAS_BIAS=has_bias, ROWSCALE=rowscale, ADD_C=add_c and not lora, R_PAD=16 if lora else 0,
                  LORA_MMA=lora and "linear" in variant, TILES=tiles, BM=bm,
                  BK=moe_hopper.BK, GROUP=moe_hopper.GROUP_M, num_warps=num_warps, **meta)
     pointers = dict(POINTERS, WS="*fp32") if nf4 else POINTERS
     # activation rows not gathered come through TMA (the launcher's choice for 16-byte aligned rows)
-    pointers = dict(pointers, a_desc="*bf16" if gather else (
+    pointers = dict(pointers, a_desc="*bf16" if not linear else (
         f"tensordesc<bf16[{bm}, {moe_hopper.BK}],NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, "
         "rank=2, transposed=False, fp4_padded=False, cga_layout=[])>"))
     sig = {n: "constexpr" if n in const else pointers.get(n, "fp32" if n in FLOATS else "i32") for n in fn.arg_names}
