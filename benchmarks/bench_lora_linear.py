@@ -133,7 +133,8 @@ def main():
                 ref_dx, ref_dA = xf.grad, Af.grad
                 del xf, Af, Bf, yf
                 times, peak, err_dx, err_dA = {}, {}, 0.0, 0.0
-                ws_ok = lora_mod._ws_ok(x.detach(), lora_mod._weight_fields(wf), args.rank)
+                with _forced_path("ws"):
+                    ws_ok = lora_mod._ws_ok(x.detach(), lora_mod._weight_fields(wf), args.rank)
                 for path in PATHS:
                     if path == "ws" and not ws_ok:
                         continue

@@ -554,7 +554,7 @@ def _dx_slabs(dy, fields, lora_dx):
 # ---------------------------------------------------------------------------------------------------------------------
 # ws path (sm_90): the projection as a one-expert call of moe_hopper's grouped GEMM. Its loader, decoder and MMA
 # warps overlap the copies, the 4-bit decode and the wgmma, so W is decoded tile by tile in shared memory (never
-# densified) at close to cuBLAS speed; the LoRA term and the bias are in its epilogue.
+# densified); the LoRA term is one more wgmma, the bias is in its epilogue.
 # Not chosen automatically (None): measured on the H200 at T=16384 (fwd + LoRA, dX + LoRA, per GEMM) MXFP4 runs at
 # 1.36-1.5x cuBLAS's bf16 time, NF4 at 1.7-2x (its decode is a code-table gather per value); the slab path's decode
 # plus cuBLAS is faster at every gpt-oss shape. The loader / MMA pipeline alone (decode removed, timing probe)
@@ -564,8 +564,12 @@ _ws_tables_cache = {}
 
 
 def _ws_ok(x2d, fields, rank) -> bool:
-    """The ws kernel reads this call: MXFP4, or NF4 in 64-value blocks that start every row; K of both directions
-    (in, out) in whole 64-column steps; a rank whose LoRA tiles fit its shared memory."""
+    """The ws path is asked for (FASTFT_LORA_PATH=ws, FASTFT_LORA_WS_MIN_T or WS_MIN_T; checked first: the default
+    call pays no more host time) and its kernel reads this call: MXFP4, or NF4 in 64-value blocks that start every
+    row; K of both directions (in, out) in whole 64-column steps; a rank whose LoRA tiles fit its shared memory."""
+    if (WS_MIN_T is None and os.environ.get("FASTFT_LORA_PATH") != "ws"
+            and os.environ.get("FASTFT_LORA_WS_MIN_T") is None):
+        return False
     fmt, _, _, _, nf4_bs, n_w, k_w = fields
     return ((fmt == FMT_MXFP4 or (fmt == FMT_NF4 and nf4_bs == 64)) and n_w % moe_hopper.BK == 0
             and moe_hopper.can_run(x2d, x2d, k_w, 256, rank))
