@@ -466,8 +466,8 @@ def lora_path(num_tokens: int, ws_ok: bool = False) -> str:
         return forced
     if forced not in ("auto", "ws"):
         raise ValueError(f"FASTFT_LORA_PATH must be auto, fused, slabs or ws, not {forced!r}")
-    ws_min = os.environ.get("FASTFT_LORA_WS_MIN_T", WS_MIN_T)
-    if ws_ok and (forced == "ws" or (ws_min is not None and num_tokens >= int(ws_min))):
+    ws_min = _ws_min_t()
+    if ws_ok and ws_min is not None and num_tokens >= ws_min:
         return "ws"
     return "slabs" if num_tokens >= int(os.environ.get("FASTFT_LORA_SLAB_MIN_T", SLAB_MIN_T)) else "fused"
 
@@ -563,12 +563,20 @@ WS_MIN_T = None
 _ws_tables_cache = {}
 
 
+def _ws_min_t():
+    """Token count from which lora_path takes ws: 0 when FASTFT_LORA_PATH=ws, else FASTFT_LORA_WS_MIN_T or WS_MIN_T;
+    None: never."""
+    if os.environ.get("FASTFT_LORA_PATH") == "ws":
+        return 0
+    ws_min = os.environ.get("FASTFT_LORA_WS_MIN_T", WS_MIN_T)
+    return None if ws_min is None else int(ws_min)
+
+
 def _ws_ok(x2d, fields, rank) -> bool:
-    """The ws path is asked for (FASTFT_LORA_PATH=ws, FASTFT_LORA_WS_MIN_T or WS_MIN_T; checked first: the default
-    call pays no more host time) and its kernel reads this call: MXFP4, or NF4 in 64-value blocks that start every
-    row; K of both directions (in, out) in whole 64-column steps; a rank whose LoRA tiles fit its shared memory."""
-    if (WS_MIN_T is None and os.environ.get("FASTFT_LORA_PATH") != "ws"
-            and os.environ.get("FASTFT_LORA_WS_MIN_T") is None):
+    """The ws path is asked for (_ws_min_t; checked first: the default call pays no more host time) and its kernel
+    reads this call: MXFP4, or NF4 in 64-value blocks that start every row; K of both directions (in, out) in whole
+    64-column steps; a rank whose LoRA tiles fit its shared memory."""
+    if _ws_min_t() is None:
         return False
     fmt, _, _, _, nf4_bs, n_w, k_w = fields
     return ((fmt == FMT_MXFP4 or (fmt == FMT_NF4 and nf4_bs == 64)) and n_w % moe_hopper.BK == 0
@@ -582,7 +590,7 @@ def _ws_tables(T, bm, device):
     tables = _ws_tables_cache.get(key)
     if tables is None:
         rows = torch.arange(0, T, bm, device=device, dtype=torch.int32)
-        tables = (None, None, torch.arange(0, 2 * T, T, device=device, dtype=torch.int32)[:2] if T else None,
+        tables = (None, None, torch.arange(0, 2 * T, T, device=device, dtype=torch.int32),  # offsets [0, T]
                   torch.zeros_like(rows), rows)
         if not torch.cuda.is_current_stream_capturing():
             _ws_tables_cache[key] = tables
@@ -599,7 +607,7 @@ def _nf4_code(weight):
 
 def _ws_gemm(a, weight, fields, trans, out, bias=None, lora=None, add_c=False):
     """out = a W^T (forward; or a W with trans) + bias + the LoRA term lora = (L [T, r], factor, 0, s_n, s_r, s) of
-    moe_hopper.ws_gemm (+ out itself with add_c); a, out bf16 [T, *] with unit column stride."""
+    moe_hopper.ws_gemm (+ out itself with add_c); a, out bf16 [T, *] with unit column stride; T > 0."""
     fmt, w, aux, _, _, n_w, k_w = fields
     T = a.shape[0]
     if T == 0:
@@ -607,9 +615,8 @@ def _ws_gemm(a, weight, fields, trans, out, bias=None, lora=None, add_c=False):
     bm = 256 if T > 128 else 128
     K, N = (n_w, k_w) if trans else (k_w, n_w)
     return moe_hopper.ws_gemm(a, None, w.reshape(1, -1), aux.reshape(1, -1), trans, K, N, _ws_tables(T, bm, a.device),
-                              bm, out, bias=bias, lora=lora, add_c=add_c, lora_mma=True,
-                              nf4_code=_nf4_code(weight) if fmt == FMT_NF4 else None,
-                              meta=moe_hopper.NF4_META if fmt == FMT_NF4 else moe_hopper.LINEAR_META, linear=True)
+                              bm, out, bias=bias, lora=lora, add_c=add_c, linear=True,
+                              nf4_code=_nf4_code(weight) if fmt == FMT_NF4 else None)
 
 
 def _scaled_mm(a, b, alpha):

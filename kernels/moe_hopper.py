@@ -32,9 +32,9 @@ second [BM, BN] tile in registers. The loader stages both factors' tiles in shar
 so the epilogue does not wait on global loads: read from global memory there, 16 dependent load rounds per tile
 made the T=16384 block's four GEMMs 6.3 ms slower with LoRA than without (H200).
 
-Shared memory per program (bf16 A ring of NUM_STAGES, B ring of B_STAGES, raw ring of RAW_STAGES): BM=256: 4 * 32 KB + 4 * 16 KB
-+ 6 * 4 KB ~ 218 KB of the 227 KB an sm_90 block may have, so one program per SM; with LoRA, 3 stages + the 20 KB
-of factor tiles ~ 190 KB.
+Shared memory per program (bf16 A ring of NUM_STAGES, B ring of B_STAGES, raw ring of RAW_STAGES): BM=256:
+4 * 32 KB + 4 * 16 KB + 6 * 4 KB ~ 218 KB of the 227 KB an sm_90 block may have, so one program per SM; with LoRA,
+3 stages + the 20 KB of factor tiles ~ 190 KB.
 """
 
 from __future__ import annotations
@@ -70,10 +70,10 @@ GROUP_M = 8  # programs sharing GROUP_M row tiles walk all column blocks (A stay
 # spill-free. At BM=256 the LoRA tiles (20 KB) fit beside 3 stages only, and the loader, which also stages them,
 # needs 72 registers not to spill in its K loop (sm_90 builds, tests/test_moe_hopper.py).
 META = {
-    (128, False): dict(BN=128, NUM_STAGES=4, B_STAGES=4, RAW_STAGES=6, LOAD_WARPS=4, DEC_WARPS=4, LOAD_REGS=56, DEC_REGS=64,
-                       num_warps=4),
-    (256, False): dict(BN=128, NUM_STAGES=4, B_STAGES=4, RAW_STAGES=6, LOAD_WARPS=4, DEC_WARPS=4, LOAD_REGS=56, DEC_REGS=56,
-                       num_warps=8),
+    (128, False): dict(BN=128, NUM_STAGES=4, B_STAGES=4, RAW_STAGES=6, LOAD_WARPS=4, DEC_WARPS=4, LOAD_REGS=56,
+                       DEC_REGS=64, num_warps=4),
+    (256, False): dict(BN=128, NUM_STAGES=4, B_STAGES=4, RAW_STAGES=6, LOAD_WARPS=4, DEC_WARPS=4, LOAD_REGS=56,
+                       DEC_REGS=56, num_warps=8),
 }
 META[128, True] = META[128, False]
 META[256, True] = dict(META[256, False], NUM_STAGES=3, B_STAGES=3, LOAD_REGS=72, DEC_REGS=48)
@@ -143,10 +143,9 @@ if HAS_GLUON:
     def _loader(A, a_desc, a_idx, s_am, W, WS, s_we, s_wr, s_se, s_sr, L, s_lm, LBt, lora_scale, R, e, row0,
                 row_end, n0, K, N, a_bufs, raw_bufs, sc_bufs, l_smem, lb_smem, a_ready, a_empty, raw_ready,
                 raw_empty, lora_ready, TRANS: gl.constexpr, GS: gl.constexpr, GATHER_A: gl.constexpr,
-                TMA_A: gl.constexpr, LEAD: gl.constexpr, R_PAD: gl.constexpr,
-                LORA_MMA: gl.constexpr, BM: gl.constexpr,
-                BN: gl.constexpr, BK: gl.constexpr, NUM_STAGES: gl.constexpr, RAW_STAGES: gl.constexpr,
-                LOAD_WARPS: gl.constexpr):
+                TMA_A: gl.constexpr, LEAD: gl.constexpr, R_PAD: gl.constexpr, LORA_MMA: gl.constexpr,
+                BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, NUM_STAGES: gl.constexpr,
+                RAW_STAGES: gl.constexpr, LOAD_WARPS: gl.constexpr):
         RR: gl.constexpr = BK if TRANS else BN  # raw tile [RR, RC/2] bytes: rows as stored, RC values per row
         RC: gl.constexpr = BN if TRANS else BK
         G: gl.constexpr = RC // 32  # 32-value chunks per stored row and step, one scale each (NF4's 64-value
@@ -359,15 +358,12 @@ if HAS_GLUON:
                         tile_expert, tile_row, offsets, num_tiles, row_start, K, N, limit, alpha,
                         TRANS: gl.constexpr, NF4: gl.constexpr, GS: gl.constexpr, EPI: gl.constexpr,
                         GATHER_A: gl.constexpr, TMA_A: gl.constexpr, LEAD: gl.constexpr, MUL_X2: gl.constexpr,
-                        SCATTER_C: gl.constexpr,
-                        HAS_BIAS: gl.constexpr,
-                        ROWSCALE: gl.constexpr, ADD_C: gl.constexpr, R_PAD: gl.constexpr, LORA_MMA: gl.constexpr,
-                        TILES: gl.constexpr,
+                        SCATTER_C: gl.constexpr, HAS_BIAS: gl.constexpr, ROWSCALE: gl.constexpr,
+                        ADD_C: gl.constexpr, R_PAD: gl.constexpr, LORA_MMA: gl.constexpr, TILES: gl.constexpr,
                         BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, GROUP: gl.constexpr,
                         NUM_STAGES: gl.constexpr, B_STAGES: gl.constexpr, RAW_STAGES: gl.constexpr,
-                        LOAD_WARPS: gl.constexpr,
-                        DEC_WARPS: gl.constexpr, LOAD_REGS: gl.constexpr, DEC_REGS: gl.constexpr,
-                        num_warps: gl.constexpr):
+                        LOAD_WARPS: gl.constexpr, DEC_WARPS: gl.constexpr, LOAD_REGS: gl.constexpr,
+                        DEC_REGS: gl.constexpr, num_warps: gl.constexpr):
         # TILES (see ws_gemm): 0 (ALL_TILES) every tile of the table, built for BM rows; 1 (LONG_TILES) those
         # with more than BM / 2 rows; 2 (SHORT_TAILS) one tile per expert (num_tiles = E): its last tile of a table
         # built for 2 * BM rows, when that tile has at most BM rows. 1 and 2 cover a table only as a pair (BM=256
@@ -443,9 +439,7 @@ if HAS_GLUON:
                 (_loader, (A, a_desc, a_idx, s_am, W, WS, s_we, s_wr, s_se, s_sr, L, s_lm, LBt, lora_scale, R, e,
                            row0, row_end, n0, K, N, a_bufs, raw_bufs, sc_bufs, l_smem, lb_smem, a_ready, a_empty,
                            raw_ready, raw_empty, lora_ready, TRANS, GS, GATHER_A, TMA_A, LEAD, R_PAD, LORA_MMA, BM,
-                           BN, BK,
-                           NUM_STAGES,
-                           RAW_STAGES, LOAD_WARPS)),
+                           BN, BK, NUM_STAGES, RAW_STAGES, LOAD_WARPS)),
                 (_decoder, (raw_bufs, sc_bufs, b_bufs, b_empty, raw_ready, raw_empty, b_ready, K, LUT,
                             TRANS, NF4, MUL_X2, BN, BK, B_STAGES, RAW_STAGES, DEC_WARPS)),
             ], [LOAD_WARPS, DEC_WARPS], [LOAD_REGS, DEC_REGS])
@@ -461,16 +455,16 @@ def split_tails() -> bool:
 
 def ws_gemm(a, a_idx, blocks, scales, trans, K, N, tables, bm, out, *, c_idx=None, bias=None, lora=None,
             rowscale=None, epi=0, aux=None, limit=7.0, alpha=1.702, row_start=0, nf4_code=None, add_c=False,
-            lora_mma=False, meta=None, linear=False):
+            linear=False, meta=None):
     """moe._gemm's launch for 4-bit weights on sm_90 (check can_run first). blocks / scales: the expert stack's
     uint8 bytes [E, out * in / 2] and scales, MXFP4's e8m0 [E, out * in / 32] or, with nf4_code (bitsandbytes'
     16-value fp32 code), NF4's fp32 absmax [E, out * in / 64] (lora_linear's projections, E = 1); trans: the
     backward orientation (QUANT 2). add_c: the epilogue adds the tile of ``out`` to the product (EPI 0).
-    lora_mma: the LoRA term as one more wgmma over bf16 s * L and LB (rounded to bf16, as PEFT's bf16 LoRA is)
-    instead of R exact fp32 rank-1 updates in the epilogue (the MoE's gate_up keeps those: its clamp masks).
-    meta: {(BM, LoRA): tile and warp parameters} in place of META (lora_linear passes LINEAR_META / NF4_META).
-    linear: lora_linear's loader and decoder (activations through TMA, raw bytes RAW_STAGES - 2 steps ahead,
-    bf16x2 scale multiplies): per GEMM 2-8 % faster there, but the MoE block measured 10 % slower with all three.
+    linear: lora_linear's kernel. Its tile tables (LINEAR_META / NF4_META); its loader and decoder (activations
+    through TMA, raw bytes RAW_STAGES - 2 steps ahead, bf16x2 scale multiplies: per GEMM 2-8 % faster there, but
+    the MoE block measured 10 % slower with all three); the LoRA term as one more wgmma over bf16 s * L and LB
+    (rounded to bf16, as PEFT's bf16 LoRA is) instead of R exact fp32 rank-1 updates in the epilogue (the MoE's
+    gate_up keeps those: its clamp masks). meta: tile tables in place of the default ones (A/B sweeps).
 
     With 256-row tables, an expert's last tile holds 1-256 rows: a BM=256 program for a few rows pays the MMA
     work of 256. So the tiles with more than 128 rows go to the BM=256 kernel and the short tails (at most 128
@@ -491,7 +485,7 @@ def ws_gemm(a, a_idx, blocks, scales, trans, K, N, tables, bm, out, *, c_idx=Non
     # dense activation rows (not gathered) go through TMA: one thread issues a step's copy instead of 16 cp.async
     # per loader thread (the loader's instruction stream was part of the step time)
     tma_a = linear and a_idx is None and a.data_ptr() % 16 == 0 and a.stride(0) * a.element_size() % 16 == 0
-    args = (a, a_idx if a_idx is not None else offsets, a.stride(0),
+    args = (a_idx if a_idx is not None else offsets, a.stride(0),
             blocks, scales, nf4_code if nf4_code is not None else scales,
             blocks.stride(0), s_wr, scales.stride(0), 2 * s_wr // group,
             bias if bias is not None else out, bias.stride(0) if bias is not None else 0,
@@ -503,18 +497,19 @@ def ws_gemm(a, a_idx, blocks, scales, trans, K, N, tables, bm, out, *, c_idx=Non
     flags = dict(TRANS=trans, NF4=nf4_code is not None, GS=group, EPI=epi, GATHER_A=a_idx is not None, TMA_A=tma_a,
                  MUL_X2=linear,
                  SCATTER_C=c_idx is not None, HAS_BIAS=bias is not None, ROWSCALE=rowscale is not None, ADD_C=add_c,
-                 R_PAD=(max(16, triton.next_power_of_2(R)) if lora_mma else triton.next_power_of_2(R)) if R else 0,
-                 LORA_MMA=lora_mma and R > 0, BK=BK, GROUP=GROUP_M)
+                 R_PAD=(max(16, triton.next_power_of_2(R)) if linear else triton.next_power_of_2(R)) if R else 0,
+                 LORA_MMA=linear and R > 0, BK=BK, GROUP=GROUP_M)
+    tables_meta = meta or ((NF4_META if nf4_code is not None else LINEAR_META) if linear else META)
 
     def launch(tile_m, num_tiles, tiles):
-        m = (meta or META)[tile_m, lora is not None]
+        m = tables_meta[tile_m, lora is not None]
         a_desc = a
         if tma_a:
-            a_desc = TensorDescriptor.from_tensor(a, [tile_m, BK], gl.NVMMASharedLayout.get_default_for([tile_m, BK],
-                                                                                                     gl.bfloat16))
+            a_desc = TensorDescriptor.from_tensor(
+                a, [tile_m, BK], gl.NVMMASharedLayout.get_default_for([tile_m, BK], gl.bfloat16))
         _ws_gemm_kernel[(num_tiles * triton.cdiv(N, m["BN"]), )](
-            args[0], a_desc, *args[1:], num_tiles, row_start, K, N, float(limit), float(alpha), TILES=tiles,
-            BM=tile_m, LEAD=m["RAW_STAGES"] - 2 if linear else 0, **flags, **m)
+            a, a_desc, *args, num_tiles, row_start, K, N, float(limit), float(alpha), TILES=tiles, BM=tile_m,
+            LEAD=m["RAW_STAGES"] - 2 if linear else 0, **flags, **m)
 
     if bm == 256 and split_tails():
         launch(256, tile_expert.numel(), LONG_TILES)

@@ -49,16 +49,15 @@ VARIANTS = {
 def build(variant, bm, lora, tiles):
     fn = moe_hopper._ws_gemm_kernel
     trans, epi, gather, scatter, has_bias, rowscale, nf4, add_c = VARIANTS[variant]
-    table = (moe_hopper.NF4_META if nf4 else moe_hopper.LINEAR_META) if "linear" in variant else moe_hopper.META
+    linear = "linear" in variant  # lora_linear's tables, loader and decoder (TMA activations, raw lead, bf16x2)
+    table = (moe_hopper.NF4_META if nf4 else moe_hopper.LINEAR_META) if linear else moe_hopper.META
     meta = dict(table[bm, lora])
     num_warps = meta.pop("num_warps")
     # lora_linear's dX adds onto C only with dropout, whose LoRA term is then already in C
-    linear = "linear" in variant  # lora_linear's loader and decoder (TMA activations, raw lead, bf16x2)
     const = dict(TRANS=trans, NF4=nf4, GS=64 if nf4 else 32, EPI=epi, GATHER_A=gather, TMA_A=linear,
-                 LEAD=meta["RAW_STAGES"] - 2 if linear else 0, MUL_X2=linear,
-                 SCATTER_C=scatter,
+                 LEAD=meta["RAW_STAGES"] - 2 if linear else 0, MUL_X2=linear, SCATTER_C=scatter,
                  HAS_BIAS=has_bias, ROWSCALE=rowscale, ADD_C=add_c and not lora, R_PAD=16 if lora else 0,
-                 LORA_MMA=lora and "linear" in variant, TILES=tiles, BM=bm,
+                 LORA_MMA=lora and linear, TILES=tiles, BM=bm,
                  BK=moe_hopper.BK, GROUP=moe_hopper.GROUP_M, num_warps=num_warps, **meta)
     pointers = dict(POINTERS, WS="*fp32") if nf4 else POINTERS
     # activation rows not gathered come through TMA (the launcher's choice for 16-byte aligned rows)
