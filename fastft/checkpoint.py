@@ -104,9 +104,19 @@ def save(output_dir: Path, step: int, engine, named_params: dict, trainer_state:
     return final
 
 
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    """fastft's checkpoint-<step> folders, oldest first. Other names that start with the prefix (a user's
+    checkpoint-best copy, notes) are not fastft's: never pruned, never cleared."""
+    steps = []
+    for p in Path(output_dir).glob(f"{PREFIX}*"):
+        step = p.name[len(PREFIX):]
+        if step.isdigit() and step.isascii() and p.is_dir():
+            steps.append((int(step), p))
+    return [p for _, p in sorted(steps)]
+
+
 def _prune(output_dir: Path, keep: int) -> None:
-    ckpts = sorted(output_dir.glob(f"{PREFIX}*"), key=lambda p: int(p.name[len(PREFIX):]))
-    for old in ckpts[:-keep]:
+    for old in checkpoint_dirs(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 

@@ -88,6 +88,17 @@ def _nonneg_int(text):
     return v
 
 
+def _seed(text):
+    # numpy's generators refuse negative seeds and torch.manual_seed ones past 2**64: one range for both
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
+    if not 0 <= v < 2**32:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {v}")
+    return v
+
+
 def _keep_gib(text):
     if text in ("auto", "off"):
         return text
@@ -184,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of the steps spent warming the learning rate up, in [0, 1)")
     g.add_argument("--max-grad-norm", type=_float_in(0.0, 1e6), default=d.max_grad_norm, metavar="NORM",
                    help="clip the gradient norm to this; 0 disables clipping")
-    g.add_argument("--seed", type=int, default=d.seed,
+    g.add_argument("--seed", type=_seed, default=d.seed,
                    help="seed of the LoRA init, dropout, data order and eval split")
     g.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
                    help="keep every activation instead of recomputing each layer's in backward (faster, far more "

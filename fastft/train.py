@@ -60,6 +60,7 @@ def main(argv=None) -> int:
         from fastft.engine import shutdown_distributed
 
         shutdown_distributed()  # the process group training started, if it did
+        _remove_empty_made_dirs()
 
 
 def data_config(cfg: TrainConfig):
@@ -98,40 +99,72 @@ def prepare_output_dir(cfg: TrainConfig) -> tuple[Path, Path | None]:
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         hint = " (it holds a checkpoint: add --resume to continue)" if resume_from else ""
         raise TrainingError(f"--output-dir {out} is not empty{hint}; pass --overwrite to train into it anyway")
+    made = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise TrainingError(f"--output-dir {out}: cannot create it ({e.strerror or e})") from None
+    if made:
+        _MADE_DIRS.append(out)
     return out, None
 
 
+_MADE_DIRS: list[Path] = []  # output folders this process created (main() removes them again if left empty)
+
+
+def _remove_empty_made_dirs() -> None:
+    """A run that failed before writing anything (bad data, a model that does not load) leaves no empty folder."""
+    while _MADE_DIRS:
+        try:
+            _MADE_DIRS.pop().rmdir()  # only an empty folder goes
+        except OSError:
+            pass
+
+
+# What a finished run leaves at the top of --output-dir that says "this run is done" (the tokenizer's files are
+# rewritten as they are; metrics.jsonl and loss.png restart with the run)
+FINAL_OUTPUTS = ("adapter_model.safetensors", "adapter_config.json", "training_config.json", "metadata.json")
+
+
 def clear_previous_run(out: Path) -> None:
-    """--overwrite: an older run's checkpoints (they must not be resumed into this run) and TensorBoard events (they
-    would mix with this run's). Called once the data and the model are ready, so a run that fails before it starts
-    leaves the older one whole."""
+    """--overwrite: an older run's checkpoints (they must not be resumed into this run), TensorBoard events (they
+    would mix with this run's) and final adapter and metadata (a run stopped early would otherwise sit beside them).
+    Only fastft's own names go: checkpoint-<step> folders, not other checkpoint-* files. Called once the data and
+    the model are ready, so a run that fails before it starts leaves the older one whole."""
     import shutil
 
-    for old in list(out.glob(f"{checkpoint.PREFIX}*")) + [out / checkpoint.LATEST, out / "runs"]:
+    olds = checkpoint.checkpoint_dirs(out) + [out / checkpoint.LATEST, out / "runs"] + [out / f for f in FINAL_OUTPUTS]
+    for old in olds:
         if old.is_dir():
             shutil.rmtree(old)
         elif old.exists():
             old.unlink()
 
 
-def batch_plan(cfg: TrainConfig, world_size: int, rows_per_epoch: int) -> dict:
-    rows_per_step = cfg.batch_size
+def rows_per_step(cfg: TrainConfig, world_size: int) -> int:
+    """Rows per optimizer step; a bad command line (exit 2) when they do not split into ranks x micro-batches.
+    Checked before the data is read and before --output-dir is made."""
+    from fastft.data import UsageError
+
+    rows = cfg.batch_size
     if cfg.batch_tokens:
-        rows_per_step = max(1, math.ceil(cfg.batch_tokens / cfg.max_seq_len))
-    per_rank = rows_per_step / world_size
+        rows = max(1, math.ceil(cfg.batch_tokens / cfg.max_seq_len))
+    per_rank = rows / world_size
     if per_rank != int(per_rank) or int(per_rank) % cfg.micro_batch_size:
-        raise TrainingError(f"a step of {rows_per_step} rows does not split into {world_size} rank(s) x micro-batches "
-                            f"of {cfg.micro_batch_size}: choose --batch-size as a multiple of "
-                            f"{world_size * cfg.micro_batch_size}")
-    steps_per_epoch = max(1, math.ceil(rows_per_epoch / rows_per_step))
+        raise UsageError(f"a step of {rows} rows does not split into {world_size} rank(s) x micro-batches of "
+                         f"{cfg.micro_batch_size}: choose --batch-size as a multiple of "
+                         f"{world_size * cfg.micro_batch_size}")
+    return rows
+
+
+def batch_plan(cfg: TrainConfig, world_size: int, rows_per_epoch: int) -> dict:
+    rows_per_step_ = rows_per_step(cfg, world_size)
+    per_rank = rows_per_step_ // world_size
+    steps_per_epoch = max(1, math.ceil(rows_per_epoch / rows_per_step_))
     total = steps_per_epoch * cfg.epochs
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
-    return {"rows_per_step": rows_per_step, "grad_accum": int(per_rank) // cfg.micro_batch_size,
+    return {"rows_per_step": rows_per_step_, "grad_accum": per_rank // cfg.micro_batch_size,
             "steps_per_epoch": steps_per_epoch, "total_steps": total}
 
 
@@ -302,6 +335,7 @@ def train(cfg: TrainConfig) -> int:
     t_start = time.time()
     stop = StopRequest()
     dist = init_distributed(cfg.local_rank)
+    rows_per_step(cfg, dist.world_size)
     out, resume_from = prepare_output_dir(cfg) if dist.is_main else (Path(cfg.output_dir), None)
     if dist.world_size > 1:  # every rank resumes from what rank 0 found
         box = [str(resume_from) if resume_from else None]
@@ -368,8 +402,15 @@ def train(cfg: TrainConfig) -> int:
            "rows_per_step": plan["rows_per_step"], "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha,
                                                            "targets": cfg.lora_targets}}
     if resume_from is not None:
-        check_resumable(resume_from, run)
-        state = checkpoint.load(resume_from, engine, named, dist.rank)
+        from safetensors import SafetensorError
+
+        try:
+            check_resumable(resume_from, run)
+            state = checkpoint.load(resume_from, engine, named, dist.rank)
+        except (OSError, ValueError, KeyError, SafetensorError) as e:  # a truncated or hand-edited checkpoint
+            raise TrainingError(f"--resume: {resume_from} is not a readable checkpoint ({type(e).__name__}: {e}); "
+                                f"point {out / checkpoint.LATEST} at an earlier checkpoint-<step> folder, or start "
+                                f"afresh with --overwrite") from None
         step, history, earlier_segments = state["step"], state["history"], state.get("segments", [])
         engine.global_steps = state["optimizer_steps"]  # Adam's step count goes on from there
         scheduler.last_epoch = step - 1

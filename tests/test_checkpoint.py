@@ -42,3 +42,16 @@ def test_old_checkpoints_are_pruned(tmp_path):
         checkpoint.save(tmp_path, step, engine, {"w": p}, {"step": step, "optimizer_steps": step, "history": {}},
                         lambda d: None, rank=0, keep=2)
     assert sorted(d.name for d in tmp_path.glob(f"{checkpoint.PREFIX}*")) == ["checkpoint-3", "checkpoint-4"]
+
+
+def test_prune_leaves_what_is_not_a_checkpoint_step(tmp_path):
+    """A user's checkpoint-best copy or checkpoint-notes.txt is neither pruned nor a crash."""
+    p = torch.nn.Parameter(torch.randn(2))
+    engine = _engine(p)
+    (tmp_path / "checkpoint-best").mkdir()
+    (tmp_path / "checkpoint-notes.txt").write_text("mine")
+    for step in (9, 10, 11):
+        checkpoint.save(tmp_path, step, engine, {"w": p}, {"step": step, "optimizer_steps": step, "history": {}},
+                        lambda d: None, rank=0, keep=2)
+    assert [d.name for d in checkpoint.checkpoint_dirs(tmp_path)] == ["checkpoint-10", "checkpoint-11"]
+    assert (tmp_path / "checkpoint-best").is_dir() and (tmp_path / "checkpoint-notes.txt").read_text() == "mine"

@@ -57,6 +57,19 @@ def test_refuses_on_errors_and_skip_invalid_lists_what_it_skipped(tok, tmp_path)
     assert [s[1] for s in data.sources()] == [1, 3, 5]
 
 
+def test_validate_gives_the_training_verdict_with_skip_invalid(tok, tmp_path):
+    """--validate-only --skip-invalid: the rows training would skip are listed, and the exit code says the data can
+    be trained on; a file problem still fails."""
+    p = write(tmp_path, "d.jsonl", [qa(1), "{oops", qa(2)])
+    plain = validate(cfg(tmp_path, [p]), tok)
+    assert plain.exit_code == 1 and plain.skipped is None
+    r = validate(cfg(tmp_path, [p], skip_invalid=True), tok)
+    assert r.exit_code == 0 and [(i.path, i.line) for i in r.skipped] == [(p, 2)]
+    assert "training on the 2 valid rows (--skip-invalid)" in r.format()
+    missing = validate(cfg(tmp_path, [p, str(tmp_path / "missing.jsonl")], skip_invalid=True), tok)
+    assert missing.exit_code == 1 and missing.skipped is None
+
+
 def test_file_problems_are_not_skippable(tok, tmp_path):
     p = write(tmp_path, "d.jsonl", [qa(1)])
     with pytest.raises(DataError, match="no such file"):

@@ -119,7 +119,24 @@ def test_an_integer_too_long_for_python_is_a_located_error(tmp_path):
     p = write(tmp_path, "d.jsonl", [QA, '{"question": "q", "answer": "a", "n": ' + "9" * 5000 + "}", QA])
     r = check(p)
     (err,) = [str(i) for i in r.errors]
-    assert err.startswith(f"{p}:2: invalid JSON") and "digits" in err
+    assert err == f"{p}:2: invalid JSON: a number too long to read"
+
+
+def test_duplicate_keys_nan_and_a_bom_inside_are_located_errors(tmp_path):
+    p = write(tmp_path, "d.jsonl", [QA, '{"question": "q", "answer": "first", "answer": "second"}',
+                                    '{"question": "q", "answer": "a", "score": NaN}', "\ufeff" + json.dumps(QA)])
+    got = [str(i) for i in check(p).errors]
+    assert got == [f"{p}:2: field 'answer' given twice in one row", f"{p}:3: invalid JSON: NaN is not valid JSON",
+                   f"{p}:4:1: invalid JSON: a byte-order mark inside the file (files joined together?)"]
+
+
+def test_pretty_printed_json_is_one_file_error_and_cr_line_ends_read(tmp_path):
+    arr = write(tmp_path, "rows.json", [json.dumps([QA, QA], indent=2)])
+    (err,) = [str(i) for i in check(arr).errors]
+    assert err.startswith(f"{arr}: the file is one JSON array over 10 lines, not JSON Lines") and "jq -c" in err
+    cr = write(tmp_path, "cr.jsonl", (json.dumps(QA) + "\r" + json.dumps(QA) + "\r").encode(), raw=True)
+    r = check(cr)
+    assert r.ok and r.n_rows == 2, r.format()
 
 
 def test_errors_located_by_line_and_column(tmp_path):
@@ -224,3 +241,12 @@ def test_report_shows_first_20_errors(tmp_path):
     assert len(r.errors) == 31  # 30 rows + "no usable rows"
     text = r.format()
     assert f"{p}:20: unknown" in text and f"{p}:21: unknown" not in text and "... and 11 more" in text
+
+
+def test_one_file_given_under_two_spellings_is_read_once(tmp_path, monkeypatch):
+    p = write(tmp_path, "d.jsonl", [QA])
+    monkeypatch.chdir(tmp_path)
+    r = check(["d.jsonl", "./d.jsonl", p])
+    assert r.n_rows == 1 and [f[0] for f in r.files] == ["d.jsonl"]
+    w = r.warning("repeated_path")
+    assert w is not None and "./d.jsonl is d.jsonl again" in str(w), r.format()

@@ -253,9 +253,32 @@ def test_overwrite_keeps_the_old_run_until_training_starts(tmp_path, trained):
     r = run_train([str(tmp_path / "missing.jsonl"), *COMMON, "--output-dir", str(out), "--overwrite"], check=False)
     assert r.returncode != 0 and "missing.jsonl" in r.stderr
     assert (out / "latest").exists() and list(out.glob("checkpoint-*"))
+    (out / "checkpoint-best").mkdir()  # the user's, not fastft's: --overwrite leaves them
+    (out / "checkpoint-notes.txt").write_text("mine")
     run_train([str(trained[0]), *COMMON, "--max-steps", "1", "--output-dir", str(out), "--overwrite"])
-    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-1"]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-best",
+                                                                "checkpoint-notes.txt"]
     assert len(list((out / "runs").iterdir())) == 1  # the older run's TensorBoard events are gone
+
+
+def test_overwrite_clears_the_older_runs_final_outputs(tmp_path):
+    from fastft.train import FINAL_OUTPUTS, clear_previous_run
+
+    for name in (*FINAL_OUTPUTS, "checkpoint-2/x", "checkpoint-best/x", "latest", "notes.txt", "tokenizer.json"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("old")
+    clear_previous_run(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-best", "notes.txt", "tokenizer.json"]
+
+
+def test_resume_from_an_unreadable_checkpoint_is_one_message(tmp_path, trained):
+    out = tmp_path / "out"
+    run_train([str(trained[0]), *COMMON, "--max-steps", "2", "--output-dir", str(out)])
+    state = out / (out / "latest").read_text().strip() / "trainer_state.json"
+    state.write_text(state.read_text()[:40])  # cut short
+    r = run_train([str(trained[0]), *COMMON, "--max-steps", "3", "--output-dir", str(out), "--resume"], check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "is not a readable checkpoint" in r.stderr and "--overwrite" in r.stderr
 
 
 def test_triton_kernels_on_cpu_are_a_clear_usage_error(tmp_path, trained):
@@ -296,13 +319,15 @@ def test_non_empty_output_dir_is_refused(tmp_path, trained):
     (["--kernels", "cuda"], "--kernels", 2),
     (["--bogus"], "--bogus", 2),
     (["--lora-targets", "nonsense_proj"], "nonsense_proj", 2),
-    (["--batch-size", "3", "--micro-batch-size", "2"], "--batch-size", 1),
+    (["--batch-size", "3", "--micro-batch-size", "2"], "--batch-size", 2),
+    (["--seed", "-1"], "--seed", 2),
 ])
 def test_bad_cli_values_are_clear(tmp_path, trained, args, message, code):
     r = run_train([str(trained[0]), "--model", "tiny", "--output-dir", str(tmp_path / "o"), *args], check=False)
     assert r.returncode == code, r
     assert message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()  # refused before anything was made
 
 
 def test_data_errors_print_the_report_without_a_doubled_prefix(tmp_path):
@@ -312,6 +337,7 @@ def test_data_errors_print_the_report_without_a_doubled_prefix(tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "fastft data report" in r.stderr.splitlines() and f"{bad}:2:2: invalid JSON" in r.stderr
     assert "fastft: fastft" not in r.stderr
+    assert not (tmp_path / "o").exists()  # the folder made for the run went again: nothing was written into it
 
 
 def test_fastft_cache_naming_a_file_is_a_one_line_usage_error(tmp_path, trained):

@@ -28,7 +28,7 @@ DataConfig fields (CLI flag in brackets; the report's messages name these flags)
 validate(cfg, tokenizer=None) -> ValidationReport
   Never raises for bad data (UsageError for impossible option values, e.g. --max-seq-len 0, a tokenizer
   without harmony tokens, or a cache folder that cannot be made, e.g. $FASTFT_CACHE naming a file). report.ok,
-  .exit_code (0 clean / 1 errors), .errors (list[Issue]: str(issue) is
+  .exit_code (0 clean, or only rows --skip-invalid skips / 1 errors), .errors (list[Issue]: str(issue) is
   "PATH:LINE[:COL]: message", or "PATH: message" for a file problem), .warnings (list[DataWarning]: code, exact
   count, message saying what was done and which flag changes it, PATH:LINE examples), .n_rows, .n_valid,
   .n_invalid, .shape_counts, .token_stats (min/median/p95/max tokens per valid row, before truncation), .n_tokens,

@@ -31,13 +31,16 @@ def _check(cfg: DataConfig) -> _Checked:
     """Read and normalise every file; never raises for bad data."""
     report = ValidationReport(max_seq_len=cfg.max_seq_len)
     out = _Checked(report)
-    seen_paths: list[str] = []
+    seen_paths: dict[str, str] = {}  # the same file by any spelling (a.jsonl, ./a.jsonl) -> as first given
     ignored_where, thinking_where = [], []
     for path in cfg.paths:
-        if path in seen_paths:
-            report.warnings.append(DataWarning("repeated_path", 1, f"{path} is given twice; read once"))
+        key = os.path.realpath(path)
+        if key in seen_paths:
+            first = seen_paths[key]
+            same = f"{path} is given twice" if first == path else f"{path} is {first} again"
+            report.warnings.append(DataWarning("repeated_path", 1, f"{same}; read once"))
             continue
-        seen_paths.append(path)
+        seen_paths[key] = path
         fr = read_jsonl(path)
         report.files.append((path, fr.n_lines, fr.sha256))
         if fr.sha256:
@@ -65,7 +68,7 @@ def _check(cfg: DataConfig) -> _Checked:
         report.errors.extend(row_issues)
         out.row_errors.extend(row_issues)
         report.n_valid += n_valid_here
-        if fr.n_lines and not n_valid_here:
+        if fr.n_lines and not n_valid_here and all(i.line is not None for i in fr.issues):  # (else said already)
             report.errors.append(Issue(path, None, None, f"no usable rows (all {fr.n_lines:,} rows have errors)"))
     if ignored_where:
         keys = sorted({k for _, ks in ignored_where for k in ks})
@@ -293,7 +296,18 @@ def validate(cfg: DataConfig, tokenizer=None) -> ValidationReport:
     """Check the data and report on it; never raises for bad data (UsageError for bad option values).
     Without a tokenizer, token statistics and packing efficiency are left out."""
     checked, _ = _build(cfg, tokenizer)
+    _apply_skip_invalid(cfg, checked)
     return checked.report
+
+
+def _apply_skip_invalid(cfg: DataConfig, checked) -> bool:
+    """--skip-invalid: when every error is about a row (not a file or the data as a whole), those rows are
+    skipped and listed. True when the data can be trained on. The same verdict for --validate-only and training."""
+    report = checked.report
+    fatal = any(not e.skippable for e in report.errors)
+    if report.errors and cfg.skip_invalid and not fatal:
+        report.skipped = list(checked.row_errors)
+    return not fatal and (not report.errors or cfg.skip_invalid)
 
 
 def prepare(cfg: DataConfig, tokenizer) -> PreparedData:
@@ -302,10 +316,7 @@ def prepare(cfg: DataConfig, tokenizer) -> PreparedData:
     themselves (missing, a directory, empty, no usable rows) are never skipped."""
     checked, built = _build(cfg, tokenizer)
     report = checked.report
-    fatal = [e for e in report.errors if not e.skippable]
-    if report.errors and cfg.skip_invalid and not fatal:
-        report.skipped = list(checked.row_errors)
-    if fatal or (report.errors and not cfg.skip_invalid) or built is None:
+    if not _apply_skip_invalid(cfg, checked) or built is None:
         raise DataError(report.format())
     splits, cache_file, hit = built
     return PreparedData(cfg, report, splits, dict(checked.data_hashes), cache_file, hit)

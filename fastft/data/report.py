@@ -67,7 +67,8 @@ class ValidationReport:
 
     @property
     def exit_code(self) -> int:
-        return 0 if self.ok else 1
+        """0 when the data can be trained on: no errors, or only row errors that --skip-invalid skips."""
+        return 0 if self.ok or self.skipped is not None else 1
 
     @property
     def n_invalid(self) -> int:
