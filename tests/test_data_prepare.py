@@ -106,6 +106,7 @@ def test_all_rows_dropped_is_an_error(tok, tmp_path):
     p = write(tmp_path, "d.jsonl", [{"question": "q", "answer": "word " * 400}])
     r = validate(cfg(tmp_path, [p], max_seq_len=64, overlong="drop"), tok)
     assert not r.ok and "no rows left to train on" in r.format()
+    assert "the shortest row has" in r.format() and "raise --max-seq-len above 64" in r.format()
 
 
 def test_cache_reused_and_keyed(tok, tmp_path, monkeypatch):

@@ -284,7 +284,10 @@ def _build(cfg: DataConfig, tokenizer):
     report.n_trainable = int(trained[kept].sum())
     report.packing_efficiency, report.n_packed = packing_efficiency(lengths, cfg.max_seq_len)
     if not len(kept):
-        report.errors.append(Issue("", None, None, "no rows left to train on after the warnings' policies"))
+        shortest = report.token_stats["min"]
+        hint = (f" (the shortest row has {shortest:,} tokens, prompt and chat format included: raise --max-seq-len "
+                f"above {cfg.max_seq_len:,})" if shortest >= cfg.max_seq_len else "")
+        report.errors.append(Issue("", None, None, f"no rows left to train on after the warnings' policies{hint}"))
     splits = {}
     for name, docs in zip(("train", "eval"), _eval_split(checked, kept, cfg)):
         sids, slabels, soff = _gather(ids, labels, offsets, docs)
