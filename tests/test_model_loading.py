@@ -198,16 +198,19 @@ def test_folder_without_config_json_says_so_before_the_tokenizer(tmp_path):
 
 def test_base_model_reference_makes_local_folders_absolute(tmp_path, monkeypatch):
     """adapter_config.json's base_model_name_or_path: PEFT resolves it from its own working directory, so a local
-    folder is stored absolute; hub ids and built-in names are not paths and stay as given."""
+    folder is stored absolute; a hub id stays as given; a built-in model is stored as its folder, which stock
+    transformers loads (it knows no "tiny")."""
     (tmp_path / "models" / "gpt-oss").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "models")
     assert base_model_reference("gpt-oss") == str(tmp_path / "models" / "gpt-oss")
     assert base_model_reference("../models/gpt-oss/") == str(tmp_path / "models" / "gpt-oss")
     assert base_model_reference(tmp_path / "models" / "gpt-oss") == str(tmp_path / "models" / "gpt-oss")
     assert base_model_reference("openai/gpt-oss-20b") == "openai/gpt-oss-20b"  # no such folder here: a hub id
-    assert base_model_reference("tiny") == "tiny"
+    from fastft.assets import BUILTIN_MODELS
+
+    assert base_model_reference("tiny") == str(BUILTIN_MODELS["tiny"].resolve())
     (tmp_path / "models" / "tiny").mkdir()  # the built-in name wins over a folder of that name, as in loading
-    assert base_model_reference("tiny") == "tiny"
+    assert base_model_reference("tiny") == str(BUILTIN_MODELS["tiny"].resolve())
 
 
 def test_builtin_tiny_model_loads():

@@ -81,10 +81,13 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
 
 def base_model_reference(name_or_path: str | Path) -> str:
     """What an adapter records as its base model (adapter_config.json's base_model_name_or_path): a local folder as an
-    absolute path, so that PEFT finds it from any working directory; a hub id or a built-in name as given."""
+    absolute path, so that PEFT finds it from any working directory; a built-in model as its folder (stock
+    transformers knows no "tiny"); a hub id as given."""
     name = str(name_or_path)
+    if name in BUILTIN_MODELS:
+        return str(BUILTIN_MODELS[name].resolve())
     path = Path(name).expanduser()
-    if name in BUILTIN_MODELS or not path.is_dir():
+    if not path.is_dir():
         return name
     return str(path.resolve())
 
