@@ -60,11 +60,12 @@ def _base_optimizer(engine):
 
 def _full_state(engine, param):
     """(fp32 master, exp_avg, exp_avg_sq) of one parameter, whatever the ZeRO stage. Collective under ZeRO."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-    master = safe_get_full_fp32_param(param)
+    master = _zero_master(param)
     if master is not None:
-        return master, safe_get_full_optimizer_state(param, "exp_avg"), safe_get_full_optimizer_state(param, "exp_avg_sq")
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        m, v = (safe_get_full_optimizer_state(param, k) for k in ("exp_avg", "exp_avg_sq"))
+        return master, m, v
     state = _base_optimizer(engine).state.get(param, {})  # no ZeRO, fp32: the torch optimizer holds the param itself
     return param.detach().float(), state.get("exp_avg"), state.get("exp_avg_sq")
 
@@ -122,13 +123,13 @@ def _prune(output_dir: Path, keep: int) -> None:
 
 def load(ckpt: Path, engine, named_params: dict, rank: int) -> dict:
     """Restores master weights, Adam moments, step counts and this rank's RNG; returns trainer_state."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param, safe_set_full_optimizer_state
-
     ckpt = Path(ckpt)
     state = json.loads((ckpt / "trainer_state.json").read_text())
     tensors = load_file(str(ckpt / "optimizer.safetensors"))
     base = _base_optimizer(engine)
-    zero = safe_get_full_fp32_param(next(iter(named_params.values()))) is not None  # ZeRO keeps its own masters
+    zero = _zero_master(next(iter(named_params.values()))) is not None  # ZeRO keeps its own masters
+    if zero:
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
     if zero:
         _ensure_adam_state(engine)
     for name, p in named_params.items():
@@ -156,6 +157,16 @@ def load(ckpt: Path, engine, named_params: dict, rank: int) -> dict:
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
     return state
+
+
+def _zero_master(param):
+    """The fp32 master ZeRO holds for this parameter (gathered: collective), or None: not under ZeRO, or no
+    DeepSpeed installed (one process on fastft's own engine)."""
+    try:
+        from deepspeed.utils import safe_get_full_fp32_param
+    except ImportError:
+        return None
+    return safe_get_full_fp32_param(param)
 
 
 def _ensure_adam_state(engine) -> None:

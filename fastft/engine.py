@@ -52,11 +52,34 @@ def init_distributed(local_rank_arg: int = -1) -> Dist:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    import deepspeed
-
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        try:
+            import deepspeed
+        except ImportError:  # one process trains on fastft's own engine: torch's process group is all it needs
+            if world > 1:
+                raise DeepSpeedMissing(f"{world} ranks") from None
+            torch.distributed.init_process_group(backend, rank=rank, world_size=world)
+        else:
+            deepspeed.init_distributed(dist_backend=backend)
     return Dist(rank, world, local_rank, device)
+
+
+class DeepSpeedMissing(ImportError):
+    """DeepSpeed is not installed but the run needs its engine (several ranks, --zero-stage, --deepspeed)."""
+
+    def __init__(self, why: str):
+        super().__init__(f"{why} train through DeepSpeed, which is not installed: install it (DS_BUILD_OPS=0 pip "
+                         f"install --no-build-isolation deepspeed, after torch), or train on one process without "
+                         f"--zero-stage / --deepspeed")
+
+
+def import_deepspeed(why: str):
+    try:
+        import deepspeed
+    except ImportError:
+        raise DeepSpeedMissing(why) from None
+    return deepspeed
 
 
 def shutdown_distributed():

@@ -38,6 +38,7 @@ def main(argv=None) -> int:
         print(f"fastft: error: {e}", file=sys.stderr)
         return 2
     from fastft.data import DataError, UsageError
+    from fastft.engine import DeepSpeedMissing
     from fastft.model import ModelLoadError
 
     try:
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
     except DataError as e:  # its message is the data report, which names itself ("fastft data report")
         print(e, file=sys.stderr)
         return 1
-    except (ModelLoadError, TrainingError) as e:
+    except (ModelLoadError, TrainingError, DeepSpeedMissing) as e:
         print(f"fastft: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # training: a second Ctrl-C (see StopRequest); no traceback, the shell's status
@@ -218,6 +219,22 @@ def weight_layout(cfg: TrainConfig, backend, device, tied: bool = False) -> dict
     }
 
 
+def check_layout_installed(layout: dict) -> None:
+    """NF4 weights are made by bitsandbytes' quantiser, which only the [gpu] extra installs: say so before loading."""
+    from fastft.data import UsageError
+
+    nf4 = [f"--{k} nf4" for k in ("experts", "linears") if layout[k] == "nf4"]
+    if nf4 and not _have_bitsandbytes():
+        raise UsageError(f"{' and '.join(nf4)} (--linears nf4 is the default on CUDA) need bitsandbytes, which is not "
+                         f"installed: pip install -e '.[gpu]', or keep those weights in bf16 with --linears dense")
+
+
+def _have_bitsandbytes() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
 def ties_lm_head(model_path: Path) -> bool:
     """Whether the checkpoint ties its lm_head to the input embedding (False if unreadable: load_model says why)."""
     from fastft.model import ModelConfig
@@ -319,15 +336,14 @@ def graph_tokens(cfg: TrainConfig) -> int:
 
 
 def train(cfg: TrainConfig) -> int:
-    import deepspeed
     import torch.distributed as dist_
 
     from fastft import observers as obs
     from fastft.backends import get_backend
     from fastft.data import UsageError, collate, prepare
     from fastft.kernels._env import interpreting
-    from fastft.engine import (LocalEngine, adamw, deepspeed_config, init_distributed, resolve_dtype,
-                               uses_deepspeed)
+    from fastft.engine import (LocalEngine, adamw, deepspeed_config, import_deepspeed, init_distributed,
+                               resolve_dtype, uses_deepspeed)
     from fastft.metadata import git_revision, versions
     from fastft.model import (LoraSettings, apply_lora, base_model_reference, load_model, load_tokenizer,
                               resolve_model_path, save_adapter)
@@ -336,6 +352,8 @@ def train(cfg: TrainConfig) -> int:
     stop = StopRequest()
     dist = init_distributed(cfg.local_rank)
     rows_per_step(cfg, dist.world_size)
+    # DeepSpeed's engine serves several ranks and --zero-stage / --deepspeed; one process needs none of it
+    deepspeed = import_deepspeed("--zero-stage / --deepspeed") if uses_deepspeed(cfg, dist.world_size) else None
     out, resume_from = prepare_output_dir(cfg) if dist.is_main else (Path(cfg.output_dir), None)
     if dist.world_size > 1:  # every rank resumes from what rank 0 found
         box = [str(resume_from) if resume_from else None]
@@ -362,6 +380,7 @@ def train(cfg: TrainConfig) -> int:
     # ---- model + LoRA -------------------------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)  # identical LoRA init on every rank
     layout = weight_layout(cfg, backend, dist.device, tied=ties_lm_head(model_path))
+    check_layout_installed(layout)
     head = "int8" if layout["lm_head"] == "int8-host" else layout["lm_head"]  # loaded int8, then its codes move
     model = load_model(model_path, dtype=dtype, device=dist.device, backend=backend, experts=layout["experts"],
                        linears=layout["linears"], lm_head=head)

@@ -449,6 +449,19 @@ def test_deepspeed_launcher_two_ranks(tmp_path, trained):
     assert meta["world_size"] == 2
 
 
+def test_nf4_without_bitsandbytes_is_a_clear_usage_error(monkeypatch):
+    import fastft.train as train_mod
+    from fastft.data import UsageError
+
+    layout = {"experts": "mxfp4", "linears": "nf4", "embedding": "host", "lm_head": "int8-host"}
+    monkeypatch.setattr(train_mod, "_have_bitsandbytes", lambda: False)
+    with pytest.raises(UsageError, match="--linears nf4 .* need bitsandbytes.*--linears dense"):
+        train_mod.check_layout_installed(layout)
+    train_mod.check_layout_installed(dict(layout, linears="dense"))  # nothing NF4: nothing to install
+    monkeypatch.setattr(train_mod, "_have_bitsandbytes", lambda: True)
+    train_mod.check_layout_installed(layout)
+
+
 def test_weight_layout_auto_and_explicit():
     from types import SimpleNamespace
 
@@ -559,3 +572,20 @@ def test_shutdown_distributed_closes_the_process_group():
     shutdown_distributed()
     assert not tdist.is_initialized()
     shutdown_distributed()
+
+
+def test_one_process_trains_and_resumes_without_deepspeed(tmp_path, trained):
+    """DeepSpeed serves several ranks and --zero-stage / --deepspeed; one process (a plain `pip install .`, no [gpu]
+    extra) trains, checkpoints and resumes without it, and asking for ZeRO without it is one message."""
+    stub = tmp_path / "stub" / "deepspeed"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text("raise ImportError('deepspeed is not installed here')\n")
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(stub.parent), os.environ.get("PYTHONPATH")]))}
+    out = tmp_path / "out"
+    args = [str(trained[0]), *COMMON, "--save-every", "2", "--output-dir", str(out)]
+    run_train([*args, "--max-steps", "2"], env_extra=env)
+    r = run_train([*args, "--max-steps", "3", "--resume"], env_extra=env)
+    assert "resumed from" in r.stdout and len(losses(out)) == 3
+    assert json.loads((out / "metadata.json").read_text())["engine"] == "fastft (one process)"
+    r = run_train([*args, "--max-steps", "1", "--zero-stage", "2", "--overwrite"], env_extra=env, check=False)
+    assert r.returncode == 1 and "DeepSpeed, which is not installed" in r.stderr and "Traceback" not in r.stderr
