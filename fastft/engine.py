@@ -148,8 +148,10 @@ def adamw(params, cfg, fused: bool):
                              eps=1e-8, fused=fused)
 
 
-def deepspeed_config(cfg, micro_batch: int, grad_accum: int, world_size: int, dtype: torch.dtype) -> dict:
-    """The generated config; --deepspeed FILE overrides it key by key (batch sizes always follow the CLI)."""
+def deepspeed_config(cfg, micro_batch: int, grad_accum: int, world_size: int, dtype: torch.dtype,
+                     warn=None) -> dict:
+    """The generated config; --deepspeed FILE overrides it key by key (batch sizes always follow the CLI: a file
+    that sets one otherwise is told so through ``warn``)."""
     ds = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
@@ -164,6 +166,9 @@ def deepspeed_config(cfg, micro_batch: int, grad_accum: int, world_size: int, dt
         with open(cfg.deepspeed) as f:
             user = json.load(f)
         for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
-            user.pop(key, None)
+            value = user.pop(key, None)
+            if value is not None and value != "auto" and value != ds[key] and warn is not None:
+                warn(f"--deepspeed {cfg.deepspeed}: {key} {value} is replaced by {ds[key]} (the batch follows "
+                     f"--batch-size / --batch-tokens and --micro-batch-size)")
         ds.update(user)
     return ds

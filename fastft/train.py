@@ -408,7 +408,8 @@ def train(cfg: TrainConfig) -> int:
     schedule = cosine_with_warmup(plan["total_steps"], max(warmup, 1) if warmup else 0)
     ds_config = None
     if deepspeed_engine:
-        ds_config = deepspeed_config(cfg, cfg.micro_batch_size, plan["grad_accum"], dist.world_size, dtype)
+        ds_config = deepspeed_config(cfg, cfg.micro_batch_size, plan["grad_accum"], dist.world_size, dtype,
+                                     warn=lambda m: say(f"fastft: warning: {m}", file=sys.stderr))
         engine, _, _, scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config, model_parameters=list(named.values()),
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))

@@ -449,6 +449,23 @@ def test_deepspeed_launcher_two_ranks(tmp_path, trained):
     assert meta["world_size"] == 2
 
 
+def test_deepspeed_file_batch_keys_follow_the_cli_and_say_so(tmp_path):
+    import torch
+
+    from fastft.config import TrainConfig
+    from fastft.engine import deepspeed_config
+
+    f = tmp_path / "ds.json"
+    f.write_text(json.dumps({"train_batch_size": 64, "gradient_accumulation_steps": "auto",
+                             "train_micro_batch_size_per_gpu": 2, "gradient_clipping": 0.5}))
+    said = []
+    ds = deepspeed_config(TrainConfig(data="x.jsonl", deepspeed=str(f)), 2, 4, 2, torch.float32, warn=said.append)
+    batch = ("train_batch_size", "gradient_accumulation_steps", "train_micro_batch_size_per_gpu")
+    assert [ds[k] for k in batch] == [16, 4, 2]
+    assert ds["gradient_clipping"] == 0.5  # other keys: the file's
+    assert len(said) == 1 and "train_batch_size 64 is replaced by 16" in said[0]
+
+
 def test_nf4_without_bitsandbytes_is_a_clear_usage_error(monkeypatch):
     import fastft.train as train_mod
     from fastft.data import UsageError
