@@ -130,7 +130,7 @@ def load(ckpt: Path, engine, named_params: dict, rank: int) -> dict:
     zero = _zero_master(next(iter(named_params.values()))) is not None  # ZeRO keeps its own masters
     if zero:
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-    if zero:
+
         _ensure_adam_state(engine)
     for name, p in named_params.items():
         master = tensors[f"{name}.master"]
