@@ -54,11 +54,8 @@ def init_distributed(local_rank_arg: int = -1) -> Dist:
         device = torch.device("cpu")
     if not torch.distributed.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        try:
-            import deepspeed
-        except ImportError:  # one process trains on fastft's own engine: torch's process group is all it needs
-            if world > 1:
-                raise DeepSpeedMissing(f"{world} ranks") from None
+        deepspeed = import_deepspeed(f"{world} ranks" if world > 1 else None)
+        if deepspeed is None:  # one process trains on fastft's own engine: torch's process group is all it needs
             torch.distributed.init_process_group(backend, rank=rank, world_size=world)
         else:
             deepspeed.init_distributed(dist_backend=backend)
@@ -74,10 +71,13 @@ class DeepSpeedMissing(ImportError):
                          f"--zero-stage / --deepspeed")
 
 
-def import_deepspeed(why: str):
+def import_deepspeed(why: str | None):
+    """The deepspeed module; when it is not installed, DeepSpeedMissing(why), or None if nothing needs it (why None)."""
     try:
         import deepspeed
     except ImportError:
+        if why is None:
+            return None
         raise DeepSpeedMissing(why) from None
     return deepspeed
 

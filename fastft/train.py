@@ -159,13 +159,13 @@ def rows_per_step(cfg: TrainConfig, world_size: int) -> int:
 
 
 def batch_plan(cfg: TrainConfig, world_size: int, rows_per_epoch: int) -> dict:
-    rows_per_step_ = rows_per_step(cfg, world_size)
-    per_rank = rows_per_step_ // world_size
-    steps_per_epoch = max(1, math.ceil(rows_per_epoch / rows_per_step_))
+    rows = rows_per_step(cfg, world_size)
+    per_rank = rows // world_size
+    steps_per_epoch = max(1, math.ceil(rows_per_epoch / rows))
     total = steps_per_epoch * cfg.epochs
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
-    return {"rows_per_step": rows_per_step_, "grad_accum": per_rank // cfg.micro_batch_size,
+    return {"rows_per_step": rows, "grad_accum": per_rank // cfg.micro_batch_size,
             "steps_per_epoch": steps_per_epoch, "total_steps": total}
 
 

@@ -457,8 +457,8 @@ def lora_path(num_tokens: int, ws_ok: bool = False) -> str:
     """The path a call over num_tokens rows takes: "fused" (in-loop dequant, reads 4 bits per weight: wins while
     memory-bound), "slabs" (cuBLAS: wins once compute-bound) or, where ``ws_ok`` (a 4-bit weight, bf16, sm_90:
     see _ws_ok), "ws": moe_hopper's warp-specialised GEMM, in-loop dequant in its own warps, W never densified.
-    ws is opt-in (FASTFT_LORA_PATH=ws, or FASTFT_LORA_WS_MIN_T=<tokens>): on the H200 it still runs each GEMM at
-    1.4-1.9x cuBLAS's time, so slabs stay faster (see WS_MIN_T). FASTFT_LORA_PATH=fused|slabs|ws forces one (A/B
+    ws is opt-in (FASTFT_LORA_PATH=ws, or FASTFT_LORA_WS_MIN_T=<tokens>): on the H200 slabs stay faster (WS_MIN_T
+    says by how much). FASTFT_LORA_PATH=fused|slabs|ws forces one (A/B
     timing; ws only where it can run, otherwise the choice below); otherwise slabs from FASTFT_LORA_SLAB_MIN_T
     tokens up (default SLAB_MIN_T)."""
     forced = os.environ.get("FASTFT_LORA_PATH", "auto")
@@ -607,7 +607,7 @@ def _nf4_code(weight):
 
 def _ws_gemm(a, weight, fields, trans, out, bias=None, lora=None, add_c=False):
     """out = a W^T (forward; or a W with trans) + bias + the LoRA term lora = (L [T, r], factor, 0, s_n, s_r, s) of
-    moe_hopper.ws_gemm (+ out itself with add_c); a, out bf16 [T, *] with unit column stride; T > 0."""
+    moe_hopper.ws_gemm (+ out itself with add_c); a, out bf16 [T, *] with unit column stride (T = 0: nothing to do)."""
     fmt, w, aux, _, _, n_w, k_w = fields
     T = a.shape[0]
     if T == 0:

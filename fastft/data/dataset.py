@@ -68,7 +68,7 @@ def _check(cfg: DataConfig) -> _Checked:
         report.errors.extend(row_issues)
         out.row_errors.extend(row_issues)
         report.n_valid += n_valid_here
-        if fr.n_lines and not n_valid_here and all(i.line is not None for i in fr.issues):  # (else said already)
+        if fr.n_lines and not n_valid_here and not file_issues:  # (a file problem already says why)
             report.errors.append(Issue(path, None, None, f"no usable rows (all {fr.n_lines:,} rows have errors)"))
     if ignored_where:
         keys = sorted({k for _, ks in ignored_where for k in ks})
