@@ -144,7 +144,8 @@ examples:
 
 exit status: 0 trained (or --validate-only: the data is clean); 1 errors in the data, the model or the run;
 2 a bad command line or option value; 130 / 143 stopped by Ctrl-C / SIGTERM after saving a checkpoint (--resume
-continues). Environment: FASTFT_CACHE, the dataset cache folder (default ~/.cache/fastft)."""
+continues), or before training started (nothing written). Environment: FASTFT_CACHE, the dataset cache folder
+(default ~/.cache/fastft)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,8 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=d.output_dir, metavar="DIR",
                    help="where the adapter, checkpoints, metrics and metadata.json go")
     p.add_argument("--overwrite", action="store_true",
-                   help="train into a non-empty --output-dir, replacing an earlier run's checkpoints and TensorBoard "
-                        "events (once the data and the model are ready)")
+                   help="train into a non-empty --output-dir, replacing what an earlier fastft run wrote there (it "
+                        "is kept aside until this run's first checkpoint, and put back if this run fails before "
+                        "that); other files stay")
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in --output-dir (the same data and options)")
     p.add_argument("--validate-only", action="store_true", help="check the data, print the report and exit")

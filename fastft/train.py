@@ -23,12 +23,13 @@ if __package__ in (None, ""):  # `python fastft/train.py`: import the package, n
 
 import torch  # noqa: E402
 
-from fastft import checkpoint  # noqa: E402
+from fastft import checkpoint, output_dir  # noqa: E402
 from fastft.config import CliError, TrainConfig, parse_args  # noqa: E402
+from fastft.output_dir import OutputDirError  # noqa: E402
 
 
 class TrainingError(Exception):
-    """A problem the user can act on (bad output dir, unusable model, non-finite loss): one message, exit 1."""
+    """A problem the user can act on (a non-finite loss, a checkpoint of another run): one message, exit 1."""
 
 
 def main(argv=None) -> int:
@@ -49,9 +50,13 @@ def main(argv=None) -> int:
     except DataError as e:  # its message is the data report, which names itself ("fastft data report")
         print(e, file=sys.stderr)
         return 1
-    except (ModelLoadError, TrainingError, DeepSpeedMissing) as e:
+    except (ModelLoadError, TrainingError, DeepSpeedMissing, OutputDirError) as e:
         print(f"fastft: {e}", file=sys.stderr)
         return 1
+    except StoppedBeforeTraining as e:
+        print(f"fastft: stopped by {signal.Signals(e.signum).name} before training started; nothing was changed "
+              f"in {cfg.output_dir}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:  # training: a second Ctrl-C (see StopRequest); no traceback, the shell's status
         hint = "" if cfg.validate_only else (", without saving; --resume continues from the last checkpoint in "
                                              "--output-dir, if there is one")
@@ -61,7 +66,7 @@ def main(argv=None) -> int:
         from fastft.engine import shutdown_distributed
 
         shutdown_distributed()  # the process group training started, if it did
-        _remove_empty_made_dirs()
+        output_dir.finish()  # a run that saved no checkpoint is undone
 
 
 def data_config(cfg: TrainConfig):
@@ -85,61 +90,6 @@ def validate_only(cfg: TrainConfig) -> int:
     report = validate(data_config(cfg), tokenizer)
     print(report.format())
     return report.exit_code
-
-
-def prepare_output_dir(cfg: TrainConfig) -> tuple[Path, Path | None]:
-    """Returns (output dir, checkpoint to resume from). Never deletes anything the user did not ask to replace."""
-    out = Path(cfg.output_dir)
-    if out.exists() and not out.is_dir():
-        raise TrainingError(f"--output-dir {out} exists and is not a folder")
-    resume_from = checkpoint.latest_checkpoint(out) if out.exists() else None
-    if cfg.resume:
-        if resume_from is None:
-            raise TrainingError(f"--resume: no complete checkpoint in {out} (looked for {out}/{checkpoint.LATEST})")
-        return out, resume_from
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        hint = " (it holds a checkpoint: add --resume to continue)" if resume_from else ""
-        raise TrainingError(f"--output-dir {out} is not empty{hint}; pass --overwrite to train into it anyway")
-    made = not out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise TrainingError(f"--output-dir {out}: cannot create it ({e.strerror or e})") from None
-    if made:
-        _MADE_DIRS.append(out)
-    return out, None
-
-
-_MADE_DIRS: list[Path] = []  # output folders this process created (main() removes them again if left empty)
-
-
-def _remove_empty_made_dirs() -> None:
-    """A run that failed before writing anything (bad data, a model that does not load) leaves no empty folder."""
-    while _MADE_DIRS:
-        try:
-            _MADE_DIRS.pop().rmdir()  # only an empty folder goes
-        except OSError:
-            pass
-
-
-# What a finished run leaves at the top of --output-dir that says "this run is done" (the tokenizer's files are
-# rewritten as they are; metrics.jsonl and loss.png restart with the run)
-FINAL_OUTPUTS = ("adapter_model.safetensors", "adapter_config.json", "training_config.json", "metadata.json")
-
-
-def clear_previous_run(out: Path) -> None:
-    """--overwrite: an older run's checkpoints (they must not be resumed into this run), TensorBoard events (they
-    would mix with this run's) and final adapter and metadata (a run stopped early would otherwise sit beside them).
-    Only fastft's own names go: checkpoint-<step> folders, not other checkpoint-* files. Called once the data and
-    the model are ready, so a run that fails before it starts leaves the older one whole."""
-    import shutil
-
-    olds = checkpoint.checkpoint_dirs(out) + [out / checkpoint.LATEST, out / "runs"] + [out / f for f in FINAL_OUTPUTS]
-    for old in olds:
-        if old.is_dir():
-            shutil.rmtree(old)
-        elif old.exists():
-            old.unlink()
 
 
 def rows_per_step(cfg: TrainConfig, world_size: int) -> int:
@@ -179,16 +129,36 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int):
     return factor
 
 
+class StoppedBeforeTraining(BaseException):
+    """Ctrl-C / SIGTERM while the run starts (data, model, engine): nothing is written yet, so it stops at once. A
+    BaseException, as KeyboardInterrupt is: a library's ``except Exception`` (a model lookup's, a build's) must not
+    swallow it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 class StopRequest:
-    """SIGTERM / Ctrl-C: finish the current step, save a checkpoint, then exit with 128 + the signal's number (130,
-    143: the shell's convention), so that a script sees the run did not finish. A second Ctrl-C aborts at once."""
+    """SIGTERM / Ctrl-C: before training starts, StoppedBeforeTraining at once; once it runs, finish the current
+    step, save a checkpoint, then exit with 128 + the signal's number (130, 143: the shell's convention), so that a
+    script sees the run did not finish. A second Ctrl-C aborts at once."""
 
     def __init__(self):
         self.signum = 0  # the first signal received (0: none)
-        signal.signal(signal.SIGTERM, self._handle)
-        signal.signal(signal.SIGINT, self._handle)
+        self.training = False
+        self._before = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def training_starts(self):
+        self.training = True
+
+    def release(self):
+        for s, handler in self._before.items():
+            signal.signal(s, handler)
 
     def _handle(self, signum, frame):
+        if not self.training:
+            raise StoppedBeforeTraining(signum)
         if self.signum and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = self.signum or signum
@@ -336,6 +306,14 @@ def graph_tokens(cfg: TrainConfig) -> int:
 
 
 def train(cfg: TrainConfig) -> int:
+    stop = StopRequest()
+    try:
+        return _train(cfg, stop)
+    finally:
+        stop.release()
+
+
+def _train(cfg: TrainConfig, stop: StopRequest) -> int:
     import torch.distributed as dist_
 
     from fastft import observers as obs
@@ -349,12 +327,12 @@ def train(cfg: TrainConfig) -> int:
                               resolve_model_path, save_adapter)
 
     t_start = time.time()
-    stop = StopRequest()
     dist = init_distributed(cfg.local_rank)
     rows_per_step(cfg, dist.world_size)
     # DeepSpeed's engine serves several ranks and --zero-stage / --deepspeed; one process needs none of it
     deepspeed = import_deepspeed("--zero-stage / --deepspeed") if uses_deepspeed(cfg, dist.world_size) else None
-    out, resume_from = prepare_output_dir(cfg) if dist.is_main else (Path(cfg.output_dir), None)
+    outputs, resume_from = output_dir.prepare(cfg) if dist.is_main else (None, None)
+    out = Path(cfg.output_dir)
     if dist.world_size > 1:  # every rank resumes from what rank 0 found
         box = [str(resume_from) if resume_from else None]
         dist_.broadcast_object_list(box, src=0)
@@ -445,12 +423,16 @@ def train(cfg: TrainConfig) -> int:
     def save_ckpt():
         trainer_state = {"step": step, "optimizer_steps": engine.global_steps + 0, "history": history,
                          "plan": plan, "seed": cfg.seed, "run": run, "segments": clock.segments(step, peak_gib())}
-        return checkpoint.save(out, step, engine, named, trainer_state,
-                               lambda d: save_adapter(model, d, base_model_name_or_path=base_model),
-                               dist.rank, cfg.keep_checkpoints)
+        saved = checkpoint.save(out, step, engine, named, trainer_state,
+                                lambda d: save_adapter(model, d, base_model_name_or_path=base_model),
+                                dist.rank, cfg.keep_checkpoints)
+        if outputs:
+            outputs.saved()  # the older run (--overwrite) goes only now
+        return saved
 
-    if dist.is_main and cfg.overwrite and resume_from is None:
-        clear_previous_run(out)
+    stop.training_starts()  # from here a signal saves a checkpoint after the step (StopRequest)
+    if outputs:
+        outputs.begin()  # the first write: --overwrite sets the older run aside
     observers: list[obs.Observer] = []
     if dist.is_main:
         observers = [obs.MetricsLog(out / "metrics.jsonl", resume_step=step), obs.TensorBoard(out / "runs"),
@@ -550,7 +532,7 @@ def train(cfg: TrainConfig) -> int:
     totals = run_totals(segments)
     if dist.is_main:
         save_adapter(model, out, base_model_name_or_path=base_model)
-        tokenizer.save_pretrained(out)
+        written = [Path(f).name for f in tokenizer.save_pretrained(out)]
         import json
 
         (out / "training_config.json").write_text(json.dumps(cfg.to_json(), indent=1))
@@ -570,6 +552,8 @@ def train(cfg: TrainConfig) -> int:
             **totals, "segments": segments,  # the whole run: totals over the first start and every --resume
             "final_train_loss": history["train_loss"][-1] if history["train_loss"] else None,
             "final_eval_loss": history["eval_loss"][-1][1] if history["eval_loss"] else None,
+            # fastft's mark: --overwrite replaces only outputs it can tell are its own (fastft.output_dir)
+            "written_by": "fastft", "outputs": sorted({*output_dir.FINAL_OUTPUTS, *output_dir.LOGS, *written}),
         }
         (out / "metadata.json").write_text(json.dumps(meta, indent=1))
     for o in observers:

@@ -261,14 +261,137 @@ def test_overwrite_keeps_the_old_run_until_training_starts(tmp_path, trained):
     assert len(list((out / "runs").iterdir())) == 1  # the older run's TensorBoard events are gone
 
 
-def test_overwrite_clears_the_older_runs_final_outputs(tmp_path):
-    from fastft.train import FINAL_OUTPUTS, clear_previous_run
+def make_old_run(out: Path) -> None:
+    """What a finished older run leaves (by name and content), as fastft.output_dir recognises it."""
+    (out / "checkpoint-2").mkdir(parents=True)
+    (out / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (out / "latest").write_text("checkpoint-2")
+    (out / "runs").mkdir()
+    (out / "runs" / "events.out.tfevents.1.host.1.0").write_text("old")
+    (out / "metrics.jsonl").write_text('{"type": "train", "step": 1, "loss": 9.0}\n')
+    for name in ("adapter_model.safetensors", "adapter_config.json", "training_config.json", "loss.png",
+                 "tokenizer.json"):
+        (out / name).write_text("old")
+    (out / "metadata.json").write_text(json.dumps({"written_by": "fastft", "outputs": [
+        "adapter_model.safetensors", "adapter_config.json", "training_config.json", "metadata.json", "loss.png",
+        "metrics.jsonl", "tokenizer.json"]}))
 
-    for name in (*FINAL_OUTPUTS, "checkpoint-2/x", "checkpoint-best/x", "latest", "notes.txt", "tokenizer.json"):
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text("old")
-    clear_previous_run(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-best", "notes.txt", "tokenizer.json"]
+
+def tree(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_text() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_sets_only_fastfts_outputs_aside_and_deletes_them_at_the_first_checkpoint(tmp_path):
+    from fastft import output_dir
+
+    make_old_run(tmp_path)
+    for mine in ("checkpoint-best/x", "checkpoint-notes.txt", "notes.txt", "runs-mine/events.out.tfevents.x"):
+        (tmp_path / mine).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / mine).write_text("mine")
+    (tmp_path / "checkpoint-7").mkdir()  # fastft's name, but no trainer_state.json: not one of its checkpoints
+    with pytest.raises(output_dir.OutputDirError, match="checkpoint-7, which fastft cannot tell it wrote"):
+        output_dir.prepare(TrainConfigFor(tmp_path, overwrite=True))
+    (tmp_path / "checkpoint-7").rmdir()
+    before = tree(tmp_path)
+    run, resume_from = output_dir.prepare(TrainConfigFor(tmp_path, overwrite=True))
+    assert resume_from is None and tree(tmp_path) == before  # nothing moves before the run writes
+    run.begin()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [output_dir.ASIDE, "checkpoint-best", "checkpoint-notes.txt",
+                                                          "notes.txt", "runs-mine"]
+    (tmp_path / "checkpoint-1").mkdir()
+    (tmp_path / "checkpoint-1" / "trainer_state.json").write_text("{}")
+    run.saved()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "checkpoint-best", "checkpoint-notes.txt",
+                                                          "notes.txt", "runs-mine"]
+    assert output_dir.active() is None
+
+
+def test_foreign_files_under_fastfts_names_stop_overwrite_before_anything_changes(tmp_path, trained):
+    out = tmp_path / "out"
+    make_old_run(out)
+    (out / "metadata.json").write_text('{"mine": true}')  # the user's: so are the files only it would vouch for
+    before = tree(out)
+    r = run_train([str(trained[0]), *COMMON, "--max-steps", "1", "--output-dir", str(out), "--overwrite"],
+                  check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert (f"fastft: --overwrite: {out} holds adapter_config.json, adapter_model.safetensors, metadata.json, "
+            f"tokenizer.json, training_config.json, which fastft cannot tell it wrote") in r.stderr
+    assert tree(out) == before
+
+
+def TrainConfigFor(out: Path, **options):
+    from fastft.config import TrainConfig
+
+    return TrainConfig(data=["x.jsonl"], output_dir=str(out), **options)
+
+
+def main_in_process(args, monkeypatch) -> int:
+    """fastft.train.main(args) in this process (so a test may replace a function), with the environment restored
+    afterwards (init_distributed sets the process group's variables)."""
+    from fastft.train import main
+
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": next_port()}.items():
+        monkeypatch.setenv(key, value)
+    return main(args)
+
+
+def test_overwrite_run_that_fails_before_its_first_checkpoint_puts_the_older_run_back(tmp_path, trained,
+                                                                                       monkeypatch, capsys):
+    """A second Ctrl-C (or any failure) during the first step: the new run's files go, the older run's come back
+    exactly, the user's files are untouched; then a plain run into a fresh folder that fails leaves nothing that
+    would block running it again."""
+    from fastft import checkpoint
+
+    out = tmp_path / "out"
+    make_old_run(out)
+    (out / "notes.txt").write_text("mine")
+    before = tree(out)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save", interrupted)
+    args = [str(trained[0]), *COMMON, "--max-steps", "1"]
+    assert main_in_process([*args, "--output-dir", str(out), "--overwrite"], monkeypatch) == 130
+    assert tree(out) == before and (out / "checkpoint-2").is_dir()
+    assert "the older run's outputs are back" in capsys.readouterr().err
+    fresh = tmp_path / "fresh"
+    assert main_in_process([*args, "--output-dir", str(fresh)], monkeypatch) == 130
+    assert not fresh.exists()  # no metrics.jsonl or runs/ left to make the re-run ask for --overwrite
+
+
+def test_a_run_killed_before_its_first_checkpoint_is_undone_by_the_next_start(tmp_path):
+    from fastft import output_dir
+
+    make_old_run(tmp_path)
+    before = tree(tmp_path)
+    output_dir.prepare(TrainConfigFor(tmp_path, overwrite=True))[0].begin()
+    output_dir._HELD.clear()  # SIGKILL: nothing undoes it in this process
+    (tmp_path / "metrics.jsonl").write_text('{"type": "train", "step": 1, "loss": 3.0}\n{"type": "tr')
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "events.out.tfevents.2.host.2.0").write_text("new")
+    run, resume_from = output_dir.prepare(TrainConfigFor(tmp_path, resume=True))
+    assert tree(tmp_path) == before and resume_from == tmp_path / "checkpoint-2"
+
+
+def test_a_signal_while_the_run_starts_stops_it_at_once_and_changes_nothing(tmp_path, trained, monkeypatch,
+                                                                             capsys):
+    """Ctrl-C or SIGTERM while the data is read (or the model loads) stops there, with the shell's status, and
+    --overwrite has not touched the older run."""
+    import fastft.data
+
+    out = tmp_path / "out"
+    make_old_run(out)
+    before = tree(out)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        monkeypatch.setattr(fastft.data, "prepare", lambda *a: os.kill(os.getpid(), sig) or time.sleep(30))
+        status = main_in_process([str(trained[0]), *COMMON, "--output-dir", str(out), "--overwrite"], monkeypatch)
+        assert status == 128 + sig
+        assert capsys.readouterr().err.splitlines()[-1] == (f"fastft: stopped by {sig.name} before training "
+                                                            f"started; nothing was changed in {out}")
+        assert tree(out) == before
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the trainer's handlers are gone again
 
 
 def test_resume_from_an_unreadable_checkpoint_is_one_message(tmp_path, trained):
