@@ -206,6 +206,19 @@ def test_file_problems(tmp_path):
     assert r.exit_code == 1
 
 
+def test_pipes_and_devices_are_a_file_error_not_a_hang(tmp_path):
+    """A FIFO would block until a writer comes and /dev/zero never ends: neither is opened."""
+    import os
+
+    fifo = tmp_path / "rows.jsonl"
+    os.mkfifo(fifo)
+    r = check([str(fifo), "/dev/zero"])
+    assert [str(i) for i in r.errors] == [
+        f"{p}: is not a regular file (a pipe, device or socket); write the data to a .jsonl file and pass that"
+        for p in (fifo, "/dev/zero")]
+    assert r.exit_code == 1
+
+
 def test_usage_errors():
     with pytest.raises(UsageError, match="no data files"):
         validate(DataConfig(paths=[]))

@@ -463,6 +463,15 @@ def test_data_errors_print_the_report_without_a_doubled_prefix(tmp_path):
     assert not (tmp_path / "o").exists()  # the folder made for the run went again: nothing was written into it
 
 
+@pytest.mark.parametrize("mode", [["--validate-only"], ["--max-steps", "1"]])
+def test_a_pipe_as_data_is_refused_at_once(tmp_path, mode):
+    fifo = tmp_path / "rows.jsonl"
+    os.mkfifo(fifo)
+    r = run_train([str(fifo), "--model", "tiny", "--output-dir", str(tmp_path / "o"), *mode], check=False, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr + r.stdout, r.stderr
+    assert f"{fifo}: is not a regular file (a pipe, device or socket)" in r.stderr + r.stdout
+
+
 def test_fastft_cache_naming_a_file_is_a_one_line_usage_error(tmp_path, trained):
     blocker = tmp_path / "cache"
     blocker.write_text("")

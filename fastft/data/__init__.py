@@ -37,7 +37,7 @@ validate(cfg, tokenizer=None) -> ValidationReport
 
 prepare(cfg, tokenizer) -> PreparedData
   Runs the same checks. Errors -> DataError(report text), unless cfg.skip_invalid: then rows with errors are
-  skipped and report.skipped lists them all (file problems - missing, directory, empty, no usable rows - are
+  skipped and report.skipped lists them all (file problems - missing, directory, pipe, empty, no usable rows - are
   never skipped). Tokenises through datasets.map, cached at <cache>/data/tokens-<key>.arrow, key = file sha256s
   + tokenizer + chat template + max_seq_len + train_on_all + fastft's rendering version (data.cache_hit says
   whether it was reused). Then duplicates / overlong rows per policy, then a deterministic eval split by

@@ -4,7 +4,8 @@ Tolerated without comment: a UTF-8 BOM, CRLF or CR-only line ends, blank lines, 
 bytes, so ``.jsonl.gz`` and a mis-named gzip both work). Everything else that stops a line from being one JSON
 object is an error on that line (a key given twice and NaN / Infinity too: JSON allows neither reliably, and the
 last-wins reading would train on something the user may not have meant); problems with the file itself (missing, a
-directory, empty, unreadable, one pretty-printed JSON document instead of JSON Lines) are one error each.
+directory, a pipe or device, empty, unreadable, one pretty-printed JSON document instead of JSON Lines) are one
+error each.
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ def read_jsonl(path: str) -> FileRead:
             return out
         if p.is_dir():
             out.issues.append(Issue(path, None, None, "is a directory; pass the .jsonl files in it instead"))
+            return out
+        if not p.is_file():  # a pipe may never end (or block until a writer comes) and cannot be read twice
+            out.issues.append(Issue(path, None, None, "is not a regular file (a pipe, device or socket); write the "
+                                                      "data to a .jsonl file and pass that"))
             return out
         raw = p.read_bytes()
     except OSError as e:
