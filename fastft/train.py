@@ -108,8 +108,8 @@ def rows_per_step(cfg: TrainConfig, world_size: int) -> int:
     return rows
 
 
-def batch_plan(cfg: TrainConfig, world_size: int, rows_per_epoch: int) -> dict:
-    rows = rows_per_step(cfg, world_size)
+def batch_plan(cfg: TrainConfig, world_size: int, rows_per_epoch: int, warn=print) -> dict:
+    rows = fit_to_epoch(cfg, rows_per_step(cfg, world_size), rows_per_epoch, world_size, warn)
     per_rank = rows // world_size
     steps_per_epoch = max(1, math.ceil(rows_per_epoch / rows))
     total = steps_per_epoch * cfg.epochs
@@ -117,6 +117,24 @@ def batch_plan(cfg: TrainConfig, world_size: int, rows_per_epoch: int) -> dict:
         total = min(total, cfg.max_steps)
     return {"rows_per_step": rows, "grad_accum": per_rank // cfg.micro_batch_size,
             "steps_per_epoch": steps_per_epoch, "total_steps": total}
+
+
+def fit_to_epoch(cfg: TrainConfig, rows: int, rows_per_epoch: int, world_size: int, warn) -> int:
+    """A step of more rows than an epoch has would take rows again and again within the step (--batch-size 100000
+    over one packed row: 100,000 passes, or no memory for the list): it takes each row once instead, as many as
+    still split into ranks x micro-batches, and ``warn`` says so."""
+    if rows <= rows_per_epoch:
+        return rows
+    asked = f"--batch-tokens {cfg.batch_tokens}" if cfg.batch_tokens else f"--batch-size {cfg.batch_size}"
+    unit = world_size * cfg.micro_batch_size
+    fitted = rows_per_epoch // unit * unit
+    if not fitted:
+        raise TrainingError(f"{asked}: the data packs into {rows_per_epoch} row(s) of --max-seq-len "
+                            f"{cfg.max_seq_len}, fewer than one step's {world_size} rank(s) x --micro-batch-size "
+                            f"{cfg.micro_batch_size}; lower --micro-batch-size or --max-seq-len, or add data")
+    warn(f"{asked} asks for {rows:,} packed rows per step, but the data packs into {rows_per_epoch:,} of --max-seq-len "
+         f"{cfg.max_seq_len}: a step takes {fitted:,}, each row once")
+    return fitted
 
 
 def cosine_with_warmup(total_steps: int, warmup_steps: int):
@@ -343,17 +361,20 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> int:
                          "interpreter, slowly); use --kernels auto or torch")
     backend = get_backend(cfg.kernels, dist.device)
     say = print if dist.is_main else (lambda *a, **k: None)
+
+    def warn(message):
+        say(f"fastft: warning: {message}", file=sys.stderr)
+
     graphs = use_cuda_graphs(cfg, backend, dist)
     for warning in ignored_options(cfg, dist.device, graphs):
-        say(f"fastft: warning: {warning}", file=sys.stderr)
+        warn(warning)
 
     # ---- data: validated, tokenised (cached), packed ------------------------------------------------------------
     model_path = resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(model_path)
     data = prepare(data_config(cfg), tokenizer)
-    rows_per_epoch = len(data.packed_rows("train", epoch=0))
-    plan = batch_plan(cfg, dist.world_size, rows_per_epoch)
     say(data.report.format())
+    plan = batch_plan(cfg, dist.world_size, len(data.packed_rows("train", epoch=0)), warn)
 
     # ---- model + LoRA -------------------------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)  # identical LoRA init on every rank
@@ -387,7 +408,7 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> int:
     ds_config = None
     if deepspeed_engine:
         ds_config = deepspeed_config(cfg, cfg.micro_batch_size, plan["grad_accum"], dist.world_size, dtype,
-                                     warn=lambda m: say(f"fastft: warning: {m}", file=sys.stderr))
+                                     warn=warn)
         engine, _, _, scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config, model_parameters=list(named.values()),
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))

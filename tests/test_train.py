@@ -453,6 +453,33 @@ def test_bad_cli_values_are_clear(tmp_path, trained, args, message, code):
     assert not (tmp_path / "o").exists()  # refused before anything was made
 
 
+def test_a_step_never_takes_a_row_twice():
+    """A batch larger than the data: the step takes each packed row once (as many as split into ranks x
+    micro-batches), with a warning; too few rows for even one micro-batch per rank is one message."""
+    from fastft.config import TrainConfig
+    from fastft.train import TrainingError, batch_plan
+
+    said = []
+    plan = batch_plan(TrainConfig(data="x.jsonl", batch_size=10**12, max_seq_len=256), 1, 7, said.append)
+    assert plan["rows_per_step"] == 7 and plan["grad_accum"] == 7 and plan["steps_per_epoch"] == 1
+    assert said == ["--batch-size 1000000000000 asks for 1,000,000,000,000 packed rows per step, but the data packs "
+                    "into 7 of --max-seq-len 256: a step takes 7, each row once"]
+    plan = batch_plan(TrainConfig(data="x.jsonl", batch_tokens=4096 * 4000, micro_batch_size=2), 2, 7, said.append)
+    assert plan["rows_per_step"] == 4 and plan["grad_accum"] == 1 and said[-1].startswith("--batch-tokens")
+    assert batch_plan(TrainConfig(data="x.jsonl", batch_size=4), 1, 7, said.append)["rows_per_step"] == 4
+    assert len(said) == 2  # a batch the data holds: no warning
+    with pytest.raises(TrainingError, match="packs into 3 row.* fewer than one step's 2 rank.* x --micro-batch-size 2"):
+        batch_plan(TrainConfig(data="x.jsonl", batch_size=8, micro_batch_size=2), 2, 3, said.append)
+
+
+def test_a_huge_batch_trains_on_each_row_once(tmp_path, trained):
+    out = tmp_path / "o"
+    r = run_train([str(trained[0]), *COMMON, "--max-seq-len", "4096", "--batch-size", "100000000", "--max-steps", "1",
+                   "--output-dir", str(out)])
+    assert "a step takes 2, each row once" in r.stderr
+    assert json.loads((out / "metadata.json").read_text())["plan"]["rows_per_step"] == 2
+
+
 def test_data_errors_print_the_report_without_a_doubled_prefix(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "answer": "a"}\n{oops\n')
