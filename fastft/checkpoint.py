@@ -87,6 +87,20 @@ def save(output_dir: Path, step: int, engine, named_params: dict, trainer_state:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
+    try:
+        _write(tmp, final, tensors, trainer_state, save_adapter, rank)
+    except BaseException:  # a full disk: the partial copy would only hold the space a retry needs
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if rank == 0:
+        _write_atomic(output_dir / LATEST, final.name)
+        _prune(output_dir, keep)
+    _barrier()
+    return final
+
+
+def _write(tmp: Path, final: Path, tensors: dict, trainer_state: dict, save_adapter, rank: int) -> None:
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
@@ -99,10 +113,6 @@ def save(output_dir: Path, step: int, engine, named_params: dict, trainer_state:
         _fsync_tree(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        _write_atomic(output_dir / LATEST, final.name)
-        _prune(output_dir, keep)
-    _barrier()
-    return final
 
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:

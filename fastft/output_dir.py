@@ -45,6 +45,7 @@ def prepare(cfg) -> tuple["RunOutputs", Path | None]:
     if cfg.resume:
         if resume_from is None:
             raise OutputDirError(f"--resume: no complete checkpoint in {out} (looked for {out}/{checkpoint.LATEST})")
+        _check_writable(out)
         return RunOutputs(out, replaces=False, resumed=True), resume_from
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         hint = " (it holds a checkpoint: add --resume to continue)" if resume_from else ""
@@ -53,6 +54,7 @@ def prepare(cfg) -> tuple["RunOutputs", Path | None]:
     if out.exists():
         _refuse_foreign_outputs(out)
     _make(out)
+    _check_writable(out)
     return RunOutputs(out, replaces=cfg.overwrite, resumed=False), None
 
 
@@ -64,6 +66,18 @@ def _make(out: Path) -> None:
         raise OutputDirError(f"--output-dir {out}: cannot create it ({e.strerror or e})") from None
     if made:
         _MADE_DIRS.append(out)
+
+
+def _check_writable(out: Path) -> None:
+    """Before the model loads (minutes): a folder the run could not write into fails now. A real file, not
+    os.access: root passes that check on a read-only mount or an immutable folder."""
+    probe = out / f".fastft-write-test-{os.getpid()}"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputDirError(f"--output-dir {out}: cannot write into it ({e.strerror or e}); choose a folder you "
+                             f"can write to, or fix its permissions") from None
 
 
 def _refuse_foreign_outputs(out: Path) -> None:

@@ -327,8 +327,22 @@ def train(cfg: TrainConfig) -> int:
     stop = StopRequest()
     try:
         return _train(cfg, stop)
+    except OSError as e:
+        if not stop.training:  # (one before training is a bug to see, not a write that failed)
+            raise
+        raise TrainingError(write_failed(e, Path(cfg.output_dir))) from None
     finally:
         stop.release()
+
+
+def write_failed(e: OSError, out: Path) -> str:
+    """Once training runs, an OSError is a write into --output-dir that failed (a full disk, a quota, a folder
+    removed under the run): what failed, and what the last saved state is."""
+    what = f"cannot write {e.filename}" if e.filename else "a write failed"
+    saved = checkpoint.latest_checkpoint(out)
+    then = (f"the last complete checkpoint is {saved}: once that is fixed, run the same command with --resume "
+            f"added" if saved else "no checkpoint of this run was saved")
+    return f"{what} ({e.strerror or e}); {then}"
 
 
 def _train(cfg: TrainConfig, stop: StopRequest) -> int:

@@ -31,6 +31,7 @@ def test_crash_during_write_keeps_the_last_complete_checkpoint(tmp_path):
                         rank=0, keep=2)
     assert checkpoint.latest_checkpoint(tmp_path) == good
     assert not (tmp_path / f"{checkpoint.PREFIX}2").exists()
+    assert not (tmp_path / f".tmp-{checkpoint.PREFIX}2").exists()  # (on a full disk, the space a retry needs)
     state = checkpoint.load(good, engine, {"w": p}, rank=0)
     assert state["step"] == 1
 

@@ -375,6 +375,55 @@ def test_a_run_killed_before_its_first_checkpoint_is_undone_by_the_next_start(tm
     assert tree(tmp_path) == before and resume_from == tmp_path / "checkpoint-2"
 
 
+@pytest.fixture
+def unwritable_dir(tmp_path):
+    """An empty folder no file can be created in, root or not (root ignores the mode bits: the immutable flag)."""
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        (folder / "probe").touch()
+    except OSError:
+        yield folder
+        folder.chmod(0o755)
+        return
+    (folder / "probe").unlink()
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode:
+        folder.chmod(0o755)
+        pytest.skip("no way to make a folder unwritable here")
+    yield folder
+    subprocess.run(["chattr", "-i", str(folder)])
+    folder.chmod(0o755)
+
+
+def test_an_unwritable_output_dir_is_one_message_before_the_model_loads(unwritable_dir, trained):
+    r = run_train([str(trained[0]), *COMMON, "--output-dir", str(unwritable_dir)], check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"fastft: --output-dir {unwritable_dir}: cannot write into it (" in r.stderr
+    assert "fastft data report" not in r.stdout  # before anything was read or loaded
+
+
+def test_a_full_disk_while_training_says_what_was_saved_last(tmp_path, trained, monkeypatch, capsys):
+    import errno
+
+    from fastft import checkpoint
+
+    real_save = checkpoint.save
+
+    def full_at_step_2(output_dir, step, *args, **kwargs):
+        if step == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(output_dir / ".tmp-checkpoint-2"))
+        return real_save(output_dir, step, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save", full_at_step_2)
+    out = tmp_path / "out"
+    args = [str(trained[0]), *COMMON, "--max-steps", "3", "--save-every", "1", "--output-dir", str(out)]
+    assert main_in_process(args, monkeypatch) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"fastft: cannot write {out}/.tmp-checkpoint-2 (No space left on device); the last complete checkpoint is "
+        f"{out}/checkpoint-1: once that is fixed, run the same command with --resume added")
+
+
 def test_a_signal_while_the_run_starts_stops_it_at_once_and_changes_nothing(tmp_path, trained, monkeypatch,
                                                                              capsys):
     """Ctrl-C or SIGTERM while the data is read (or the model loads) stops there, with the shell's status, and
