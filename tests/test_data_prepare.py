@@ -130,6 +130,26 @@ def test_cache_reused_and_keyed(tok, tmp_path, monkeypatch):
     assert len(files) == 4
 
 
+@pytest.mark.parametrize("damage", ["cut", "empty", "foreign"])
+def test_an_unreadable_cache_file_is_rebuilt_with_one_warning(tok, tmp_path, capsys, damage):
+    """A cache file cut short (a kill or a full disk while it was written), empty, or another file under our key."""
+    p = write(tmp_path, "d.jsonl", [qa(i) for i in range(20)])
+    first = prepare(cfg(tmp_path, [p]), tok)
+    cache = Path(first.cache_file)
+    if damage == "foreign":
+        other = prepare(cfg(tmp_path, [write(tmp_path, "e.jsonl", [qa(i) for i in range(5)])]), tok)
+        cache.write_bytes(Path(other.cache_file).read_bytes())
+    else:
+        cache.write_bytes(cache.read_bytes()[:len(cache.read_bytes()) // 2 if damage == "cut" else 0])
+    capsys.readouterr()
+    again = prepare(cfg(tmp_path, [p]), tok)
+    [warning] = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warning.startswith(f"fastft: warning: tokenisation cache {cache} is unreadable (")
+    assert warning.endswith("; rebuilding it") and not again.cache_hit
+    assert [r.input_ids.tolist() for r in again.packed_rows()] == [r.input_ids.tolist() for r in first.packed_rows()]
+    assert prepare(cfg(tmp_path, [p]), tok).cache_hit  # the rebuilt file serves the next run
+
+
 def test_data_hashes_and_counts(tok, tmp_path):
     p = write(tmp_path, "d.jsonl", [qa(i) for i in range(10)])
     data = prepare(cfg(tmp_path, [p]), tok)

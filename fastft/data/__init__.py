@@ -40,8 +40,9 @@ prepare(cfg, tokenizer) -> PreparedData
   skipped and report.skipped lists them all (file problems - missing, directory, pipe, empty, no usable rows - are
   never skipped). Tokenises through datasets.map, cached at <cache>/data/tokens-<key>.arrow, key = file sha256s
   + tokenizer + chat template + max_seq_len + train_on_all + fastft's rendering version (data.cache_hit says
-  whether it was reused). Then duplicates / overlong rows per policy, then a deterministic eval split by
-  conversation (by seed and content, so duplicates share a split). Exposes .report, .data_hashes {path: sha256},
+  whether it was reused; an unreadable cache file is rebuilt, with a warning on stderr). Then duplicates / overlong
+  rows per policy, then a deterministic eval split by conversation (by seed and content, so duplicates share a
+  split). Exposes .report, .data_hashes {path: sha256},
   .num_rows / .num_tokens / .num_trainable_tokens (train split), .num_eval_rows, .packing_efficiency and
   .num_packed_rows (train, epoch 0), .sources(split) [(path, line)], .packed_rows(split="train"|"eval", epoch).
 

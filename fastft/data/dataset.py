@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -104,35 +105,57 @@ def _cache_key(cfg: DataConfig, tokenizer, data_hashes: dict) -> str:
 
 def _tokenise(checked: _Checked, cfg: DataConfig, tokenizer):
     """Tokens through datasets.map, cached on disk under the key above; returns (flat ids, flat labels, offsets,
-    n_full, cache file, cache hit)."""
-    import datasets  # slow import, only needed here
-
+    n_full, cache file, cache hit). A cache file that cannot be read (cut short by a kill or a full disk, or not
+    ours) is rebuilt, with one warning."""
     # A tokenizer or template fastft cannot use fails here with a UsageError, not inside datasets.map.
     encode([checked.conversations[0].messages], tokenizer, cfg.train_on_all, cfg.reasoning_effort)
     cache_dir = cfg.make_cache_dir()
     key = _cache_key(cfg, tokenizer, checked.data_hashes)
     cache_file = cache_dir / f"tokens-{key}.arrow"
     hit = cache_file.exists()
+    messages = [json.dumps(c.messages, ensure_ascii=False) for c in checked.conversations]
+    try:
+        return (*_columns(_map_cached(messages, cfg, tokenizer, cache_file, key), len(messages)), cache_file, hit)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError, a short read an OSError
+        if not hit:
+            raise
+        problem = f"{type(e).__name__}: {e}"
+    print(f"fastft: warning: tokenisation cache {cache_file} is unreadable ({problem}); rebuilding it",
+          file=sys.stderr)
+    try:
+        cache_file.unlink(missing_ok=True)
+        return (*_columns(_map_cached(messages, cfg, tokenizer, cache_file, key), len(messages)), cache_file, False)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"tokenisation cache {cache_file} is unreadable and could not be rebuilt ({e}); delete it "
+                         f"and retry, or set FASTFT_CACHE to another folder") from None
+
+
+def _map_cached(messages: list[str], cfg: DataConfig, tokenizer, cache_file, key: str):
+    import datasets  # slow import, only needed here
+
     features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
                                   "labels": datasets.Sequence(datasets.Value("int32")),
                                   "n_full": datasets.Value("int64")})
-    messages = [json.dumps(c.messages, ensure_ascii=False) for c in checked.conversations]
-    ds = datasets.Dataset.from_dict({"messages": messages}).map(
+    return datasets.Dataset.from_dict({"messages": messages}).map(
         _encode_batch, batched=True, batch_size=1000, remove_columns=["messages"], features=features,
         cache_file_name=str(cache_file), load_from_cache_file=True, new_fingerprint=key,
         fn_kwargs={"tokenizer": tokenizer, "max_seq_len": cfg.max_seq_len, "train_on_all": cfg.train_on_all,
                    "reasoning_effort": cfg.reasoning_effort}, desc="fastft: tokenising")
-    if len(ds) != len(messages):  # a foreign or stale file under our key
-        raise UsageError(f"tokenisation cache {cache_file} does not match the data; delete it and retry")
+
+
+def _columns(ds, n_rows: int):
+    """(ids, labels, offsets, n_full) as flat numpy arrays; ValueError for a file that does not hold our rows."""
+    if len(ds) != n_rows:  # a foreign or stale file under our key
+        raise ValueError(f"it holds {len(ds)} rows, not {n_rows}")
     ids_col = ds.data.column("input_ids").combine_chunks()
     labels_col = ds.data.column("labels").combine_chunks()
     offsets = np.asarray(ids_col.offsets, dtype=np.int64)
     if not np.array_equal(offsets, np.asarray(labels_col.offsets, dtype=np.int64)):
-        raise UsageError(f"tokenisation cache {cache_file} is corrupt; delete it and retry")
+        raise ValueError("its token and label columns disagree")
     ids = np.asarray(ids_col.values, dtype=np.int32)
     labels = np.asarray(labels_col.values, dtype=np.int32)
     n_full = np.asarray(ds.data.column("n_full").combine_chunks(), dtype=np.int64)
-    return ids, labels, offsets, n_full, cache_file, hit
+    return ids, labels, offsets, n_full
 
 
 def _gather(ids, labels, offsets, docs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
