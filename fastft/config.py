@@ -267,9 +267,14 @@ def parse_args(argv=None) -> TrainConfig:
         if not path.is_file():
             raise CliError(f"--deepspeed {cfg.deepspeed}: no such file")
         try:
-            json.loads(path.read_text())
+            settings = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CliError(f"--deepspeed {cfg.deepspeed}: not valid JSON ({e})")
+        if not isinstance(settings, dict):
+            from fastft.data.reading import json_kind
+
+            raise CliError(f"--deepspeed {cfg.deepspeed}: expected a JSON object of DeepSpeed settings "
+                           f"({{\"zero_optimization\": ...}}), got {json_kind(settings)}")
     from fastft.model.lora import resolve_targets
 
     try:

@@ -529,6 +529,18 @@ def test_a_huge_batch_trains_on_each_row_once(tmp_path, trained):
     assert json.loads((out / "metadata.json").read_text())["plan"]["rows_per_step"] == 2
 
 
+@pytest.mark.parametrize("text, kind", [("[1]", "an array"), ('"zero"', "a string"), ("null", "null")])
+def test_a_deepspeed_file_that_is_not_a_json_object_is_a_command_line_error(tmp_path, text, kind):
+    from fastft.config import CliError, parse_args
+
+    f = tmp_path / "ds.json"
+    f.write_text(text)
+    with pytest.raises(CliError) as e:
+        parse_args(["x.jsonl", "--deepspeed", str(f)])
+    assert str(e.value) == (f'--deepspeed {f}: expected a JSON object of DeepSpeed settings ({{"zero_optimization": '
+                            f'...}}), got {kind}')
+
+
 def test_data_errors_print_the_report_without_a_doubled_prefix(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "answer": "a"}\n{oops\n')
