@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -172,6 +173,8 @@ def load(ckpt: Path, engine, named_params: dict, rank: int) -> dict:
 def _zero_master(param):
     """The fp32 master ZeRO holds for this parameter (gathered: collective), or None: not under ZeRO, or no
     DeepSpeed installed (one process on fastft's own engine)."""
+    if "deepspeed" not in sys.modules:  # never imported, so nothing is under ZeRO (and importing it takes seconds)
+        return None
     try:
         from deepspeed.utils import safe_get_full_fp32_param
     except ImportError:

@@ -40,7 +40,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(local_rank_arg: int = -1) -> Dist:
+def init_distributed(local_rank_arg: int = -1, cfg=None) -> Dist:
+    """The process group; through DeepSpeed's init only where its engine will train (``uses_deepspeed``: several
+    ranks, or cfg's --zero-stage / --deepspeed). Elsewhere torch's alone: on a CPU DeepSpeed's init builds its shm
+    extension, 30-70 s the first time, for an engine one process does not use."""
     if "RANK" not in os.environ:  # plain `python fastft/train.py`: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK=str(max(local_rank_arg, 0)))
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -54,8 +57,9 @@ def init_distributed(local_rank_arg: int = -1) -> Dist:
         device = torch.device("cpu")
     if not torch.distributed.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        deepspeed = import_deepspeed(f"{world} ranks" if world > 1 else None)
-        if deepspeed is None:  # one process trains on fastft's own engine: torch's process group is all it needs
+        why = f"{world} ranks" if world > 1 else "--zero-stage / --deepspeed"
+        deepspeed = import_deepspeed(why) if (uses_deepspeed(cfg, world) if cfg else world > 1) else None
+        if deepspeed is None:  # fastft's own engine: torch's process group is all it needs
             torch.distributed.init_process_group(backend, rank=rank, world_size=world)
         else:
             deepspeed.init_distributed(dist_backend=backend)

@@ -359,7 +359,7 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> int:
                               resolve_model_path, save_adapter)
 
     t_start = time.time()
-    dist = init_distributed(cfg.local_rank)
+    dist = init_distributed(cfg.local_rank, cfg)
     rows_per_step(cfg, dist.world_size)
     # DeepSpeed's engine serves several ranks and --zero-stage / --deepspeed; one process needs none of it
     deepspeed = import_deepspeed("--zero-stage / --deepspeed") if uses_deepspeed(cfg, dist.world_size) else None

@@ -811,13 +811,18 @@ def test_shutdown_distributed_closes_the_process_group():
     shutdown_distributed()
 
 
+def deepspeed_that_raises(tmp_path: Path, error: str) -> dict:
+    """The environment of a trainer whose `import deepspeed` raises ``error`` (a stub package first on the path)."""
+    stub = tmp_path / "stub" / "deepspeed"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text(f"raise {error}\n")
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(stub.parent), os.environ.get("PYTHONPATH")]))}
+
+
 def test_one_process_trains_and_resumes_without_deepspeed(tmp_path, trained):
     """DeepSpeed serves several ranks and --zero-stage / --deepspeed; one process (a plain `pip install .`, no [gpu]
     extra) trains, checkpoints and resumes without it, and asking for ZeRO without it is one message."""
-    stub = tmp_path / "stub" / "deepspeed"
-    stub.mkdir(parents=True)
-    (stub / "__init__.py").write_text("raise ImportError('deepspeed is not installed here')\n")
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(stub.parent), os.environ.get("PYTHONPATH")]))}
+    env = deepspeed_that_raises(tmp_path, "ImportError('deepspeed is not installed here')")
     out = tmp_path / "out"
     args = [str(trained[0]), *COMMON, "--save-every", "2", "--output-dir", str(out)]
     run_train([*args, "--max-steps", "2"], env_extra=env)
@@ -826,3 +831,13 @@ def test_one_process_trains_and_resumes_without_deepspeed(tmp_path, trained):
     assert json.loads((out / "metadata.json").read_text())["engine"] == "fastft (one process)"
     r = run_train([*args, "--max-steps", "1", "--zero-stage", "2", "--overwrite"], env_extra=env, check=False)
     assert r.returncode == 1 and "DeepSpeed, which is not installed" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_one_process_never_imports_deepspeed_even_where_it_is_installed(tmp_path, trained):
+    """DeepSpeed's init builds its shm extension on a CPU (30-70 s the first time) for an engine one process without
+    --zero-stage / --deepspeed does not use: a DeepSpeed that fails when imported does not stop such a run."""
+    env = deepspeed_that_raises(tmp_path, "RuntimeError('one process imported deepspeed')")
+    out = tmp_path / "out"
+    args = [str(trained[0]), *COMMON, "--save-every", "1", "--output-dir", str(out)]
+    run_train([*args, "--max-steps", "1"], env_extra=env)
+    run_train([*args, "--max-steps", "2", "--resume"], env_extra=env)
