@@ -31,6 +31,12 @@ and at the end of the block, with s_all = s + exp(t - m): loss = m + log(s_all) 
 dH = acc / s_all - (s / s_all) * W[label], i.e. softmax - onehot with the target's p - 1 = -s / s_all never rounded.
 Memory: S * w * 4 (128 MiB at S=2048, w=16384) + acc S * H * 4 (22.5 MiB) + the W[label] gather (11 MiB).
 
+On sm_90 with bf16/fp16 inputs the first two steps are one kernel (cross_entropy_hopper.py): the logits GEMM's
+epilogue takes P straight from its fp32 registers against per-tile anchors, so the fp32 logits never touch memory,
+and _slab_fix_kernel puts every row on one anchor: one program per row reads its tile anchors and sums, and rewrites
+P only in tiles whose anchor is below the row's (every tile but one in a row's first slab, rarely after). P is then
+[S, w] in the hidden dtype, so the same 128 MiB holds twice the columns (w = 28800 at gpt-oss's vocabulary).
+
 int8 weight (fastft.quant.Int8RowsTensor: codes [V, H] + one fp32 scale per row, a frozen lm_head at half of bf16's
 bytes), slabs path only. Each slab is decoded before its GEMMs, W[v0:v1] = codes * scale[:, None] computed in fp32 and
 rounded once to the hidden dtype, into one reused scratch [w, H]; the W[label] rows are decoded the same way into that
@@ -62,6 +68,8 @@ gradient in the kernel, and an out-of-range label gives a NaN loss (never an out
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -71,6 +79,7 @@ try:
 except ImportError:  # CPU-only installs without triton fall back to the reference
     triton = None
 
+from fastft.kernels import cross_entropy_hopper as _hopper
 from fastft.kernels._env import triton_runs
 from fastft.quant import Int8RowsTensor
 
@@ -161,6 +170,13 @@ if triton is not None:
 
 
     @triton.jit
+    def _scale_row(row_ptr, alpha, n, BLOCK: tl.constexpr):
+        for i0 in range(0, n, BLOCK):
+            o = i0 + tl.arange(0, BLOCK)
+            x = tl.load(row_ptr + o, mask=o < n)
+            tl.store(row_ptr + o, x * alpha, mask=o < n)
+
+    @triton.jit
     def _slab_kernel(
         z_ptr, z_stride,  # [rows, width] fp32 logits of vocabulary columns [col0, col0 + width)
         p_ptr, p_stride,  # [rows, width] exp(z - m), target column zeroed; may alias z (see _grad_view)
@@ -214,15 +230,52 @@ if triton is not None:
                 tl.store(p_row + offs, e.to(p_ptr.dtype.element_ty), mask=mask)
         if RESCALE_ACC:  # the rows of acc were summed against m_in (earlier slabs)
             if m != m_in:
-                alpha = tl.exp(m_in - m)
-                acc_row = acc_ptr + row * acc_stride
-                for h0 in range(0, H, BLOCK_H):
-                    oh = h0 + tl.arange(0, BLOCK_H)
-                    a = tl.load(acc_row + oh, mask=oh < H)
-                    tl.store(acc_row + oh, a * alpha, mask=oh < H)
+                _scale_row(acc_ptr + row * acc_stride, tl.exp(m_in - m), H, BLOCK_H)
         tl.store(m_ptr + row, m)
         tl.store(s_ptr + row, s + tl.sum(s_vec, 0))
         tl.store(t_ptr + row, tl.where(in_slab, t_here, t_old))
+
+
+    @triton.jit
+    def _slab_fix_kernel(
+        p_ptr, s_pm,  # [rows, width] P of the logits epilogue, rescaled here where a tile's anchor is below the row's
+        ta_ptr, ts_ptr, s_tm,  # [rows, tiles] tile anchors and sums
+        acc_ptr, s_am,  # [rows, H] fp32 running dH numerator, rescaled when the row's anchor moves
+        labels_ptr, m_ptr, s_ptr, t_ptr,  # [rows]: labels; anchor, sum of exp(z - m) without the target, target z
+        width, tiles, H, col0, ignore_index,
+        FIRST: tl.constexpr, WRITE_P: tl.constexpr, RESCALE_ACC: tl.constexpr, BN: tl.constexpr,
+        TILES_P: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    ):
+        # One program per row: the row's new anchor is the max of its tile anchors (each >= the old anchor), its
+        # sum is rescaled onto it, and only tiles whose anchor is lower are touched in P (every tile but one in a
+        # row's first slab, then rarely: an anchor moves only past the headroom).
+        row = tl.program_id(0).to(tl.int64)
+        j = tl.arange(0, TILES_P)
+        ta = tl.load(ta_ptr + row * s_tm + j, mask=j < tiles, other=float("-inf"))
+        ts = tl.load(ts_ptr + row * s_tm + j, mask=j < tiles, other=0.0)
+        m = tl.max(ta, 0)
+        s_new = tl.sum(ts * tl.exp(ta - m), 0)
+        if FIRST:
+            label = tl.load(labels_ptr + row)
+            tcol = tl.where(label == ignore_index, -1, label - col0)
+            if (tcol < 0) | (tcol >= width):  # no target logit yet (the logits kernel stored it if it was here)
+                tl.store(t_ptr + row, 0.0)
+        else:
+            m_in = tl.load(m_ptr + row)
+            s_new += tl.load(s_ptr + row) * tl.exp(m_in - m)
+            if RESCALE_ACC:
+                if m != m_in:
+                    _scale_row(acc_ptr + row * s_am, tl.exp(m_in - m), H, BLOCK_H)
+        if WRITE_P:
+            if tl.min(tl.where(j < tiles, ta, float("inf")), 0) < m:  # tiles at the anchor get a factor of 1
+                p_row = p_ptr + row * s_pm
+                for v0 in range(0, width, BLOCK_V):
+                    o = v0 + tl.arange(0, BLOCK_V)
+                    f = tl.exp(tl.load(ta_ptr + row * s_tm + o // BN, mask=o < width, other=0.0) - m)
+                    pv = tl.load(p_row + o, mask=o < width, other=0.0).to(tl.float32)
+                    tl.store(p_row + o, (pv * f).to(p_ptr.dtype.element_ty), mask=o < width)
+        tl.store(m_ptr + row, m)
+        tl.store(s_ptr + row, s_new)
 
 
 def _chunk_rows(n_rows: int, vocab: int, chunk_rows: int | None) -> int:
@@ -320,14 +373,15 @@ def _forward(hidden, weight, labels, ignore_index, need_dh, need_dw, chunk_rows=
     return loss_rows.sum(), n_valid, grad_h, grad_w
 
 
-def _slab_plan(n_rows, vocab, block_rows, slab_cols, max_cols=None, defaults=None):
+def _slab_plan(n_rows, vocab, block_rows, slab_cols, max_cols=None, defaults=None, elem_bytes=4):
     """(rows per block, columns per slab): blocks and slabs balanced so the last ones are not slivers. max_cols caps
-    the default slab width (an int8 weight's decode scratch); defaults = (rows per block, logits buffer bytes)."""
+    the default slab width (an int8 weight's decode scratch); defaults = (rows per block, logits buffer bytes);
+    elem_bytes: the buffer's element size (fp32 logits, or P in the hidden dtype)."""
     default_rows, slab_bytes = defaults or _DENSE_PLAN
     block_rows = max(1, min(block_rows or default_rows, n_rows))
     block_rows = -(-n_rows // -(-n_rows // block_rows))
-    if slab_cols is None:  # the fp32 [block, slab] logits buffer is the big allocation
-        slab_cols = max(128, slab_bytes // (block_rows * 4) // 128 * 128)
+    if slab_cols is None:  # the [block, slab] buffer (fp32 logits, or P) is the big allocation
+        slab_cols = max(128, slab_bytes // (block_rows * elem_bytes) // 128 * 128)
         if max_cols is not None:
             slab_cols = max(128, min(slab_cols, max_cols // 128 * 128))
     slab_cols = max(1, min(slab_cols, vocab))
@@ -338,9 +392,13 @@ def _slab_plan(n_rows, vocab, block_rows, slab_cols, max_cols=None, defaults=Non
 
 
 def _forward_slabs(hidden, weight, labels, ignore_index, need_dh, block_rows=None, slab_cols=None, block_v=None,
-                   num_warps=None):
+                   num_warps=None, epilogue=None, tile_cols=None):
     """Frozen-weight path (online softmax over vocabulary slabs). Returns (loss_sum, n_valid, grad_hidden | None).
-    weight: a dense [V, H] tensor in the hidden dtype, or an Int8RowsTensor decoded slab by slab."""
+    weight: a dense [V, H] tensor in the hidden dtype, or an Int8RowsTensor decoded slab by slab. epilogue: how a
+    slab's P is made: None picks the logits GEMM with the softmax in its epilogue where it runs (sm_90, bf16/fp16,
+    16-byte aligned rows), else cuBLAS logits + _slab_kernel; False forces the latter; "reference" runs the
+    epilogue's torch reference (tests: the fused algorithm on any device) with tiles tile_cols wide (default: the
+    kernel's)."""
     T, H = hidden.shape
     V = weight.shape[0]
     int8 = isinstance(weight, Int8RowsTensor)
@@ -354,14 +412,25 @@ def _forward_slabs(hidden, weight, labels, ignore_index, need_dh, block_rows=Non
     if n_rows == 0:
         return loss_rows.sum(), n_valid, grad_h
 
+    if epilogue is None:
+        epilogue = "hopper" if _hopper.can_run(hidden, hidden if int8 else weight) else False
+    bn = tile_cols if epilogue == "reference" and tile_cols else _hopper.BN
+    logits_p = {"hopper": _hopper.logits_p, "reference": functools.partial(_logits_p_reference, bn=bn)}.get(epilogue)
     max_cols, plan = (_SCRATCH_BYTES // (H * hidden.element_size()), _INT8_PLAN) if int8 else (None, _DENSE_PLAN)
-    S, W = _slab_plan(n_rows, V, block_rows, slab_cols, max_cols, defaults=plan)
+    # The epilogue's P buffer holds the hidden dtype instead of fp32 logits: twice the columns in the same bytes
+    # (an int8 weight keeps its plan: its decode scratch grows with the width).
+    p_bytes = hidden.element_size() if logits_p is not None and not int8 else 4
+    S, W = _slab_plan(n_rows, V, block_rows, slab_cols, max_cols, defaults=plan, elem_bytes=p_bytes)
     block_v = block_v or min(_SLAB_BLOCK_V, triton.next_power_of_2(W))
     block_h = min(1024, triton.next_power_of_2(H))
     num_warps = num_warps or _SLAB_WARPS
     headroom = _HEADROOM[hidden.dtype]
-    buf = torch.empty(S, W, dtype=torch.float32, device=dev)
-    pbuf = _grad_view(buf, hidden.dtype)
+    if logits_p is None:
+        buf = torch.empty(S, W, dtype=torch.float32, device=dev)
+        pbuf = _grad_view(buf, hidden.dtype)
+    else:  # P straight from the GEMM's epilogue, with each row's per-tile anchors and sums
+        pbuf = torch.empty(S, -(-W // 8) * 8, dtype=hidden.dtype, device=dev)  # 16-byte rows for TMA
+        tile_stats = torch.empty(2, S, triton.cdiv(W, bn), dtype=torch.float32, device=dev)
     acc = torch.empty(S, H, dtype=torch.float32, device=dev) if need_dh else None
     stats = torch.empty(3, S, dtype=torch.float32, device=dev)  # anchor, sum-exp without the target, target logit
     scratch = torch.empty(W, H, dtype=hidden.dtype, device=dev) if int8 else None  # the decoded int8 slab
@@ -386,14 +455,19 @@ def _forward_slabs(hidden, weight, labels, ignore_index, need_dh, block_rows=Non
                     host.decoded(j)
             else:
                 w_slab = weight[col0:col0 + W]
-            z, p = buf[:r, :width], pbuf[:r, :width]
-            _logits_fp32(h, w_slab, z)
-            _slab_kernel[(r,)](
-                z, z.stride(0), p, p.stride(0), z if a is None else a, 0 if a is None else a.stride(0),  # no dH: unread
-                y, m, s, t, col0, width, H, ignore_index, headroom,
-                FIRST=col0 == 0, WRITE_P=need_dh, RESCALE_ACC=need_dh and col0 > 0, BLOCK_V=block_v,
-                BLOCK_H=block_h, num_warps=num_warps,
-            )
+            p = pbuf[:r, :width]
+            if logits_p is None:
+                z = buf[:r, :width]
+                _logits_fp32(h, w_slab, z)
+                _slab_kernel[(r,)](
+                    z, z.stride(0), p, p.stride(0), z if a is None else a, 0 if a is None else a.stride(0),  # no dH
+                    y, m, s, t, col0, width, H, ignore_index, headroom,
+                    FIRST=col0 == 0, WRITE_P=need_dh, RESCALE_ACC=need_dh and col0 > 0, BLOCK_V=block_v,
+                    BLOCK_H=block_h, num_warps=num_warps,
+                )
+            else:
+                _epilogue_slab(logits_p, bn, h, w_slab, p, tile_stats, y, m, s, t, a, col0, ignore_index, headroom,
+                               block_v, block_h, num_warps)
             if need_dh:  # the kernel rescaled the acc rows whose anchor moved
                 _mm_fp32(p, w_slab, a, accumulate=col0 > 0)
         # softmax - onehot without rounding p_target - 1: the target's coefficient is -s_excl / s, exactly.
@@ -412,6 +486,23 @@ def _forward_slabs(hidden, weight, labels, ignore_index, need_dh, block_rows=Non
             else:
                 grad_h.index_copy_(0, idx, a.to(grad_h.dtype))
     return loss_rows.sum(), n_valid, grad_h
+
+
+def _epilogue_slab(logits_p, bn, h, w_slab, p, tile_stats, y, m, s, t, acc, col0, ignore_index, headroom, block_v,
+                   block_h, num_warps):
+    """One slab with P from the logits GEMM's epilogue (per-tile anchors), then one program per row puts the row on
+    one anchor: its sum, the P tiles whose anchor was lower, and its acc row when the anchor moved (acc None: no dH,
+    P is not needed past the sums)."""
+    r, width = p.shape
+    tiles = triton.cdiv(width, bn)
+    ta, ts = tile_stats[0, :r, :tiles], tile_stats[1, :r, :tiles]
+    first = col0 == 0
+    logits_p(h, w_slab, p, ta, ts, y, m, t, col0, ignore_index, headroom, first)
+    _slab_fix_kernel[(r, )](
+        p, p.stride(0), ta, ts, ta.stride(0), p if acc is None else acc, 0 if acc is None else acc.stride(0),
+        y, m, s, t, width, tiles, 0 if acc is None else acc.shape[1], col0, ignore_index,
+        FIRST=first, WRITE_P=acc is not None, RESCALE_ACC=acc is not None and not first, BN=bn,
+        TILES_P=triton.next_power_of_2(tiles), BLOCK_V=block_v, BLOCK_H=block_h, num_warps=num_warps)
 
 
 class _HostCodes:
@@ -477,6 +568,30 @@ def _label_rows(weight, idx, scratch, codes=None):
         return weight.index_select(0, idx)
     out = scratch[: idx.numel()] if idx.numel() <= scratch.shape[0] else None
     return weight.rows(idx, dtype=scratch.dtype, out=out, codes=codes)
+
+
+def _logits_p_reference(h, w_slab, p, ta, ts, labels, m, t, col0, ignore_index, headroom, first, bn=None):
+    """What the logits GEMM with the softmax epilogue (cross_entropy_hopper.logits_p) writes for one slab, in torch:
+    P = exp(z - tile anchor) in P's dtype with the target column zeroed, each (row, tile)'s anchor and sum of P, and
+    the fp32 target logit where it lies in this slab. Tiles are bn columns wide. The tests hold the kernel to it; on
+    other devices it lets the fused algorithm (and _slab_fix_kernel) run end to end."""
+    bn = bn or _hopper.BN
+    rows, width = p.shape
+    z = torch.empty(rows, width, dtype=torch.float32, device=h.device)
+    _logits_fp32(h, w_slab, z)
+    tiles = -(-width // bn)
+    zt = F.pad(z, (0, tiles * bn - width), value=float("-inf")).view(rows, tiles, bn)
+    tmax = zt.amax(2)
+    anchor = tmax if first else torch.where(tmax > m[:, None] + headroom, tmax, m[:, None])
+    tcol = torch.where(labels == ignore_index, -1, labels - col0)
+    here = (tcol >= 0) & (tcol < width)
+    e = torch.exp(zt - anchor[:, :, None]).view(rows, -1)
+    e[here, tcol[here]] = 0.0
+    e = e.view(rows, tiles, bn)
+    ta.copy_(anchor)
+    ts.copy_(e.sum(2))
+    p.copy_(e.view(rows, -1)[:, :width])
+    t[here] = z[here, tcol[here]]
 
 
 def _mm_fp32(a, b, out, accumulate=False):

@@ -177,11 +177,18 @@ def test_slabs_target_at_every_column(block_v):
     assert _rel(gh, ref_gh) <= 1e-4
 
 
+# Both ways of making a slab's P: cuBLAS logits + _slab_kernel, and the GEMM epilogue's per-tile anchors (its torch
+# reference here, with 9-column tiles) + _slab_fix_kernel.
+EPILOGUES = [dict(), dict(epilogue="reference", tile_cols=9)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_slabs_anchor_moves_within_and_across_slabs(dtype):
+@pytest.mark.parametrize("kw", EPILOGUES)
+def test_slabs_anchor_moves_within_and_across_slabs(dtype, kw):
     # Logits climbing ~1 per column over a 120-wide range (past every dtype's headroom several times inside a slab
     # and across slabs) for half of the rows, falling for the other half: the kernel moves the anchor, rescales the
-    # P it already wrote and the rows of the dH accumulator. Exact against fp64 only if every rescale is right.
+    # P it already wrote and the rows of the dH accumulator (with tiles: the fix-up rescales P tiles, the row's sum
+    # and acc rows). Exact against fp64 only if every rescale is right.
     T, H, V = 10, 48, 120
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
     hidden, weight, labels = _inputs(T, H, V, torch.float32, gen=g)
@@ -192,25 +199,27 @@ def test_slabs_anchor_moves_within_and_across_slabs(dtype):
     hidden = hidden * 0.1 + u * 8 * torch.where(torch.arange(T) % 2 == 0, 1.0, -1.0)[:, None]
     hidden, weight = hidden.to(dtype), weight.to(dtype)
     ref_loss, ref_gh, _ = _reference(hidden, weight, labels)
-    loss, gh = _run_slabs(hidden, weight, labels, block_rows=4, slab_cols=50, block_v=8, num_warps=1)
+    loss, gh = _run_slabs(hidden, weight, labels, block_rows=4, slab_cols=50, block_v=8, num_warps=1, **kw)
     tol_loss, tol_grad = (1e-5, 1e-4) if dtype == torch.float32 else (1e-4, 1e-2)
     assert abs(loss.item() - ref_loss.item()) <= tol_loss * abs(ref_loss.item())
     assert _rel(gh, ref_gh) <= tol_grad
 
 
-def test_slabs_without_compaction_zero_ignored_rows_and_nan_bad_labels(monkeypatch):
+@pytest.mark.parametrize("kw", EPILOGUES)
+def test_slabs_without_compaction_zero_ignored_rows_and_nan_bad_labels(monkeypatch, kw):
     # What CUDA graph capture gets: no host check, ignored rows (a whole block of them here) stay in the GEMMs.
     hidden, weight, labels = _inputs(11, 48, 90, torch.float32)
     labels[:4] = -100
     labels[6] = -100
     monkeypatch.setattr(ce, "_check_labels", lambda h, y, V, ii: ((y != ii).sum(), None))
+    kw = dict(block_rows=4, slab_cols=25, block_v=8, num_warps=1, **kw)
     ref_loss, ref_gh, _ = _reference(hidden, weight, labels)
-    loss, gh = _run_slabs(hidden, weight, labels, block_rows=4, slab_cols=25, block_v=8, num_warps=1)
+    loss, gh = _run_slabs(hidden, weight, labels, **kw)
     assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
     assert _rel(gh, ref_gh) <= 1e-4 and torch.all(gh[labels == -100] == 0)
-    labels[0] = 90
-    loss, _ = _run_slabs(hidden, weight, labels, block_rows=4, slab_cols=25, block_v=8, num_warps=1)
-    assert torch.isnan(loss)
+    for bad in (90, 200, -3):  # past the last slab's end, past the vocabulary, negative
+        labels[0] = bad
+        assert torch.isnan(_run_slabs(hidden, weight, labels, **kw)[0])
 
 
 def test_slabs_all_ignored_and_method_keyword():
@@ -224,6 +233,28 @@ def test_slabs_all_ignored_and_method_keyword():
         fused_linear_cross_entropy(h, weight.clone().requires_grad_(), labels, method="slabs")
     with pytest.raises(ValueError, match="method"):
         fused_linear_cross_entropy(h, weight, labels, method="fast")
+
+
+# The epilogue path (sm_90: the logits GEMM writes P against per-tile anchors; _slab_fix_kernel puts each row on one
+# anchor), run with the epilogue's torch reference so that tiny tiles exercise the fix-up on CPU.
+@pytest.mark.parametrize("T,H,V,dtype,ignore_frac,kw", [
+    (13, 48, 131, torch.float32, 0.0, dict(block_rows=5, slab_cols=40, block_v=16, tile_cols=16)),  # 3 tiles a slab
+    (13, 48, 131, torch.bfloat16, 0.4, dict(block_rows=4, slab_cols=40, block_v=64, tile_cols=8)),
+    (37, 33, 250, torch.float16, 0.0, dict(block_rows=16, slab_cols=77, block_v=32, tile_cols=32)),
+    (1, 48, 97, torch.bfloat16, 0.0, dict(slab_cols=30, block_v=8, tile_cols=7)),
+    (9, 48, 300, torch.bfloat16, 0.2, dict(block_rows=3, slab_cols=160, block_v=256, tile_cols=128)),
+])
+def test_slabs_epilogue_matches_fp64_reference(T, H, V, dtype, ignore_frac, kw):
+    hidden, weight, labels = _inputs(T, H, V, dtype, ignore_frac=ignore_frac)
+    labels[0] = V - 1
+    ref_loss, ref_gh, _ = _reference(hidden, weight, labels)
+    tol_loss, tol_grad = (1e-5, 1e-4) if dtype == torch.float32 else (1e-4, 1e-2)
+    loss, gh = _run_slabs(hidden, weight, labels, num_warps=1, epilogue="reference", **kw)
+    assert abs(loss.item() - ref_loss.item()) <= tol_loss * abs(ref_loss.item())
+    assert _rel(gh, ref_gh) <= tol_grad
+    assert torch.all(gh[labels == -100] == 0)
+    no_grad_loss, _ = _run_slabs(hidden, weight, labels, need_dh=False, num_warps=1, epilogue="reference", **kw)
+    assert abs(no_grad_loss.item() - ref_loss.item()) <= tol_loss * abs(ref_loss.item())
 
 
 @pytest.mark.parametrize("method", ["auto", "slabs", "rows"])
@@ -245,6 +276,10 @@ def test_slab_plan_fits_the_memory_budget():
     assert S * W * 4 + S * H * 4 + S * H * 2 <= 200 * 2**20  # logits slab + acc + W[label] gather
     assert ce._slab_plan(5000, V, None, None)[0] == 1667  # balanced blocks, no sliver
     assert ce._slab_plan(1, 97, None, None) == (1, 97)
+    S, W = ce._slab_plan(T, V, None, None, elem_bytes=2)  # the epilogue path: P in bf16 instead of fp32 logits
+    assert S == 2048 and W == 28800
+    tiles = -(-W // 128)
+    assert S * W * 2 + 2 * S * tiles * 4 + S * H * 4 + S * H * 2 <= 200 * 2**20  # P + tile stats + acc + gather
 
 
 # ------------------------------------------------------------------------- int8 weight (Int8RowsTensor, slabs path)
@@ -344,7 +379,8 @@ def test_int8_slab_plan_caps_the_scratch():
 
 # ----------------------------------------------------------------------------------------------------- GPU only
 @pytest.mark.gpu
-def test_gpu_slabs_anchor_moves():
+@pytest.mark.parametrize("epilogue", [None, False])  # sm_90: the GEMM epilogue's P, then cuBLAS + _slab_kernel
+def test_gpu_slabs_anchor_moves(epilogue):
     # The anchor-moving paths at the GPU's default chunk and warps (4 warps share a row: the rescale of P already
     # written by other warps, and the acc rows across slabs), on logits climbing ~0.02 per column over +-200.
     T, H, V = 64, 256, 20000
@@ -357,9 +393,42 @@ def test_gpu_slabs_anchor_moves():
     hidden = hidden * 0.1 + u * 8 * torch.where(torch.arange(T, device="cuda") % 2 == 0, 1.0, -1.0)[:, None]
     hidden, weight = hidden.bfloat16(), weight.bfloat16()
     ref_loss, ref_gh, _ = _reference(hidden, weight, labels)
-    loss, gh = _run_slabs(hidden, weight, labels, slab_cols=6000)
+    loss, gh = _run_slabs(hidden, weight, labels, slab_cols=6000, epilogue=epilogue)
     assert abs(loss.item() - ref_loss.item()) <= 1e-4 * abs(ref_loss.item())
     assert _rel(gh, ref_gh) <= 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,width,K,first,dtype", [
+    (300, 1000, 2880, True, torch.bfloat16),  # partial row and column tiles
+    (129, 4104, 200, False, torch.float16),  # K not a multiple of the 64-wide K step
+    (2048, 28800, 2880, False, torch.bfloat16),  # a gpt-oss slab: 3600 tiles over the persistent grid
+    (1, 8, 64, True, torch.bfloat16),
+])
+def test_gpu_epilogue_kernel_matches_its_reference(rows, width, K, first, dtype):
+    from fastft.kernels import cross_entropy_hopper as hopper
+
+    g = torch.Generator(device="cuda").manual_seed(rows + width)
+    h = torch.randn(rows, K, device="cuda", generator=g).to(dtype)
+    w = (torch.randn(width, K, device="cuda", generator=g) * 2 / K**0.5).to(dtype)
+    if not hopper.can_run(h, w):
+        pytest.skip("the Gluon epilogue kernel runs on sm_90 only")
+    y = torch.randint(-50, width + 50, (rows,), device="cuda", generator=g)  # some targets outside the slab
+    y[::5] = -100
+    m = torch.randn(rows, device="cuda", generator=g) * 3  # earlier slabs' anchors, some passed by > headroom
+    tiles = -(-width // hopper.BN)
+    outs = []
+    for fn in (hopper.logits_p, ce._logits_p_reference):
+        p = torch.full((rows, width), 9.0, device="cuda", dtype=dtype)
+        ta, ts = torch.full((2, rows, tiles), 9.0, device="cuda")
+        t = torch.full((rows, ), 9.0, device="cuda")
+        fn(h, w, p, ta, ts, y, m, t, 0, -100, 1.0, first)
+        outs.append((p.float(), ta, ts, t))
+    (p, ta, ts, t), (rp, rta, rts, rt) = outs
+    torch.testing.assert_close(ta, rta, rtol=0, atol=1e-4)
+    torch.testing.assert_close(t, rt, rtol=0, atol=1e-4)
+    torch.testing.assert_close(ts, rts, rtol=1e-4, atol=0)
+    torch.testing.assert_close(p, rp, rtol=1e-2, atol=1e-6)  # one rounding of P to bf16/fp16
 
 
 @pytest.mark.gpu
