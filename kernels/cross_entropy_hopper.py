@@ -15,16 +15,17 @@ Why ping-pong: an epilogue after each tile's MMA, with nothing overlapping it, c
 (measured 0.74-0.76 ms per slab with one 256 x 128 tile per program). Here a persistent grid hands tiles alternately
 to two consumer warp groups, 128 x 128 each, that share one TMA ring filled by a loader warp. One group's epilogue
 (the softmax step, then P through shared memory and a TMA store) runs while the other's wgmma keeps the tensor cores
-busy: a tile's MMA takes ~18 us, its epilogue less. Measured on an H200 at 2048 x 32768 x 2880 (bf16): 0.666 ms per
-slab against 0.70 for cuBLAS + the streaming pass; cuBLAS' GEMM alone takes 0.55. What is left is operand traffic:
-two 128 x 128 tiles load 4/3 of the bytes one 256 x 128 tile loads for the same work (about 9 TB/s out of L2).
+busy: a tile's MMA takes ~18 us, its epilogue less. Scratch A/B on an H200 at 2048 x 32768 x 2880 (bf16): 0.666 ms
+per slab against 0.70 for cuBLAS + the streaming pass; cuBLAS' GEMM alone takes 0.55 (the whole op: results.jsonl,
+bench cross_entropy from 79bdcd6 on). What is left is operand traffic: two 128 x 128 tiles load 4/3 of the bytes one
+256 x 128 tile loads for the same work (about 9 TB/s out of L2).
 
 The groups take turns at the tensor cores (an mbarrier pair): a tile's first MMA waits for the other group's last
 one. That also keeps the ring's parity waits sound: a group never waits on a slot more than one fill ahead of the
 loader. Unordered, the second group's first wait would pass on a fresh barrier's parity before any data arrived.
 
 Shared memory: STAGES * (BM + BN) * BK * 2 + 2 * BM * BN * 2 = 4 * 32 KB + 2 * 32 KB = 192 KB of the 227 KB an
-sm_90 block may have (5 stages: slower, 0.71 ms; 3: 0.77-0.83 ms).
+sm_90 block may have (scratch: 5 stages 0.71 ms per slab, 3 stages 0.77-0.83 ms).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ if HAS_GLUON:
 
     from fastft.kernels.moe_hopper import _mma_layout
 
-BM, BN, BK, STAGES, GROUP_M = 128, 128, 64, 4, 16  # GROUP_M 8: 0.68 ms
+BM, BN, BK, STAGES, GROUP_M = 128, 128, 64, 4, 16  # (scratch: GROUP_M 8, 0.68 ms per slab)
 MMA_REGS, LOAD_REGS = 232, 40
 
 
