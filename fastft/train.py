@@ -80,13 +80,16 @@ def data_config(cfg: TrainConfig):
 def validate_only(cfg: TrainConfig) -> int:
     """The data report. Without a loadable tokenizer the structure is still checked, and the report says so."""
     from fastft.data import validate
-    from fastft.model import ModelLoadError, load_tokenizer
+    from fastft.model import ModelLoadError, load_tokenizer, resolve_model_path
 
+    rows_per_step(cfg, int(os.environ.get("WORLD_SIZE", 1)))  # what training refuses, this refuses too
     try:
         tokenizer = load_tokenizer(cfg.model)
     except ModelLoadError as e:
         print(f"fastft: note: {e}\nfastft: checking structure only (no token statistics)", file=sys.stderr)
         tokenizer = None
+    else:
+        check_context_length(cfg, resolve_model_path(cfg.model))
     report = validate(data_config(cfg), tokenizer)
     print(report.format())
     return report.exit_code
@@ -223,14 +226,30 @@ def _have_bitsandbytes() -> bool:
     return importlib.util.find_spec("bitsandbytes") is not None
 
 
-def ties_lm_head(model_path: Path) -> bool:
-    """Whether the checkpoint ties its lm_head to the input embedding (False if unreadable: load_model says why)."""
+def _model_config(model_path: Path):
+    """The checkpoint's ModelConfig, or None if unreadable (load_model says why)."""
     from fastft.model import ModelConfig
 
     try:
-        return ModelConfig.from_json(Path(model_path) / "config.json").tie_word_embeddings
+        return ModelConfig.from_json(Path(model_path) / "config.json")
     except (OSError, ValueError, TypeError):
-        return False
+        return None
+
+
+def ties_lm_head(model_path: Path) -> bool:
+    """Whether the checkpoint ties its lm_head to the input embedding."""
+    config = _model_config(model_path)
+    return bool(config and config.tie_word_embeddings)
+
+
+def check_context_length(cfg: TrainConfig, model_path: Path) -> None:
+    """A packed row longer than the model's positions would train RoPE angles it was never made for."""
+    from fastft.data import UsageError
+
+    config = _model_config(model_path)
+    if config and cfg.max_seq_len > config.max_position_embeddings:
+        raise UsageError(f"--max-seq-len {cfg.max_seq_len:,} is longer than --model {cfg.model}'s context "
+                         f"(max_position_embeddings {config.max_position_embeddings:,}); use at most that")
 
 
 def ignored_options(cfg: TrainConfig, device, graphs: bool) -> list[str]:
@@ -385,6 +404,7 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> int:
 
     # ---- data: validated, tokenised (cached), packed ------------------------------------------------------------
     model_path = resolve_model_path(cfg.model)
+    check_context_length(cfg, model_path)
     tokenizer = load_tokenizer(model_path)
     data = prepare(data_config(cfg), tokenizer)
     say(data.report.format())

@@ -541,6 +541,19 @@ def test_a_deepspeed_file_that_is_not_a_json_object_is_a_command_line_error(tmp_
                             f'...}}), got {kind}')
 
 
+@pytest.mark.parametrize("mode", [["--validate-only"], []])
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "3", "--micro-batch-size", "2"], "a step of 3 rows does not split into 1 rank(s) x micro-"),
+    (["--max-seq-len", "200000"], "--max-seq-len 200,000 is longer than --model tiny's context "
+                                  "(max_position_embeddings 131,072); use at most that"),
+])
+def test_validate_only_refuses_what_training_refuses(tmp_path, trained, mode, args, message):
+    r = run_train([str(trained[0]), "--model", "tiny", "--output-dir", str(tmp_path / "o"), *args, *mode],
+                  check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"fastft: error: {message}" in r.stderr and not (tmp_path / "o").exists()
+
+
 def test_data_errors_print_the_report_without_a_doubled_prefix(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "answer": "a"}\n{oops\n')
