@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python fastft/train.py`: import the package, not its folder's modules as top-level
@@ -467,7 +468,10 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> int:
         step, history, earlier_segments = state["step"], state["history"], state.get("segments", [])
         engine.global_steps = state["optimizer_steps"]  # Adam's step count goes on from there
         scheduler.last_epoch = step - 1
-        scheduler.step()  # sets the lr of step `step` on the optimizer
+        # torch warns of a schedule step before any optimizer step; a resume takes one by design, and skips no lr
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+            scheduler.step()  # sets the lr of step `step` on the optimizer
         say(f"fastft: resumed from {resume_from} at step {step}")
     clock = RunClock(step, earlier_segments, t_start)
     base_model = base_model_reference(cfg.model)  # adapter_config.json's: PEFT must find it from anywhere
