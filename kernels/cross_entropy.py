@@ -35,7 +35,8 @@ On sm_90 with bf16/fp16 inputs the first two steps are one kernel (cross_entropy
 epilogue takes P straight from its fp32 registers against per-tile anchors, so the fp32 logits never touch memory,
 and _slab_fix_kernel puts every row on one anchor: one program per row reads its tile anchors and sums, and rewrites
 P only in tiles whose anchor is below the row's (every tile but one in a row's first slab, rarely after). P is then
-[S, w] in the hidden dtype, so the same 128 MiB holds twice the columns (w = 28800 at gpt-oss's vocabulary).
+[S, w] in the hidden dtype, so the same 128 MiB holds twice the columns (w = 28800 at gpt-oss's vocabulary);
+memory: P 112.5 MiB + the tile anchors and sums 2 * S * w / 128 * 4 (3.5 MiB) + acc + gather = ~150 MiB.
 
 int8 weight (fastft.quant.Int8RowsTensor: codes [V, H] + one fp32 scale per row, a frozen lm_head at half of bf16's
 bytes), slabs path only. Each slab is decoded before its GEMMs, W[v0:v1] = codes * scale[:, None] computed in fp32 and
