@@ -22,11 +22,26 @@ if __package__ in (None, ""):  # `python fastft/train.py`: import the package, n
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+# torch takes a second or two to import. A KeyboardInterrupt raised inside it can be swallowed by its C code and
+# leave numpy half imported, so a signal meanwhile is only noted, and acted on once the imports are done.
+_early_signals: list[int] = []
+if __name__ == "__main__":
+    _default_handlers = {s: signal.signal(s, lambda signum, frame: _early_signals.append(signum))
+                         for s in (signal.SIGINT, signal.SIGTERM)}
+
 import torch  # noqa: E402
 
 from fastft import checkpoint, output_dir  # noqa: E402
 from fastft.config import CliError, TrainConfig, parse_args  # noqa: E402
 from fastft.output_dir import OutputDirError  # noqa: E402
+
+if __name__ == "__main__":
+    for _s, _handler in _default_handlers.items():
+        signal.signal(_s, _handler)
+    if _early_signals:
+        print(f"fastft: stopped by {signal.Signals(_early_signals[0]).name} before training started; nothing was "
+              f"changed", file=sys.stderr)
+        sys.exit(128 + _early_signals[0])
 
 
 class TrainingError(Exception):
@@ -39,12 +54,32 @@ def main(argv=None) -> int:
     except CliError as e:
         print(f"fastft: error: {e}", file=sys.stderr)
         return 2
+    stop = StopRequest()  # from here to the first step a signal stops at once (the imports below take seconds)
+    try:
+        return _run(cfg, stop)
+    except StoppedBeforeTraining as e:
+        return _stopped_before_training(e.signum, cfg)
+    except Exception:
+        if stop.signum and not stop.training:  # a library turned the stop into an error of its own (an import)
+            return _stopped_before_training(stop.signum, cfg)
+        raise
+    finally:
+        stop.release()
+
+
+def _stopped_before_training(signum: int, cfg: TrainConfig) -> int:
+    print(f"fastft: stopped by {signal.Signals(signum).name} before training started; nothing was changed in "
+          f"{cfg.output_dir}", file=sys.stderr)
+    return 128 + signum
+
+
+def _run(cfg: TrainConfig, stop: "StopRequest") -> int:
     from fastft.data import DataError, UsageError
     from fastft.engine import DeepSpeedMissing
     from fastft.model import ModelLoadError
 
     try:
-        return validate_only(cfg) if cfg.validate_only else train(cfg)
+        return validate_only(cfg) if cfg.validate_only else train(cfg, stop)
     except UsageError as e:
         print(f"fastft: error: {e}", file=sys.stderr)
         return 2
@@ -54,10 +89,6 @@ def main(argv=None) -> int:
     except (ModelLoadError, TrainingError, DeepSpeedMissing, OutputDirError) as e:
         print(f"fastft: {e}", file=sys.stderr)
         return 1
-    except StoppedBeforeTraining as e:
-        print(f"fastft: stopped by {signal.Signals(e.signum).name} before training started; nothing was changed "
-              f"in {cfg.output_dir}", file=sys.stderr)
-        return 128 + e.signum
     except KeyboardInterrupt:  # training: a second Ctrl-C (see StopRequest); no traceback, the shell's status
         hint = "" if cfg.validate_only else (", without saving; --resume continues from the last checkpoint in "
                                              "--output-dir, if there is one")
@@ -172,6 +203,8 @@ class StopRequest:
         self._before = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def training_starts(self):
+        if self.signum:  # a stop while the run started that a library swallowed (C code clearing an import's error)
+            raise StoppedBeforeTraining(self.signum)
         self.training = True
 
     def release(self):
@@ -180,6 +213,7 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         if not self.training:
+            self.signum = signum
             raise StoppedBeforeTraining(signum)
         if self.signum and signum == signal.SIGINT:
             raise KeyboardInterrupt
@@ -343,16 +377,13 @@ def graph_tokens(cfg: TrainConfig) -> int:
     return -(-cfg.max_seq_len * cfg.micro_batch_size // 256) * 256
 
 
-def train(cfg: TrainConfig) -> int:
-    stop = StopRequest()
+def train(cfg: TrainConfig, stop: "StopRequest") -> int:
     try:
         return _train(cfg, stop)
     except OSError as e:
         if not stop.training:  # (one before training is a bug to see, not a write that failed)
             raise
         raise TrainingError(write_failed(e, Path(cfg.output_dir))) from None
-    finally:
-        stop.release()
 
 
 def write_failed(e: OSError, out: Path) -> str:

@@ -443,6 +443,22 @@ def test_a_signal_while_the_run_starts_stops_it_at_once_and_changes_nothing(tmp_
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the trainer's handlers are gone again
 
 
+
+@pytest.mark.parametrize("delay", [0.25, 0.3, 1.0])  # in torch's import, in transformers', in main()
+def test_ctrl_c_while_python_starts_is_never_a_traceback(tmp_path, delay):
+    """Ctrl-C while torch imports (before main() can handle it) or just after: one line, status 130, nothing
+    written."""
+    data = write_data(tmp_path / "d.jsonl")
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(TRAIN), str(data), *COMMON, "--output-dir", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=train_env())
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.splitlines()[-1].startswith("fastft: stopped by SIGINT before training started; nothing was changed")
+    assert not out.exists()
+
 def test_resume_from_an_unreadable_checkpoint_is_one_message(tmp_path, trained):
     out = tmp_path / "out"
     run_train([str(trained[0]), *COMMON, "--max-steps", "2", "--output-dir", str(out)])
