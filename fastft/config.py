@@ -160,8 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the adapter, checkpoints, metrics and metadata.json go")
     p.add_argument("--overwrite", action="store_true",
                    help="train into a non-empty --output-dir, replacing what an earlier fastft run wrote there (it "
-                        "is kept aside until this run's first checkpoint, and put back if this run fails before "
-                        "that); other files stay")
+                        "is kept aside until this run finishes, and put back if this run fails before its first "
+                        "checkpoint); other files stay")
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in --output-dir (the same data and options)")
     p.add_argument("--validate-only", action="store_true", help="check the data, print the report and exit")

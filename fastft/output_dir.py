@@ -6,9 +6,12 @@ only, and the files a metadata.json of fastft's lists. Everything else in the fo
 a file of the user's where a run would write one of its outputs stops the run before it starts.
 
 --overwrite: when the new run first writes, the older run's outputs move into ``.fastft-previous-run/`` in the same
-folder (renames: instant, no space needed). They are deleted once the new run's first checkpoint is on disk; a run
-that fails or is interrupted before that removes what it wrote and moves them back (``finish``). A run killed
-outright (SIGKILL, power) leaves the hidden folder, and the next run in that folder puts it back first.
+folder (renames: instant, no space needed; gathered under a temporary name first, so a set-aside cut short is never
+mistaken for a whole one). They are deleted once the new run has written its final outputs: a new run stopped or
+failing after a checkpoint leaves both (--resume finishes the new run; the older run waits aside until then). A run
+that stops or fails before its first checkpoint removes what it wrote and moves the older run back (``finish``). A run
+killed outright (SIGKILL, power) is sorted out by the next start in that folder (``_recover``): a set-aside or a
+put-back cut short is completed, never deleted.
 """
 
 from __future__ import annotations
@@ -23,6 +26,10 @@ from pathlib import Path
 from fastft import checkpoint
 
 ASIDE = ".fastft-previous-run"
+_GATHERING = ASIDE + ".tmp"  # a set-aside in progress
+_DELETING = ASIDE + ".delete"  # a set-aside whose deletion was cut short
+_PUTTING_BACK = ".putting-back"  # inside ASIDE: its entries are on their way back to the top
+_PROBE = ".fastft-write-test-"
 # What a finished run leaves at the top besides its logs; metadata.json lists them (older fastft: these names)
 FINAL_OUTPUTS = ("adapter_model.safetensors", "adapter_config.json", "training_config.json", "metadata.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -39,8 +46,8 @@ def prepare(cfg) -> tuple["RunOutputs", Path | None]:
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise OutputDirError(f"--output-dir {out} exists and is not a folder")
-    if (out / ASIDE).is_dir():
-        _restore_killed_run(out)
+    if out.is_dir():
+        _recover(out)
     resume_from = checkpoint.latest_checkpoint(out) if out.exists() else None
     if cfg.resume:
         if resume_from is None:
@@ -71,7 +78,7 @@ def _make(out: Path) -> None:
 def _check_writable(out: Path) -> None:
     """Before the model loads (minutes): a folder the run could not write into fails now. A real file, not
     os.access: root passes that check on a read-only mount or an immutable folder."""
-    probe = out / f".fastft-write-test-{os.getpid()}"
+    probe = out / f"{_PROBE}{os.getpid()}"
     try:
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         os.unlink(probe)
@@ -108,6 +115,8 @@ def owned_entries(out: Path) -> list[Path]:
         owned.append(out / "runs")
     meta = fastft_metadata(out)
     listed = set(meta.get("outputs") or (*FINAL_OUTPUTS, *TOKENIZER_FILES, *LOGS)) if meta else set()
+    if not (out / "metadata.json").exists() and out / checkpoint.LATEST in owned:  # died writing its last outputs
+        listed.update((*FINAL_OUTPUTS, *TOKENIZER_FILES, *LOGS))
     if _is_metrics_log(out / "metrics.jsonl"):
         listed.update(LOGS)  # loss.png is drawn from it
     owned += [out / n for n in sorted(listed) if isinstance(n, str) and "/" not in n and n not in ("", ".", "..")
@@ -128,15 +137,25 @@ def fastft_metadata(out: Path) -> dict | None:
 
 
 def _is_checkpoint(p: Path) -> bool:
-    return p.is_dir() and (p.name.startswith(".tmp-") or (p / "trainer_state.json").is_file())
+    """A checkpoint folder of fastft's (a half-written one: its own .tmp- name). Hugging Face's Trainer writes
+    checkpoint-<step>/trainer_state.json too; fastft's state has its own keys."""
+    if not p.is_dir() or p.is_symlink():
+        return False
+    if p.name.startswith(".tmp-"):
+        return True
+    try:
+        state = json.loads((p / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and {"step", "plan", "run"} <= state.keys()
 
 
 def _names_checkpoint(p: Path) -> bool:
     try:
-        return p.is_file() and p.stat().st_size < 100 and bool(
-            re.fullmatch(re.escape(checkpoint.PREFIX) + r"[0-9]+", p.read_text().strip()))
+        name = p.read_text().strip() if p.is_file() and p.stat().st_size < 100 else ""
     except (OSError, UnicodeDecodeError):
         return False
+    return bool(re.fullmatch(re.escape(checkpoint.PREFIX) + r"[0-9]+", name)) and _is_checkpoint(p.parent / name)
 
 
 def _is_runs(p: Path) -> bool:
@@ -174,43 +193,55 @@ def _remove(p: Path) -> None:
 # ---- one run's hold on the folder --------------------------------------------------------------------------------
 
 _MADE_DIRS: list[Path] = []  # output folders this process created (removed again if left empty)
-_HELD: list["RunOutputs"] = []  # runs that began writing and have no checkpoint yet
+_HELD: list["RunOutputs"] = []  # runs that began writing and have not finished
 
 
 class RunOutputs:
-    """``begin`` before the run's first write, ``saved`` after each checkpoint; ``finish`` (main, at exit) undoes
-    a run that saved none."""
+    """``begin`` before the run's first write, ``saved`` after each checkpoint, ``completed`` once its final outputs
+    are written; ``finish`` (main, at exit) undoes a run that saved no checkpoint and reports one that stopped after."""
 
     def __init__(self, path: Path, replaces: bool, resumed: bool):
         self.path, self.replaces, self.resumed = path, replaces, resumed
-        self.checkpointed = False
+        self.checkpointed = resumed  # a resumed run's checkpoints are on disk already
 
     def begin(self) -> None:
-        """--overwrite: the older run's outputs move aside. A resumed run keeps everything (its checkpoints are
-        this run's), so it has nothing to undo."""
-        if self.resumed:
-            return
+        """--overwrite: the older run's outputs move aside (a failure half-way moves them back)."""
         if self.replaces:
             olds = owned_entries(self.path)
-            if olds:
-                aside = self.path / ASIDE
-                aside.mkdir()
+            if (self.path / ASIDE).is_dir():
+                # An --overwrite run stopped after a checkpoint sits at the top, the finished run before it aside:
+                # the unfinished one is what this run replaces; the finished one stays aside until this one finishes.
                 for p in olds:
-                    os.replace(p, aside / p.name)
+                    _remove(p)
+            elif olds:
+                gathering = self.path / _GATHERING
+                gathering.mkdir()
+                try:
+                    for p in olds:
+                        os.replace(p, gathering / p.name)
+                except BaseException:
+                    _move_back(gathering, self.path)
+                    raise
+                os.replace(gathering, self.path / ASIDE)
         _HELD.append(self)
 
     def saved(self) -> None:
-        """A checkpoint of this run is on disk: from now on it is the run in this folder."""
-        if self.checkpointed:
-            return
         self.checkpointed = True
+
+    def completed(self) -> None:
+        """The final outputs are written: this is the run in this folder now; an older one set aside goes."""
         if self in _HELD:
             _HELD.remove(self)
-        shutil.rmtree(self.path / ASIDE, ignore_errors=True)
+        _delete_aside(self.path)
 
-    def undo(self) -> None:
-        """This run's files (it saved no checkpoint: nothing in them could be resumed, and they would block a
-        plain re-run) go; the older run's come back."""
+    def stopped(self) -> None:
+        """The run ends unfinished (a stop, an error). Without a checkpoint nothing in its files could be resumed
+        and they would block a plain re-run: they go, and the older run comes back. With one, both stay."""
+        if self.checkpointed:
+            if (self.path / ASIDE).is_dir():
+                print(f"fastft: the older run's outputs stay in {self.path / ASIDE} until this run finishes "
+                      f"(--resume)", file=sys.stderr)
+            return
         mine = owned_entries(self.path)
         for p in mine:
             _remove(p)
@@ -222,44 +253,61 @@ class RunOutputs:
                   file=sys.stderr)
 
 
+def _delete_aside(out: Path) -> None:
+    aside = out / ASIDE
+    if aside.is_dir():
+        os.replace(aside, out / _DELETING)  # from here the older run is gone in intent: never put back
+    shutil.rmtree(out / _DELETING, ignore_errors=True)
+
+
 def _put_back(out: Path) -> bool:
     aside = out / ASIDE
     if not aside.is_dir():
         return False
-    for p in sorted(aside.iterdir()):
-        if not (out / p.name).exists():
-            os.replace(p, out / p.name)
-    try:
-        aside.rmdir()
-    except OSError:  # a name the user has taken meanwhile: theirs stays, the older run's stays aside
+    (aside / _PUTTING_BACK).touch()  # a put-back cut short is completed by the next start, not undone
+    if not _move_back(aside, out, skip=_PUTTING_BACK):  # a name the user has taken meanwhile: theirs stays
         print(f"fastft: warning: {aside} still holds part of the older run (its names are taken in {out})",
               file=sys.stderr)
     return True
 
 
-def _restore_killed_run(out: Path) -> None:
-    """A run with --overwrite that was killed before its first checkpoint: its files go, the older run's come back.
-    One killed while it deleted them, its checkpoint saved (``latest`` went aside with the older run), keeps its own."""
-    if checkpoint.latest_checkpoint(out) is not None:
-        shutil.rmtree(out / ASIDE, ignore_errors=True)
+def _move_back(folder: Path, out: Path, skip: str = "") -> bool:
+    """The entries of ``folder`` back to the top of ``out`` (none over an existing name); the folder (and the marker
+    ``skip``) goes when nothing else is left in it. Returns whether it did."""
+    for p in sorted(folder.iterdir()):
+        if p.name != skip and not (out / p.name).exists():
+            os.replace(p, out / p.name)
+    if any(p.name != skip for p in folder.iterdir()):
+        return False  # (the marker stays with what is left)
+    shutil.rmtree(folder)
+    return True
+
+
+def _recover(out: Path) -> None:
+    """What a run killed outright (SIGKILL, power) left half done, sorted out before anything else."""
+    for probe in out.glob(_PROBE + "*"):  # a write check cut short
+        probe.unlink(missing_ok=True)
+    shutil.rmtree(out / _DELETING, ignore_errors=True)
+    if (out / _GATHERING).is_dir():  # a set-aside cut short: all of it is the older run; the new one wrote nothing
+        _move_back(out / _GATHERING, out)
+    aside = out / ASIDE
+    if not aside.is_dir():
         return
-    for p in owned_entries(out):
-        _remove(p)
-    _put_back(out)
-    print(f"fastft: note: a run killed before its first checkpoint had set the older run in {out} aside "
-          f"({ASIDE}); it is back", file=sys.stderr)
-
-
-def active() -> "RunOutputs | None":
-    """The run that is writing and has not saved a checkpoint yet, if any."""
-    return _HELD[-1] if _HELD else None
+    if (aside / _PUTTING_BACK).exists():  # everything at the top of fastft's is the older run's by now
+        _put_back(out)
+    elif checkpoint.latest_checkpoint(out) is None:  # the new run was killed before its first checkpoint
+        for p in owned_entries(out):
+            _remove(p)
+        _put_back(out)
+        print(f"fastft: note: a run killed before its first checkpoint had set the older run in {out} aside "
+              f"({ASIDE}); it is back", file=sys.stderr)
 
 
 def finish() -> None:
-    """At exit: undo a run that saved no checkpoint, then remove output folders this process made and left empty
-    (a run that failed before writing leaves no empty folder)."""
+    """At exit: a run that did not finish is stopped (see RunOutputs.stopped), then output folders this process
+    made and left empty go (a run that failed before writing leaves no empty folder)."""
     while _HELD:
-        _HELD.pop().undo()
+        _HELD.pop().stopped()
     while _MADE_DIRS:
         try:
             _MADE_DIRS.pop().rmdir()  # only an empty folder goes

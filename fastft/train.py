@@ -9,6 +9,7 @@ The whole run, top to bottom: options -> data -> model + LoRA -> DeepSpeed engin
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import signal
@@ -378,22 +379,31 @@ def graph_tokens(cfg: TrainConfig) -> int:
 
 
 def train(cfg: TrainConfig, stop: "StopRequest") -> int:
+    from safetensors import SafetensorError
+
     try:
         return _train(cfg, stop)
-    except OSError as e:
-        if not stop.training:  # (one before training is a bug to see, not a write that failed)
-            raise
-        raise TrainingError(write_failed(e, Path(cfg.output_dir))) from None
+    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error
+        if stop.training:
+            raise TrainingError(write_failed(e, Path(cfg.output_dir))) from None
+        if getattr(e, "errno", None) in _ENVIRONMENT_ERRNOS:  # e.g. the tokenisation cache on a full disk
+            raise TrainingError(f"{e.filename or 'a file operation'}: {e.strerror}") from None
+        raise  # (another OSError before training is a bug to see)
 
 
-def write_failed(e: OSError, out: Path) -> str:
-    """Once training runs, an OSError is a write into --output-dir that failed (a full disk, a quota, a folder
-    removed under the run): what failed, and what the last saved state is."""
-    what = f"cannot write {e.filename}" if e.filename else "a write failed"
+# A full disk, a quota, a read-only or forbidden path: the machine's state, not fastft's bug, in any phase
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+
+
+def write_failed(e: Exception, out: Path) -> str:
+    """Once training runs, an OSError (or safetensors' error for the same) is a write into --output-dir that failed
+    (a full disk, a quota, a folder removed under the run): what failed, and what the last saved state is."""
+    filename = getattr(e, "filename", None)
+    what = f"cannot write {filename}" if filename else "a write failed"
     saved = checkpoint.latest_checkpoint(out)
     then = (f"the last complete checkpoint is {saved}: once that is fixed, run the same command with --resume "
             f"added" if saved else "no checkpoint of this run was saved")
-    return f"{what} ({e.strerror or e}); {then}"
+    return f"{what} ({getattr(e, 'strerror', None) or e}); {then}"
 
 
 def _train(cfg: TrainConfig, stop: StopRequest) -> int:
@@ -517,7 +527,7 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> int:
                                 lambda d: save_adapter(model, d, base_model_name_or_path=base_model),
                                 dist.rank, cfg.keep_checkpoints)
         if outputs:
-            outputs.saved()  # the older run (--overwrite) goes only now
+            outputs.saved()  # resumable from here: a stop keeps this run's files (and the older run's, aside)
         return saved
 
     stop.training_starts()  # from here a signal saves a checkpoint after the step (StopRequest)
@@ -633,7 +643,7 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> int:
             # {tokens: [layers keeping h, whole layers, layers spilling h to the host, the share spilled]}
             "cuda_graphs": graphs, "kept_activation_layers": model.kept_layers(),
             "world_size": dist.world_size, "engine": "deepspeed" if ds_config else "fastft (one process)",
-            "zero_stage": ds_config["zero_optimization"]["stage"] if ds_config else None,
+            "zero_stage": ds_config["zero_optimization"].get("stage", 0) if ds_config else None,
             "data": {"files": data.data_hashes, "rows": data.num_rows, "eval_rows": data.num_eval_rows,
                      "tokens": data.num_tokens, "trainable_tokens": data.num_trainable_tokens,
                      "packed_rows": data.num_packed_rows, "packing_efficiency": data.packing_efficiency,
@@ -646,6 +656,7 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> int:
             "written_by": "fastft", "outputs": sorted({*output_dir.FINAL_OUTPUTS, *output_dir.LOGS, *written}),
         }
         (out / "metadata.json").write_text(json.dumps(meta, indent=1))
+        outputs.completed()  # --overwrite: only now does the older run go
     for o in observers:
         o.end({})
     say(f"fastft: done in {totals['wall_seconds']:.0f}s; final train loss {history['train_loss'][-1]:.4f}. "

@@ -261,10 +261,13 @@ def test_overwrite_keeps_the_old_run_until_training_starts(tmp_path, trained):
     assert len(list((out / "runs").iterdir())) == 1  # the older run's TensorBoard events are gone
 
 
+FASTFT_STATE = '{"step": 2, "plan": {}, "run": {}}'  # the keys fastft's trainer_state.json has (HF's has others)
+
+
 def make_old_run(out: Path) -> None:
     """What a finished older run leaves (by name and content), as fastft.output_dir recognises it."""
     (out / "checkpoint-2").mkdir(parents=True)
-    (out / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (out / "checkpoint-2" / "trainer_state.json").write_text(FASTFT_STATE)
     (out / "latest").write_text("checkpoint-2")
     (out / "runs").mkdir()
     (out / "runs" / "events.out.tfevents.1.host.1.0").write_text("old")
@@ -281,29 +284,35 @@ def tree(folder: Path) -> dict:
     return {str(p.relative_to(folder)): p.read_text() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_overwrite_sets_only_fastfts_outputs_aside_and_deletes_them_at_the_first_checkpoint(tmp_path):
+def test_overwrite_sets_only_fastfts_outputs_aside_and_deletes_them_once_the_new_run_completes(tmp_path):
     from fastft import output_dir
 
     make_old_run(tmp_path)
     for mine in ("checkpoint-best/x", "checkpoint-notes.txt", "notes.txt", "runs-mine/events.out.tfevents.x"):
         (tmp_path / mine).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / mine).write_text("mine")
-    (tmp_path / "checkpoint-7").mkdir()  # fastft's name, but no trainer_state.json: not one of its checkpoints
-    with pytest.raises(output_dir.OutputDirError, match="checkpoint-7, which fastft cannot tell it wrote"):
+    # fastft's names, but not its checkpoints: no trainer_state.json, or Hugging Face Trainer's
+    (tmp_path / "checkpoint-7").mkdir()
+    (tmp_path / "checkpoint-500").mkdir()
+    (tmp_path / "checkpoint-500" / "trainer_state.json").write_text('{"global_step": 500, "log_history": []}')
+    with pytest.raises(output_dir.OutputDirError, match="checkpoint-500, checkpoint-7, which fastft cannot tell"):
         output_dir.prepare(TrainConfigFor(tmp_path, overwrite=True))
     (tmp_path / "checkpoint-7").rmdir()
+    (tmp_path / "checkpoint-500").rename(tmp_path / "hf-checkpoint-500")
     before = tree(tmp_path)
     run, resume_from = output_dir.prepare(TrainConfigFor(tmp_path, overwrite=True))
     assert resume_from is None and tree(tmp_path) == before  # nothing moves before the run writes
     run.begin()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [output_dir.ASIDE, "checkpoint-best", "checkpoint-notes.txt",
-                                                          "notes.txt", "runs-mine"]
+    mine = ["checkpoint-best", "checkpoint-notes.txt", "hf-checkpoint-500", "notes.txt", "runs-mine"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([output_dir.ASIDE, *mine])
     (tmp_path / "checkpoint-1").mkdir()
-    (tmp_path / "checkpoint-1" / "trainer_state.json").write_text("{}")
-    run.saved()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "checkpoint-best", "checkpoint-notes.txt",
-                                                          "notes.txt", "runs-mine"]
-    assert output_dir.active() is None
+    (tmp_path / "checkpoint-1" / "trainer_state.json").write_text(FASTFT_STATE)
+    run.saved()  # resumable now, not finished: the older run stays aside
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([output_dir.ASIDE, "checkpoint-1", *mine])
+    run.completed()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["checkpoint-1", *mine])
+    output_dir.finish()  # nothing left to undo
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["checkpoint-1", *mine])
 
 
 def test_foreign_files_under_fastfts_names_stop_overwrite_before_anything_changes(tmp_path, trained):
@@ -423,6 +432,118 @@ def test_a_full_disk_while_training_says_what_was_saved_last(tmp_path, trained, 
         f"fastft: cannot write {out}/.tmp-checkpoint-2 (No space left on device); the last complete checkpoint is "
         f"{out}/checkpoint-1: once that is fixed, run the same command with --resume added")
 
+
+
+def test_overwrite_run_failing_after_a_checkpoint_keeps_the_older_run_aside(tmp_path, trained, monkeypatch, capsys):
+    """A full disk at the second checkpoint, as safetensors reports it (its own error type): one message, no
+    traceback; the new run is resumable and the older run waits aside, deleted only once --resume finishes."""
+    from safetensors import SafetensorError
+
+    from fastft import checkpoint, output_dir
+
+    real_save_file = checkpoint.save_file
+
+    def full_at_checkpoint_2(tensors, path, *a, **k):
+        if "checkpoint-2" in path:
+            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No '
+                                  'space left on device" })')
+        return real_save_file(tensors, path, *a, **k)
+
+    out = tmp_path / "out"
+    make_old_run(out)
+    older = tree(out)
+    monkeypatch.setattr(checkpoint, "save_file", full_at_checkpoint_2)
+    args = [str(trained[0]), *COMMON, "--max-steps", "3", "--save-every", "1", "--output-dir", str(out)]
+    assert main_in_process([*args, "--overwrite"], monkeypatch) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "No space left on device" in err
+    assert f"the last complete checkpoint is {out}/checkpoint-1: once that is fixed, run the same command" in err
+    assert f"the older run's outputs stay in {out}/{output_dir.ASIDE} until this run finishes" in err
+    assert tree(out / output_dir.ASIDE) == older
+    monkeypatch.setattr(checkpoint, "save_file", real_save_file)
+    assert main_in_process([*args, "--resume"], monkeypatch) == 0
+    assert not (out / output_dir.ASIDE).exists() and (out / "checkpoint-3").is_dir()
+
+
+
+def test_a_set_aside_that_fails_half_way_moves_everything_back(tmp_path, monkeypatch):
+    """os.replace failing on one entry (a busy mount point, a read-only subfolder): the entries already moved come
+    back, nothing is deleted, and the run's failure is the error."""
+    from fastft import output_dir
+
+    make_old_run(tmp_path)
+    before = tree(tmp_path)
+    real_replace = os.replace
+
+    def busy_runs(src, dst):
+        if Path(src).name == "runs":
+            raise OSError(16, "Device or resource busy", str(src))
+        return real_replace(src, dst)
+
+    run, _ = output_dir.prepare(TrainConfigFor(tmp_path, overwrite=True))
+    monkeypatch.setattr(output_dir.os, "replace", busy_runs)
+    with pytest.raises(OSError, match="busy"):
+        run.begin()
+    monkeypatch.setattr(output_dir.os, "replace", real_replace)
+    output_dir.finish()
+    assert tree(tmp_path) == before and not (tmp_path / output_dir._GATHERING).exists()
+
+
+def test_a_full_disk_before_training_is_one_message(tmp_path, trained, monkeypatch, capsys):
+    """The tokenisation cache written on a full disk (a cache miss): the path and the reason, no traceback."""
+    import errno
+
+    import fastft.data
+
+    cache_file = str(tmp_path / "cache" / "tokens-x.arrow")
+
+    def full(*a):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), cache_file)
+
+    monkeypatch.setattr(fastft.data, "prepare", full)
+    out = tmp_path / "out"
+    assert main_in_process([str(trained[0]), *COMMON, "--output-dir", str(out)], monkeypatch) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == f"fastft: {cache_file}: No space left on device"
+    assert not out.exists()
+
+def test_a_start_completes_what_a_killed_run_left_half_done(tmp_path):
+    """SIGKILL in the middle of setting the older run aside, or of putting it back: the next start finishes the
+    move, and deletes nothing of the older run; a run killed after its checkpoint keeps both runs."""
+    from fastft import output_dir
+
+    def start(out):
+        output_dir.prepare(TrainConfigFor(out, overwrite=True))
+
+    # cut short while gathering: part of the older run in the temporary folder, the rest still at the top
+    out = tmp_path / "a"
+    make_old_run(out)
+    older = tree(out)
+    (out / output_dir._GATHERING).mkdir()
+    for name in ("checkpoint-2", "latest", "runs"):
+        os.replace(out / name, out / output_dir._GATHERING / name)
+    start(out)
+    assert tree(out) == older and sorted(p.name for p in out.iterdir()) == sorted(
+        ["checkpoint-2", "latest", "runs", "metrics.jsonl", "metadata.json", "adapter_model.safetensors",
+         "adapter_config.json", "training_config.json", "loss.png", "tokenizer.json"])
+    # cut short while putting back: latest already back, the rest aside
+    out = tmp_path / "b"
+    make_old_run(out)
+    older = tree(out)
+    aside = out / output_dir.ASIDE
+    aside.mkdir()
+    for p in list(out.iterdir()):
+        if p.name not in (output_dir.ASIDE, "latest", "checkpoint-2"):
+            os.replace(p, aside / p.name)
+    (aside / output_dir._PUTTING_BACK).touch()
+    start(out)
+    assert tree(out) == older and not aside.exists()
+    # killed after its first checkpoint: the new run at the top, the older one aside, both kept
+    out = tmp_path / "c"
+    make_old_run(out / output_dir.ASIDE)
+    older = tree(out / output_dir.ASIDE)
+    make_old_run(out)
+    start(out)
+    assert tree(out / output_dir.ASIDE) == older and (out / "latest").is_file()
 
 def test_a_signal_while_the_run_starts_stops_it_at_once_and_changes_nothing(tmp_path, trained, monkeypatch,
                                                                              capsys):
