@@ -1,9 +1,10 @@
 """--output-dir: checks before a run starts, and how a run replaces an older one without losing it on the way.
 
 fastft only ever moves or deletes what it can tell it wrote itself (``owned_entries``): checkpoint-<step> folders
-holding a trainer_state.json, ``latest`` naming one, a metrics.jsonl of its rows, a runs/ of TensorBoard event files
-only, and the files a metadata.json of fastft's lists. Everything else in the folder is the user's and stays as it is;
-a file of the user's where a run would write one of its outputs stops the run before it starts.
+holding fastft's trainer_state.json (told by its keys: Hugging Face's Trainer uses the same names), ``latest`` naming
+one, a metrics.jsonl of its rows, a runs/ of TensorBoard event files only, and the files a metadata.json of fastft's
+lists. Everything else in the folder is the user's and stays as it is; a file of the user's where a run would write
+one of its outputs stops the run before it starts.
 
 --overwrite: when the new run first writes, the older run's outputs move into ``.fastft-previous-run/`` in the same
 folder (renames: instant, no space needed; gathered under a temporary name first, so a set-aside cut short is never
@@ -256,7 +257,10 @@ class RunOutputs:
 def _delete_aside(out: Path) -> None:
     aside = out / ASIDE
     if aside.is_dir():
-        os.replace(aside, out / _DELETING)  # from here the older run is gone in intent: never put back
+        try:
+            os.replace(aside, out / _DELETING)  # from here the older run is gone in intent: never put back
+        except OSError:
+            shutil.rmtree(aside, ignore_errors=True)
     shutil.rmtree(out / _DELETING, ignore_errors=True)
 
 
