@@ -138,9 +138,12 @@ def rows_per_step(cfg: TrainConfig, world_size: int) -> int:
         rows = max(1, math.ceil(cfg.batch_tokens / cfg.max_seq_len))
     per_rank = rows / world_size
     if per_rank != int(per_rank) or int(per_rank) % cfg.micro_batch_size:
+        split = world_size * cfg.micro_batch_size
+        fix = (f"--batch-tokens {cfg.batch_tokens} asks for {rows} rows of --max-seq-len {cfg.max_seq_len}: choose "
+               f"--batch-tokens as a multiple of {split * cfg.max_seq_len}" if cfg.batch_tokens
+               else f"choose --batch-size as a multiple of {split}")
         raise UsageError(f"a step of {rows} rows does not split into {world_size} rank(s) x micro-batches of "
-                         f"{cfg.micro_batch_size}: choose --batch-size as a multiple of "
-                         f"{world_size * cfg.micro_batch_size}")
+                         f"{cfg.micro_batch_size}; {fix}")
     return rows
 
 

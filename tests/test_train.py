@@ -691,6 +691,17 @@ def test_validate_only_refuses_what_training_refuses(tmp_path, trained, mode, ar
     assert f"fastft: error: {message}" in r.stderr and not (tmp_path / "o").exists()
 
 
+
+def test_a_batch_that_does_not_split_names_the_option_to_change():
+    from fastft.data import UsageError
+    from fastft.train import rows_per_step
+
+    with pytest.raises(UsageError, match="micro-batches of 4; choose --batch-size as a multiple of 4$"):
+        rows_per_step(TrainConfigFor(Path("o"), batch_size=6, micro_batch_size=4), 1)
+    with pytest.raises(UsageError, match="--batch-tokens 3000 asks for 3 rows of --max-seq-len 1024: choose "
+                                         "--batch-tokens as a multiple of 2048$"):
+        rows_per_step(TrainConfigFor(Path("o"), batch_tokens=3000, max_seq_len=1024, micro_batch_size=2), 1)
+
 def test_data_errors_print_the_report_without_a_doubled_prefix(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "answer": "a"}\n{oops\n')
