@@ -119,12 +119,15 @@ def _write(tmp: Path, final: Path, tensors: dict, trainer_state: dict, save_adap
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
     """fastft's checkpoint-<step> folders, oldest first. Other names that start with the prefix (a user's
     checkpoint-best copy, notes) are not fastft's: never pruned, never cleared."""
-    steps = []
-    for p in Path(output_dir).glob(f"{PREFIX}*"):
-        step = p.name[len(PREFIX):]
-        if step.isdigit() and step.isascii() and p.is_dir():
-            steps.append((int(step), p))
+    steps = [(int(p.name[len(PREFIX):]), p) for p in Path(output_dir).glob(f"{PREFIX}*")
+             if is_step_name(p.name) and p.is_dir()]
     return [p for _, p in sorted(steps)]
+
+
+def is_step_name(name: str) -> bool:
+    """checkpoint-<step>, fastft's name for a checkpoint folder (not checkpoint-best or other names a user gives)."""
+    step = name[len(PREFIX):]
+    return name.startswith(PREFIX) and step.isdigit() and step.isascii()
 
 
 def _prune(output_dir: Path, keep: int) -> None:

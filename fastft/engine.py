@@ -75,13 +75,11 @@ class DeepSpeedMissing(ImportError):
                          f"--zero-stage / --deepspeed")
 
 
-def import_deepspeed(why: str | None):
-    """The deepspeed module; when it is not installed, DeepSpeedMissing(why), or None if nothing needs it (why None)."""
+def import_deepspeed(why: str):
+    """The deepspeed module; DeepSpeedMissing(why) when it is not installed."""
     try:
         import deepspeed
     except ImportError:
-        if why is None:
-            return None
         raise DeepSpeedMissing(why) from None
     return deepspeed
 

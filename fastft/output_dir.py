@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -35,7 +34,6 @@ _PROBE = ".fastft-write-test-"
 FINAL_OUTPUTS = ("adapter_model.safetensors", "adapter_config.json", "training_config.json", "metadata.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 LOGS = ("metrics.jsonl", "loss.png")
-_CHECKPOINT = re.compile(r"(\.tmp-)?" + re.escape(checkpoint.PREFIX) + r"[0-9]+")
 
 
 class OutputDirError(Exception):
@@ -101,8 +99,7 @@ def _refuse_foreign_outputs(out: Path) -> None:
 def _is_output_name(p: Path) -> bool:
     if p.name == "runs":  # new event files go beside a user's: only a non-folder is in the way
         return not p.is_dir()
-    return p.name in (*FINAL_OUTPUTS, *TOKENIZER_FILES, *LOGS, checkpoint.LATEST) or bool(
-        re.fullmatch(re.escape(checkpoint.PREFIX) + r"[0-9]+", p.name))
+    return p.name in (*FINAL_OUTPUTS, *TOKENIZER_FILES, *LOGS, checkpoint.LATEST) or checkpoint.is_step_name(p.name)
 
 
 # ---- what fastft wrote -----------------------------------------------------------------------------------------
@@ -110,7 +107,7 @@ def _is_output_name(p: Path) -> bool:
 def owned_entries(out: Path) -> list[Path]:
     """The entries at the top of ``out`` that fastft wrote, as far as their contents show."""
     out = Path(out)
-    owned = [p for p in out.iterdir() if _CHECKPOINT.fullmatch(p.name) and _is_checkpoint(p)]
+    owned = [p for p in out.iterdir() if checkpoint.is_step_name(p.name.removeprefix(".tmp-")) and _is_checkpoint(p)]
     owned += [out / n for n in (checkpoint.LATEST, checkpoint.LATEST + ".tmp") if _names_checkpoint(out / n)]
     if _is_runs(out / "runs"):
         owned.append(out / "runs")
@@ -156,7 +153,7 @@ def _names_checkpoint(p: Path) -> bool:
         name = p.read_text().strip() if p.is_file() and p.stat().st_size < 100 else ""
     except (OSError, UnicodeDecodeError):
         return False
-    return bool(re.fullmatch(re.escape(checkpoint.PREFIX) + r"[0-9]+", name)) and _is_checkpoint(p.parent / name)
+    return checkpoint.is_step_name(name) and _is_checkpoint(p.parent / name)
 
 
 def _is_runs(p: Path) -> bool:
@@ -202,7 +199,7 @@ class RunOutputs:
     are written; ``finish`` (main, at exit) undoes a run that saved no checkpoint and reports one that stopped after."""
 
     def __init__(self, path: Path, replaces: bool, resumed: bool):
-        self.path, self.replaces, self.resumed = path, replaces, resumed
+        self.path, self.replaces = path, replaces
         self.checkpointed = resumed  # a resumed run's checkpoints are on disk already
 
     def begin(self) -> None:

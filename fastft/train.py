@@ -24,7 +24,7 @@ if __package__ in (None, ""):  # `python fastft/train.py`: import the package, n
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 # torch takes a second or two to import. A KeyboardInterrupt raised inside it can be swallowed by its C code and
-# leave numpy half imported, so a signal meanwhile is only noted, and acted on once the imports are done.
+# leave numpy half imported, so a signal meanwhile is only noted, and main() stops on it.
 _early_signals: list[int] = []
 if __name__ == "__main__":
     _default_handlers = {s: signal.signal(s, lambda signum, frame: _early_signals.append(signum))
@@ -39,10 +39,6 @@ from fastft.output_dir import OutputDirError  # noqa: E402
 if __name__ == "__main__":
     for _s, _handler in _default_handlers.items():
         signal.signal(_s, _handler)
-    if _early_signals:
-        print(f"fastft: stopped by {signal.Signals(_early_signals[0]).name} before training started; nothing was "
-              f"changed", file=sys.stderr)
-        sys.exit(128 + _early_signals[0])
 
 
 class TrainingError(Exception):
@@ -55,6 +51,8 @@ def main(argv=None) -> int:
     except CliError as e:
         print(f"fastft: error: {e}", file=sys.stderr)
         return 2
+    if _early_signals:  # one that came while torch imported
+        return _stopped_before_training(_early_signals[0], cfg)
     stop = StopRequest()  # from here to the first step a signal stops at once (the imports below take seconds)
     try:
         return _run(cfg, stop)
@@ -381,6 +379,10 @@ def graph_tokens(cfg: TrainConfig) -> int:
     return -(-cfg.max_seq_len * cfg.micro_batch_size // 256) * 256
 
 
+# A full disk, a quota, a read-only or forbidden path: the machine's state, not fastft's bug, in any phase
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+
+
 def train(cfg: TrainConfig, stop: "StopRequest") -> int:
     from safetensors import SafetensorError
 
@@ -392,10 +394,6 @@ def train(cfg: TrainConfig, stop: "StopRequest") -> int:
         if getattr(e, "errno", None) in _ENVIRONMENT_ERRNOS:  # e.g. the tokenisation cache on a full disk
             raise TrainingError(f"{e.filename or 'a file operation'}: {e.strerror}") from None
         raise  # (another OSError before training is a bug to see)
-
-
-# A full disk, a quota, a read-only or forbidden path: the machine's state, not fastft's bug, in any phase
-_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 
 
 def write_failed(e: Exception, out: Path) -> str:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from fastft.kernels._env import interpreting
+from fastft.kernels._env import interpreting, sm_count
 from fastft.kernels.moe_hopper import HAS_GLUON, _is_sm90
 
 if HAS_GLUON:
@@ -166,8 +166,6 @@ if HAS_GLUON:
         ], [4, 1], [MMA_REGS, LOAD_REGS])
 
 
-_SMS = {}
-
 
 def logits_p(h, w_slab, p, ta, ts, labels, m, t, col0, ignore_index, headroom, first):
     """Launch for one slab (check can_run first): h [rows, K], w_slab [width, K], p [rows, width] (row stride a
@@ -180,11 +178,8 @@ def logits_p(h, w_slab, p, ta, ts, labels, m, t, col0, ignore_index, headroom, f
     h_desc = TensorDescriptor.from_tensor(h, [BM, BK], layout([BM, BK], dt))
     w_desc = TensorDescriptor.from_tensor(w_slab, [BN, BK], layout([BN, BK], dt))
     p_desc = TensorDescriptor.from_tensor(p, [BM, BN], layout([BM, BN], dt))
-    dev = h.device.index if h.device.index is not None else torch.cuda.current_device()
-    if dev not in _SMS:
-        _SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
     tiles = triton.cdiv(rows, BM) * triton.cdiv(width, BN)
-    _logits_p_kernel[(min(_SMS[dev], tiles), )](
+    _logits_p_kernel[(min(sm_count(h.device), tiles), )](
         h_desc, w_desc, p_desc, ta, ts, ta.stride(0), labels, m, t, rows, width, K, col0, ignore_index,
         float(headroom), FIRST=first, BM=BM, BN=BN, BK=BK, STAGES=STAGES, GROUP_M=GROUP_M, MMA_REGS=MMA_REGS,
         LOAD_REGS=LOAD_REGS, num_warps=4)

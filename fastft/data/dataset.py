@@ -114,8 +114,12 @@ def _tokenise(checked: _Checked, cfg: DataConfig, tokenizer):
     cache_file = cache_dir / f"tokens-{key}.arrow"
     hit = cache_file.exists()
     messages = [json.dumps(c.messages, ensure_ascii=False) for c in checked.conversations]
+
+    def columns():
+        return _columns(_map_cached(messages, cfg, tokenizer, cache_file, key), len(messages))
+
     try:
-        return (*_columns(_map_cached(messages, cfg, tokenizer, cache_file, key), len(messages)), cache_file, hit)
+        return (*columns(), cache_file, hit)
     except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError, a short read an OSError
         if not hit:
             raise
@@ -124,7 +128,7 @@ def _tokenise(checked: _Checked, cfg: DataConfig, tokenizer):
           file=sys.stderr)
     try:
         cache_file.unlink(missing_ok=True)
-        return (*_columns(_map_cached(messages, cfg, tokenizer, cache_file, key), len(messages)), cache_file, False)
+        return (*columns(), cache_file, False)
     except (OSError, ValueError) as e:
         raise UsageError(f"tokenisation cache {cache_file} is unreadable and could not be rebuilt ({e}); delete it "
                          f"and retry, or set FASTFT_CACHE to another folder") from None
