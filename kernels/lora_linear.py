@@ -49,7 +49,7 @@ try:
 except ImportError:  # CPU-only installs without triton use the reference
     triton = None
 
-from fastft.kernels import moe_hopper
+from fastft.kernels import lora_linear_hopper, moe_hopper
 from fastft.kernels._env import FLOAT_DTYPES, interpreting, sm_count, triton_runs
 from fastft.mxfp4 import MXFP4Tensor
 
@@ -456,7 +456,7 @@ INTERPRETER_DECODE_META = {"BLOCK_R": 16, "BLOCK_C": 64}
 def lora_path(num_tokens: int, ws_ok: bool = False) -> str:
     """The path a call over num_tokens rows takes: "fused" (in-loop dequant, reads 4 bits per weight: wins while
     memory-bound), "slabs" (cuBLAS: wins once compute-bound) or, where ``ws_ok`` (a 4-bit weight, bf16, sm_90:
-    see _ws_ok), "ws": moe_hopper's warp-specialised GEMM, in-loop dequant in its own warps, W never densified.
+    see _ws_ok), "ws": lora_linear_hopper's GEMM, in-loop dequant into wgmma's register operand, W never densified.
     ws is opt-in (FASTFT_LORA_PATH=ws, or FASTFT_LORA_WS_MIN_T=<tokens>): on the H200 slabs stay faster (WS_MIN_T
     says by how much). FASTFT_LORA_PATH=fused|slabs|ws forces one (A/B
     timing; ws only where it can run, otherwise the choice below); otherwise slabs from FASTFT_LORA_SLAB_MIN_T
@@ -552,13 +552,14 @@ def _dx_slabs(dy, fields, lora_dx):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# ws path (sm_90): the projection as a one-expert call of moe_hopper's grouped GEMM. Its loader, decoder and MMA
-# warps overlap the copies, the 4-bit decode and the wgmma, so W is decoded tile by tile in shared memory (never
-# densified); the LoRA term is one more wgmma, the bias is in its epilogue.
-# Not chosen automatically (None): measured on the H200 at T=16384 (fwd + LoRA, dX + LoRA, per GEMM) MXFP4 runs at
-# 1.36-1.5x cuBLAS's bf16 time, NF4 at 1.7-2x (its decode is a code-table gather per value); the slab path's decode
-# plus cuBLAS is faster at every gpt-oss shape. The loader / MMA pipeline alone (decode removed, timing probe)
-# reaches cuBLAS speed: the decoder warps are what is left to make faster.
+# ws path (sm_90): W decoded inside the GEMM's main loop, never densified. lora_linear_hopper's kernel decodes each
+# K step's raw bytes straight into wgmma's register operand (weights as the A side of C^T = W X^T); the LoRA term is
+# one more wgmma, the bias and the dropout LoRA dX term are in its epilogue. Where its TMA alignment does not hold,
+# the projection runs as a one-expert call of moe_hopper's grouped GEMM (decoder warps, tiles through shared memory;
+# same results bit for bit).
+# Not chosen automatically (None): on the H200 at T=16384 the register-operand kernel runs the forward at 1.1-1.3x
+# cuBLAS's bf16 time and dX at 1.4-1.6x (MXFP4 / NF4, per GEMM; scratch, see ANALYSIS.md), while the slab path's
+# decode plus cuBLAS stays faster at every gpt-oss shape.
 WS_MIN_T = None
 _ws_tables_cache = {}
 
@@ -612,6 +613,12 @@ def _ws_gemm(a, weight, fields, trans, out, bias=None, lora=None, add_c=False):
     T = a.shape[0]
     if T == 0:
         return out
+    blocks = w.reshape(n_w, k_w // 2)
+    if lora_linear_hopper.can_run(a, out, blocks, n_w if trans else k_w, lora[0].shape[1] if lora else 0):
+        return lora_linear_hopper.gemm(a, blocks, aux.reshape(n_w, -1), trans, out,
+                                       nf4_code=_nf4_code(weight) if fmt == FMT_NF4 else None, bias=bias,
+                                       lora=(lora[0], lora[1], lora[3], lora[4], lora[5]) if lora else None,
+                                       add_c=add_c)
     bm = 256 if T > 128 else 128
     K, N = (n_w, k_w) if trans else (k_w, n_w)
     return moe_hopper.ws_gemm(a, None, w.reshape(1, -1), aux.reshape(1, -1), trans, K, N, _ws_tables(T, bm, a.device),

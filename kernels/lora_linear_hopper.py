@@ -1,0 +1,342 @@
+"""Hopper (sm_90) GEMM of lora_linear's ws path: 4-bit W decoded into wgmma's REGISTER operand (Gluon).
+
+One launch computes, for a 4-bit W stored [N, K] (``in`` = K contiguous; MXFP4 hub packing or bitsandbytes NF4):
+  forward (TRANS=False)  C[T, N] = X[T, K] deq(W)^T + bias + (s B) XA^T ... as  C^T = deq(W) X^T + (s B) XA^T
+  dX      (TRANS=True)   C[T, K] = X[T, N] deq(W)   (+ C)  + (s A^T) G^T  ... as  C^T = deq(W)^T X^T + (s A^T) G^T
+(XA = x A^T and G = dY B are the [T, r] LoRA inputs; add_c adds the C tile already there: the dropout LoRA dX term.)
+
+Why swap A and B: wgmma takes its A operand from registers. With the weights there, the MMA warps decode a step's
+raw bytes straight into the A fragment (each thread holds pairs of adjacent K values, i.e. one byte of MXFP4/NF4
+per register), and the async wgmma of the previous step runs meanwhile; nothing decoded passes through shared
+memory. Same-run scratch on the H200 at T=16384 (per GEMM, bit-identical outputs; ANALYSIS.md): MXFP4 q_proj
+forward 603 us against 750 for moe_hopper's design (loader / decoder / MMA warps, decoded tiles through shared
+memory) and 547 for cuBLAS on bf16; dX 769 / 837 / 521. The dX orientation pays more per value (16 scale loads per
+thread and step, the row relabelling's byte permutes, a scalar-store epilogue).
+
+Warps: a TMA loader warp fills a STAGES-deep ring (X tile [BMT, BK] bf16 + raw W tile, one expect-tx barrier per
+slot); two MMA warp groups (the default partition) own 64 weight rows each of a [BNW, BMT] = [128, 256] tile of C^T
+(fp32 accumulator: 128 registers per thread). Persistent: programs walk tiles pid, pid + grid, ...; consecutive
+tiles share the token block, so X is read once from HBM while the 4-bit W stays in L2. The epilogue writes C^T
+transposed through shared memory (stmatrix .trans) and a TMA store that overlaps the next tile's main loop.
+
+A fragments: two register sets used alternately (two K steps per loop trip). wgmma reads a register operand
+asynchronously, so a set is overwritten only after the wait that retired the wgmma reading it (one group stays in
+flight); ptxas does not enforce this by itself.
+
+Scales: MXFP4's e8m0 (one per 32 values) and NF4's fp32 absmax (one per 64) are plain loads by the MMA warps,
+issued one loop trip (two K steps) ahead (the scale rows are 90 / 180 bytes apart at gpt-oss shapes: not TMA-able).
+
+dX orientation: the A fragment is deq(W)^T, rows = K features, reduction = N. A byte holds two adjacent K values,
+which belong to two rows of the fragment; the rows are relabelled (fragment row 16g + 8h + r <-> feature
+16g + 2r + h) so that a thread's two rows are one byte's two nibbles, and the epilogue undoes the relabelling.
+
+Shared memory: STAGES * (BMT * BK * 2 + raw tile 4 KB) + the [BMT, BNW] bf16 C tile (64 KB) + the LoRA tile:
+3 stages ~ 188 KB of the 227 KB an sm_90 block may have.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastft.kernels._env import interpreting, sm_count
+from fastft.kernels.moe_hopper import HAS_GLUON, _is_sm90
+
+if HAS_GLUON:
+    import triton
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+BNW, BMT, BK, STAGES, NUM_WARPS, LOAD_REGS = 128, 256, 64, 3, 8, 40
+MAX_RANK = 64  # the LoRA tile [BMT, R_PAD] bf16 (32 KB at 64) beside the ring
+
+
+def _tma_ok(t: torch.Tensor) -> bool:
+    return t.stride(1) == 1 and t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0
+
+
+def can_run(a: torch.Tensor, out: torch.Tensor, blocks: torch.Tensor, reduction: int, rank: int) -> bool:
+    """sm_90 with Gluon (not under the interpreter), bf16 activations and output, TMA-addressable rows of a, out and
+    the raw [N, K/2] bytes, the reduction in whole BK steps, a LoRA rank whose tile fits."""
+    return (HAS_GLUON and a.is_cuda and not interpreting() and _is_sm90(a.device) and a.dtype == torch.bfloat16
+            and out.dtype == torch.bfloat16 and _tma_ok(a) and _tma_ok(out) and _tma_ok(blocks)
+            and reduction % BK == 0 and rank <= MAX_RANK)
+
+
+if HAS_GLUON:
+
+    @gluon.constexpr_function
+    def _raw_layout(TRANS, BNW, BK, num_warps):
+        # The raw bytes of a step as the MMA warps load them, built backwards from the bf16 A fragment
+        # (DotOperandLayout(0, v3 mma with warps [num_warps, 1]), k_width=2: register bit 0 = reduction + 1, lanes
+        # 0-1 = reduction 2, 4, lanes 2-4 = rows 1, 2, 4, register bit 1 = row 8, warps = rows 16, 32, ...).
+        # fp4_to_fp turns byte column j into value columns 2j, 2j + 1 (its new register bit 0).
+        nw = {1: 0, 2: 1, 4: 2, 8: 3}[num_warps]
+        if not TRANS:
+            # [BNW rows (N), BK / 2 bytes along K]: the byte's two values are a register pair of one row
+            reg = [[8, 0]] + [[0, j] for j in (4, 8, 16, 32) if j < BK // 2]
+            lanes = [[0, 1], [0, 2], [1, 0], [2, 0], [4, 0]]
+            warps = [[16 << w, 0] for w in range(nw)]
+            reg += [[r, 0] for r in (64, 128, 256) if 16 << nw <= r < BNW]
+            return gl.DistributedLinearLayout(reg_bases=reg, lane_bases=lanes, warp_bases=warps, block_bases=[],
+                                              shape=[BNW, BK // 2])
+        # [BK rows (N, the reduction), BNW / 2 bytes along K (the output features)]: a thread's two fragment rows
+        # 16g + r and 16g + 8 + r are features 16g + 2r and 16g + 2r + 1, one byte (see the module docstring)
+        reg = [[1, 0]] + [[n, 0] for n in (8, 16, 32) if n < BK]
+        lanes = [[2, 0], [4, 0], [0, 1], [0, 2], [0, 4]]
+        warps = [[0, 8 << w] for w in range(nw)]
+        reg += [[0, j] for j in (32, 64, 128) if 8 << nw <= j < BNW // 2]
+        return gl.DistributedLinearLayout(reg_bases=reg, lane_bases=lanes, warp_bases=warps, block_bases=[],
+                                          shape=[BK, BNW // 2])
+
+    @gluon.constexpr_function
+    def _scale_layout(RAW_L, GW):
+        # the decoded step [rows, 2 * bytes] viewed [rows, 2 * bytes / GW, GW], sliced along the GW values a scale
+        # covers (fp4_to_fp prepends the within-byte value bit as register bit 0)
+        def split(b):
+            k = 2 * b[1]
+            return [b[0], k // GW, k % GW]
+        rows, cols = RAW_L.shape
+        v3 = gl.DistributedLinearLayout(reg_bases=[[0, 0, 1]] + [split(b) for b in RAW_L.reg_bases],
+                                        lane_bases=[split(b) for b in RAW_L.lane_bases],
+                                        warp_bases=[split(b) for b in RAW_L.warp_bases], block_bases=[],
+                                        shape=[rows, 2 * cols // GW, GW])
+        return gl.SliceLayout(2, v3)
+
+    @gluon.jit
+    def _tile(t, num_n, BNW: gl.constexpr, BMT: gl.constexpr):
+        return (t // num_n) * BMT, (t % num_n) * BNW
+
+    @gluon.jit
+    def _loader(x_desc, w_desc, x_bufs, w_bufs, ready, empty, num_tiles, num_n, num_k, TRANS: gl.constexpr,
+                BNW: gl.constexpr, BMT: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr):
+        seq = 0
+        for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+            m0, n0 = _tile(t, num_n, BNW, BMT)
+            for i in range(num_k):
+                s = seq % STAGES
+                mbarrier.wait(empty.index(s), ((seq // STAGES) & 1) ^ 1)
+                mbarrier.expect(ready.index(s), x_desc.block_type.nbytes + w_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(x_desc, [m0, i * BK], ready.index(s), x_bufs.index(s))
+                if TRANS:
+                    tma.async_copy_global_to_shared(w_desc, [i * BK, n0 // 2], ready.index(s), w_bufs.index(s))
+                else:
+                    tma.async_copy_global_to_shared(w_desc, [n0, i * (BK // 2)], ready.index(s), w_bufs.index(s))
+                seq += 1
+
+    @gluon.jit
+    def _load_scales(WS, s_sr, i, n0, N_ROWS, S_COLS, TRANS: gl.constexpr, NF4: gl.constexpr, BNW: gl.constexpr,
+                     BK: gl.constexpr, SL: gl.constexpr):
+        # the scales of step i: [rows as stored, groups of this step's columns]; WS [N_ROWS, S_COLS]
+        if TRANS:
+            G: gl.constexpr = BNW // (64 if NF4 else 32)
+            rr = i * BK + gl.arange(0, BK, layout=gl.SliceLayout(1, SL))
+            cc = gl.minimum(n0 // (64 if NF4 else 32) + gl.arange(0, G, layout=gl.SliceLayout(0, SL)), S_COLS - 1)
+        else:
+            G: gl.constexpr = BK // (64 if NF4 else 32)
+            rr = gl.minimum(n0 + gl.arange(0, BNW, layout=gl.SliceLayout(1, SL)), N_ROWS - 1)
+            cc = i * G + gl.arange(0, G, layout=gl.SliceLayout(0, SL))
+        return gl.load(WS + (rr[:, None] * s_sr + cc[None, :]))  # int32 offsets (N * K / 32 < 2**31): fewer registers
+
+    @gluon.jit
+    def _decode(w_bufs, sc, s, LUT, TRANS: gl.constexpr, NF4: gl.constexpr, BNW: gl.constexpr, BK: gl.constexpr,
+                RAW_L: gl.constexpr, DOT_L: gl.constexpr):
+        RR: gl.constexpr = BK if TRANS else BNW  # the raw tile [RR, RC / 2] as stored
+        RC: gl.constexpr = BNW if TRANS else BK
+        GW: gl.constexpr = 64 if NF4 else 32
+        raw = w_bufs.index(s).load(RAW_L)
+        if NF4:
+            # bitsandbytes: element 2i in the HIGH nibble; value = bf16(code[nibble] * absmax) in fp32, as its
+            # dequantize_4bit rounds (the 64-byte code table stays in L1)
+            b = raw.to(gl.int32)
+            v = gl.reshape(gl.join(gl.load(LUT + (b >> 4)), gl.load(LUT + (b & 15))), [RR, RC])
+            v3 = gl.reshape(v, [RR, RC // GW, GW])
+            v3 = (v3 * gl.expand_dims(gl.convert_layout(sc, gl.SliceLayout(2, v3.type.layout)), 2)).to(gl.bfloat16)
+        else:
+            v3 = gl.reshape(gl.fp4_to_fp(raw, gl.bfloat16, 1), [RR, RC // GW, GW])  # low nibble first (hub)
+            scale = (sc.to(gl.int16) << 7).to(gl.bfloat16, bitcast=True)  # e8m0 -> 2**(s - 127), exact 1..254
+            v3, scale = gl.broadcast(v3, gl.expand_dims(gl.convert_layout(scale, gl.SliceLayout(2, v3.type.layout)),
+                                                        2))
+            # two values per instruction (a bf16 `*` compiles to scalar multiplies)
+            v3 = gl.inline_asm_elementwise("mul.rn.bf16x2 $0, $1, $2;", "=r,r,r", [v3, scale], dtype=gl.bfloat16,
+                                           is_pure=True, pack=2)
+        v = gl.reshape(v3, [RR, RC])
+        if TRANS:
+            # [BK, BNW] (N, K) -> fragment [BNW, BK] with rows relabelled: row 16g + 8h + r holds feature 16g + 2r + h
+            v = gl.reshape(gl.permute(gl.reshape(gl.permute(v, (1, 0)), [BNW // 16, 8, 2, BK]), (0, 2, 1, 3)),
+                           [BNW, BK])
+        return gl.convert_layout(v, DOT_L)
+
+    @gluon.jit
+    def _feature_rows(n0, BNW: gl.constexpr, TRANS: gl.constexpr, layout: gl.constexpr):
+        # the output feature of each accumulator row (relabelled in the dX orientation)
+        m = gl.arange(0, BNW, layout=layout)
+        if TRANS:
+            m = (m // 16) * 16 + (m % 8) * 2 + (m // 8) % 2
+        return n0 + m
+
+    @gluon.jit
+    def _mma(x_bufs, w_bufs, c_smem, l_smem, ready, empty, c_ready, c_desc, WS, s_sr, N_ROWS, S_COLS, LUT,
+             bias, L, s_lm, LF, s_lfn, s_lfr, lora_scale, R, T, N_OUT, num_tiles, num_n, num_k,
+             TRANS: gl.constexpr, NF4: gl.constexpr, HAS_BIAS: gl.constexpr, ADD_C: gl.constexpr,
+             R_PAD: gl.constexpr, BNW: gl.constexpr, BMT: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
+             num_warps: gl.constexpr):
+        MMA_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                        instr_shape=[16, BMT, 16])
+        DOT_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA_L, k_width=2)
+        RAW_L: gl.constexpr = _raw_layout(TRANS, BNW, BK, num_warps)
+        SL: gl.constexpr = _scale_layout(RAW_L, 64 if NF4 else 32)
+        a0 = gl.zeros([BNW, BK], gl.bfloat16, layout=DOT_L)
+        a1 = gl.zeros([BNW, BK], gl.bfloat16, layout=DOT_L)
+        seq = 0
+        tcount = 0
+        for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+            m0, n0 = _tile(t, num_n, BNW, BMT)
+            if ADD_C:  # the C tile to add on, in flight while the main loop runs
+                tma.store_wait(pendings=0)  # the previous tile's store has left c_smem
+                mbarrier.expect(c_ready, c_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(c_desc, [m0, n0], c_ready, c_smem)
+            if R_PAD > 0:  # this tile's rows of the LoRA input (XA or G, [T, r]) for the last wgmma (held in
+                # registers through the main loop, they made it spill)
+                LL: gl.constexpr = gl.BlockedLayout([1, R_PAD], [32, 1], [num_warps, 1], [1, 0])
+                rl = m0 + gl.arange(0, BMT, layout=gl.SliceLayout(1, LL))
+                jl = gl.arange(0, R_PAD, layout=gl.SliceLayout(0, LL))
+                l_smem.store(gl.load(L + rl.to(gl.int64)[:, None] * s_lm + jl[None, :],
+                                     mask=(rl < T)[:, None] & (jl < R)[None, :], other=0.0).to(gl.bfloat16))
+            acc = gl.zeros([BNW, BMT], gl.float32, layout=MMA_L)
+            # scales two steps ahead (forward: 4 per thread and step) or one (dX: 16 per thread and step; two
+            # steps' worth made the main loop spill)
+            sc0 = _load_scales(WS, s_sr, 0, n0, N_ROWS, S_COLS, TRANS, NF4, BNW, BK, SL)
+            sc1 = sc0
+            if not TRANS:
+                sc1 = _load_scales(WS, s_sr, gl.minimum(1, num_k - 1), n0, N_ROWS, S_COLS, TRANS, NF4, BNW, BK, SL)
+            for j in range(num_k // 2):
+                i = 2 * j
+                if TRANS:
+                    sc1 = _load_scales(WS, s_sr, i + 1, n0, N_ROWS, S_COLS, TRANS, NF4, BNW, BK, SL)
+                else:
+                    sc2 = _load_scales(WS, s_sr, gl.minimum(i + 2, num_k - 1), n0, N_ROWS, S_COLS, TRANS, NF4, BNW,
+                                       BK, SL)
+                    sc3 = _load_scales(WS, s_sr, gl.minimum(i + 3, num_k - 1), n0, N_ROWS, S_COLS, TRANS, NF4, BNW,
+                                       BK, SL)
+                s = seq % STAGES
+                mbarrier.wait(ready.index(s), (seq // STAGES) & 1)
+                a0 = _decode(w_bufs, sc0, s, LUT, TRANS, NF4, BNW, BK, RAW_L, DOT_L)
+                acc = warpgroup_mma(a0, x_bufs.index(s).permute((1, 0)), acc, is_async=True)
+                acc, a0, a1 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a0, a1))  # step i - 1 retired
+                mbarrier.arrive(empty.index((seq + STAGES - 1) % STAGES), count=1, pred=i > 0)
+                seq += 1
+                s = seq % STAGES
+                mbarrier.wait(ready.index(s), (seq // STAGES) & 1)
+                if TRANS:
+                    sc0 = _load_scales(WS, s_sr, gl.minimum(i + 2, num_k - 1), n0, N_ROWS, S_COLS, TRANS, NF4, BNW,
+                                       BK, SL)
+                a1 = _decode(w_bufs, sc1, s, LUT, TRANS, NF4, BNW, BK, RAW_L, DOT_L)
+                acc = warpgroup_mma(a1, x_bufs.index(s).permute((1, 0)), acc, is_async=True)
+                acc, a0, a1 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a0, a1))  # step i retired
+                mbarrier.arrive(empty.index((seq + STAGES - 1) % STAGES), count=1)
+                seq += 1
+                if not TRANS:
+                    sc0 = sc2
+                    sc1 = sc3
+            if num_k % 2 == 1:
+                s = seq % STAGES
+                mbarrier.wait(ready.index(s), (seq // STAGES) & 1)
+                a0 = _decode(w_bufs, sc0, s, LUT, TRANS, NF4, BNW, BK, RAW_L, DOT_L)
+                acc = warpgroup_mma(a0, x_bufs.index(s).permute((1, 0)), acc, is_async=True)
+                acc, a0, a1 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a0, a1))
+                mbarrier.arrive(empty.index((seq + STAGES - 1) % STAGES), count=1, pred=num_k > 1)
+                seq += 1
+            if R_PAD > 0:
+                # LoRA as one more wgmma (K = R_PAD): A = the factor's [BNW, R_PAD] rows times s (B of the forward,
+                # A^T of dX; rows relabelled like the weight's), B = the LoRA input tile, transposed
+                fence_async_shared()  # the plain stores of l_smem -> wgmma's async-proxy reads
+                LDOT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA_L, k_width=2)
+                fr = _feature_rows(n0, BNW, TRANS, gl.SliceLayout(1, LDOT))
+                fj = gl.arange(0, R_PAD, layout=gl.SliceLayout(0, LDOT))
+                lf = gl.load(LF + fr.to(gl.int64)[:, None] * s_lfn + fj[None, :] * s_lfr,
+                             mask=(fr < N_OUT)[:, None] & (fj < R)[None, :], other=0.0)
+                lf = (lf.to(gl.float32) * lora_scale).to(gl.bfloat16)
+                acc = warpgroup_mma(lf, l_smem.permute((1, 0)), acc, is_async=True)
+                acc, a0, a1, lf = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a0, a1, lf))
+            acc, a0, a1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a0, a1))
+            mbarrier.arrive(empty.index((seq + STAGES - 1) % STAGES), count=1)  # the tile's last slot
+            if HAS_BIAS:
+                fb = _feature_rows(n0, BNW, TRANS, gl.SliceLayout(1, MMA_L))
+                acc += gl.expand_dims(gl.load(bias + fb, mask=fb < N_OUT, other=0.0).to(gl.float32), 1)
+            if TRANS:  # undo the row relabelling: feature order
+                acc = gl.reshape(gl.permute(gl.reshape(acc, [BNW // 16, 2, 8, BMT]), (0, 2, 1, 3)), [BNW, BMT])
+            if ADD_C:
+                mbarrier.wait(c_ready, tcount & 1)
+                acc += c_smem.permute((1, 0)).load(acc.type.layout).to(gl.float32)
+                gl.thread_barrier()  # every thread has read the tile before any overwrites it
+            else:
+                tma.store_wait(pendings=0)  # the previous tile's store has left c_smem
+            c_smem.store(gl.permute(acc.to(gl.bfloat16), (1, 0)))
+            fence_async_shared()
+            tma.async_copy_shared_to_global(c_desc, [m0, n0], c_smem)  # rows and columns past C are clipped
+            tcount += 1
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _gemm_kernel(x_desc, w_desc, c_desc, WS, s_sr, N_ROWS, S_COLS, LUT, bias, L, s_lm, LF, s_lfn, s_lfr,
+                     lora_scale, R, T, N_OUT, K_RED,
+                     TRANS: gl.constexpr, NF4: gl.constexpr, HAS_BIAS: gl.constexpr, ADD_C: gl.constexpr,
+                     R_PAD: gl.constexpr, BNW: gl.constexpr, BMT: gl.constexpr, BK: gl.constexpr,
+                     STAGES: gl.constexpr, LOAD_REGS: gl.constexpr, num_warps: gl.constexpr):
+        num_n = gl.cdiv(N_OUT, BNW)
+        num_tiles = gl.cdiv(T, BMT) * num_n
+        num_k = K_RED // BK
+        x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BMT, BK], x_desc.layout)
+        w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
+        c_smem = gl.allocate_shared_memory(c_desc.dtype, [BMT, BNW], c_desc.layout)
+        LR: gl.constexpr = R_PAD if R_PAD > 0 else 16
+        l_smem = gl.allocate_shared_memory(gl.bfloat16, [BMT, LR],
+                                           gl.NVMMASharedLayout.get_default_for([BMT, LR], gl.bfloat16))
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        c_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        for j in gl.static_range(STAGES):
+            mbarrier.init(ready.index(j), count=1)  # TMA's expect-tx arrival
+            mbarrier.init(empty.index(j), count=1)
+        mbarrier.init(c_ready, count=1)
+        gl.warp_specialize([
+            (_mma, (x_bufs, w_bufs, c_smem, l_smem, ready, empty, c_ready, c_desc, WS, s_sr, N_ROWS, S_COLS, LUT,
+                    bias, L, s_lm, LF, s_lfn, s_lfr, lora_scale, R, T, N_OUT, num_tiles, num_n, num_k,
+                    TRANS, NF4, HAS_BIAS, ADD_C, R_PAD, BNW, BMT, BK, STAGES, num_warps)),
+            (_loader, (x_desc, w_desc, x_bufs, w_bufs, ready, empty, num_tiles, num_n, num_k, TRANS, BNW, BMT, BK,
+                       STAGES)),
+        ], [1], [LOAD_REGS])
+
+
+def gemm(a, blocks, scales, trans, out, *, nf4_code=None, bias=None, lora=None, add_c=False):
+    """out = a deq(W)^T + bias (+ LoRA) (forward) or a deq(W) (+ out with add_c) (+ LoRA) (trans); check can_run.
+
+    a [T, red] bf16; blocks [N, K/2] uint8 of W [N, K]; scales [N, K/32] e8m0 (MXFP4) or, with nf4_code
+    (bitsandbytes' 16-value fp32 code), the fp32 absmax [N, K/64]; out [T, K if trans else N] bf16; bias [N];
+    lora = (L [T, r], F, s_fn, s_fr, s): adds s * L F^T, F [out features, r] read through strides (B of the
+    forward: (B.stride(0), B.stride(1)); A of dX: (A.stride(1), A.stride(0)))."""
+    T = a.shape[0]
+    N_w, K_w = blocks.shape[0], blocks.shape[1] * 2
+    n_out, k_red = (K_w, N_w) if trans else (N_w, K_w)
+    if T == 0:
+        return out
+    nf4 = nf4_code is not None
+    gl_u8 = gl.uint8
+    x_desc = TensorDescriptor.from_tensor(a, [BMT, BK], gl.NVMMASharedLayout.get_default_for([BMT, BK], gl.bfloat16))
+    w_box = [BK, BNW // 2] if trans else [BNW, BK // 2]
+    w_desc = TensorDescriptor.from_tensor(blocks, w_box, gl.NVMMASharedLayout.get_default_for(w_box, gl_u8))
+    c_desc = TensorDescriptor.from_tensor(out, [BMT, BNW],
+                                          gl.NVMMASharedLayout.get_default_for([BMT, BNW], gl.bfloat16))
+    L, F, s_fn, s_fr, s_l = (lora if lora is not None else (out, out, 0, 0, 0.0))
+    R = L.shape[1] if lora is not None else 0
+    r_pad = max(16, triton.next_power_of_2(R)) if R else 0
+    tiles = triton.cdiv(T, BMT) * triton.cdiv(n_out, BNW)
+    _gemm_kernel[(min(tiles, sm_count(a.device)), )](
+        x_desc, w_desc, c_desc, scales, scales.stride(0), N_w, scales.shape[1],
+        nf4_code if nf4 else scales, bias if bias is not None else out, L, L.stride(0), F, s_fn, s_fr, float(s_l), R,
+        T, n_out, k_red, TRANS=trans, NF4=nf4, HAS_BIAS=bias is not None, ADD_C=add_c, R_PAD=r_pad, BNW=BNW,
+        BMT=BMT, BK=BK, STAGES=STAGES, LOAD_REGS=LOAD_REGS, num_warps=NUM_WARPS)
+    return out
