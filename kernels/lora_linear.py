@@ -554,12 +554,12 @@ def _dx_slabs(dy, fields, lora_dx):
 # ---------------------------------------------------------------------------------------------------------------------
 # ws path (sm_90): W decoded inside the GEMM's main loop, never densified. lora_linear_hopper's kernel decodes each
 # K step's raw bytes straight into wgmma's register operand (weights as the A side of C^T = W X^T); the LoRA term is
-# one more wgmma, the bias and the dropout LoRA dX term are in its epilogue. Where its TMA alignment does not hold,
-# the projection runs as a one-expert call of moe_hopper's grouped GEMM (decoder warps, tiles through shared memory;
-# same results bit for bit).
+# one more wgmma, the bias and the dropout LoRA dX term are in its epilogue. (moe_hopper's grouped GEMM, decoder
+# warps and tiles through shared memory, same results bit for bit, remains behind it for what can_run refuses.)
 # Not chosen automatically (None): on the H200 at T=16384 the register-operand kernel runs the forward at 1.1-1.3x
-# cuBLAS's bf16 time and dX at 1.4-1.6x (MXFP4 / NF4, per GEMM; scratch, see ANALYSIS.md), while the slab path's
-# decode plus cuBLAS stays faster at every gpt-oss shape.
+# cuBLAS's bf16 time and dX at 1.4-1.65x (MXFP4 / NF4, per GEMM; scratch, see ANALYSIS.md). Whole projections
+# (bench lora_linear, 812ff6a): the slab path's decode plus cuBLAS is faster for q and o in both formats and for
+# NF4 k / v; ws is faster only for MXFP4 k / v (0.27 vs 0.31 ms), a format fastft does not give the projections.
 WS_MIN_T = None
 _ws_tables_cache = {}
 
@@ -614,6 +614,8 @@ def _ws_gemm(a, weight, fields, trans, out, bias=None, lora=None, add_c=False):
     if T == 0:
         return out
     blocks = w.reshape(n_w, k_w // 2)
+    if a.data_ptr() % 16 or a.stride(0) % 8:  # rows off TMA's 16 bytes (a rare view): one aligned copy (moe_hopper's
+        a = a.clone(memory_format=torch.contiguous_format)  # cp.async variant for them does not compile, triton 3.6)
     if lora_linear_hopper.can_run(a, out, blocks, n_w if trans else k_w, lora[0].shape[1] if lora else 0):
         return lora_linear_hopper.gemm(a, blocks, aux.reshape(n_w, -1), trans, out,
                                        nf4_code=_nf4_code(weight) if fmt == FMT_NF4 else None, bias=bias,

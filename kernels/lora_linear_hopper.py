@@ -30,8 +30,9 @@ dX orientation: the A fragment is deq(W)^T, rows = K features, reduction = N. A 
 which belong to two rows of the fragment; the rows are relabelled (fragment row 16g + 8h + r <-> feature
 16g + 2r + h) so that a thread's two rows are one byte's two nibbles, and the epilogue undoes the relabelling.
 
-Shared memory: STAGES * (BMT * BK * 2 + raw tile 4 KB) + the [BMT, BNW] bf16 C tile (64 KB) + the LoRA tile:
-3 stages ~ 188 KB of the 227 KB an sm_90 block may have.
+Shared memory: STAGES * (BMT * BK * 2 + raw tile 4 KB) + the [BMT, BNW] bf16 C tile (64 KB) + the LoRA tile
+[BMT, R_PAD]: 3 stages, 176 KB without LoRA and 184 KB at rank 16 (sm_90 builds; 227 KB per block at most). Those
+builds are spill-free up to rank 16 (rank 32 in the forward); larger ranks spill a little.
 """
 
 from __future__ import annotations
@@ -324,10 +325,9 @@ def gemm(a, blocks, scales, trans, out, *, nf4_code=None, bias=None, lora=None, 
     if T == 0:
         return out
     nf4 = nf4_code is not None
-    gl_u8 = gl.uint8
     x_desc = TensorDescriptor.from_tensor(a, [BMT, BK], gl.NVMMASharedLayout.get_default_for([BMT, BK], gl.bfloat16))
     w_box = [BK, BNW // 2] if trans else [BNW, BK // 2]
-    w_desc = TensorDescriptor.from_tensor(blocks, w_box, gl.NVMMASharedLayout.get_default_for(w_box, gl_u8))
+    w_desc = TensorDescriptor.from_tensor(blocks, w_box, gl.NVMMASharedLayout.get_default_for(w_box, gl.uint8))
     c_desc = TensorDescriptor.from_tensor(out, [BMT, BNW],
                                           gl.NVMMASharedLayout.get_default_for([BMT, BNW], gl.bfloat16))
     L, F, s_fn, s_fr, s_l = (lora if lora is not None else (out, out, 0, 0, 0.0))

@@ -524,6 +524,53 @@ def test_ws_decode_bit_exact_gpu():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["mxfp4", "nf4"])
+def test_ws_register_kernel_and_fallback_gpu(fmt, monkeypatch):
+    # the ws path's register-operand kernel (lora_linear_hopper) against moe_hopper's kernel (same contract), both
+    # orientations: bit-identical without LoRA; with bias, LoRA and add_c within bf16 rounding (the kernels round
+    # s * L and s * B respectively); activations off TMA's 16-byte alignment are copied, same result
+    from fastft.kernels import lora_linear_hopper
+
+    _needs_ws()
+    dev, dt, T = "cuda", torch.bfloat16, 1037
+    w = _weight(fmt, 512, 2880, dev, dt)
+    fields = mod._weight_fields(w)
+    calls = []
+    real = lora_linear_hopper.gemm
+    monkeypatch.setattr(lora_linear_hopper, "gemm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real_can_run, use = lora_linear_hopper.can_run, {"register": True}
+    monkeypatch.setattr(lora_linear_hopper, "can_run", lambda *a, **k: use["register"] and real_can_run(*a, **k))
+
+    def unaligned(t):  # same values, base 2 bytes off 16 (TMA needs 16): _ws_gemm copies it
+        buf = torch.empty(t.numel() + 1, device=dev, dtype=dt)
+        u = buf[1:].view_as(t)
+        u.copy_(t)
+        return u
+
+    for trans in (False, True):
+        red, n_out = (512, 2880) if trans else (2880, 512)
+        a = torch.randn(T, red, device=dev, dtype=dt)
+        L = torch.randn(T, 16, device=dev, dtype=dt)
+        F_ = torch.randn(n_out, 16, device=dev, dtype=dt) * 0.1
+        lora = (L, F_, 0, F_.stride(0), F_.stride(1), 0.5)
+        bias = torch.randn(n_out, device=dev, dtype=dt) if not trans else None
+        c0 = torch.randn(T, n_out, device=dev, dtype=dt)
+        for kw in ({}, dict(bias=bias, lora=lora), dict(add_c=True) if trans else dict(bias=bias)):
+            outs = []
+            for x, register in ((a, True), (unaligned(a), True), (a, False)):
+                out = c0.clone() if kw.get("add_c") else torch.empty(T, n_out, device=dev, dtype=dt)
+                n = len(calls)
+                use["register"] = register
+                outs.append(mod._ws_gemm(x, w, fields, trans, out, **kw))
+                assert len(calls) == n + register
+            assert torch.equal(outs[0], outs[1])
+            if "lora" in kw:
+                assert _rel(outs[0], outs[2]) < 1e-2
+            else:
+                assert torch.equal(outs[0], outs[2])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["mxfp4", "nf4"])
 def test_ws_cuda_graph_gpu(fmt, monkeypatch):
     # a token count first seen inside a capture: the routing tables are built in the graph (not cached), so the
     # replays equal an eager step
