@@ -46,12 +46,18 @@ class TrainingError(Exception):
 
 
 def main(argv=None) -> int:
+    # parse_args imports fastft.model (a second or more): a signal meanwhile is only noted, as during torch's import
+    noting = {s: signal.signal(s, lambda signum, frame: _early_signals.append(signum))
+              for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         cfg = parse_args(argv)
     except CliError as e:
         print(f"fastft: error: {e}", file=sys.stderr)
         return 2
-    if _early_signals:  # one that came while torch imported
+    finally:
+        for s, handler in noting.items():
+            signal.signal(s, handler)
+    if _early_signals:  # one that came while torch or fastft's model imported
         return _stopped_before_training(_early_signals[0], cfg)
     stop = StopRequest()  # from here to the first step a signal stops at once (the imports below take seconds)
     try:
