@@ -9,6 +9,7 @@ The whole run, top to bottom: options -> data -> model + LoRA -> DeepSpeed engin
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import os
@@ -26,19 +27,26 @@ if __package__ in (None, ""):  # `python fastft/train.py`: import the package, n
 # torch takes a second or two to import. A KeyboardInterrupt raised inside it can be swallowed by its C code and
 # leave numpy half imported, so a signal meanwhile is only noted, and main() stops on it.
 _early_signals: list[int] = []
-if __name__ == "__main__":
-    _default_handlers = {s: signal.signal(s, lambda signum, frame: _early_signals.append(signum))
-                         for s in (signal.SIGINT, signal.SIGTERM)}
 
-import torch  # noqa: E402
 
-from fastft import checkpoint, output_dir  # noqa: E402
-from fastft.config import CliError, TrainConfig, parse_args  # noqa: E402
-from fastft.output_dir import OutputDirError  # noqa: E402
+@contextlib.contextmanager
+def _signals_noted():
+    """SIGINT / SIGTERM are appended to _early_signals instead of acting, until the block ends."""
+    before = {s: signal.signal(s, lambda signum, frame: _early_signals.append(signum))
+              for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
 
-if __name__ == "__main__":
-    for _s, _handler in _default_handlers.items():
-        signal.signal(_s, _handler)
+
+with _signals_noted() if __name__ == "__main__" else contextlib.nullcontext():
+    import torch
+
+    from fastft import checkpoint, output_dir
+    from fastft.config import CliError, TrainConfig, parse_args
+    from fastft.output_dir import OutputDirError
 
 
 class TrainingError(Exception):
@@ -46,17 +54,12 @@ class TrainingError(Exception):
 
 
 def main(argv=None) -> int:
-    # parse_args imports fastft.model (a second or more): a signal meanwhile is only noted, as during torch's import
-    noting = {s: signal.signal(s, lambda signum, frame: _early_signals.append(signum))
-              for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        cfg = parse_args(argv)
+        with _signals_noted():  # parse_args imports fastft.model (a second or more), like torch's import above
+            cfg = parse_args(argv)
     except CliError as e:
         print(f"fastft: error: {e}", file=sys.stderr)
         return 2
-    finally:
-        for s, handler in noting.items():
-            signal.signal(s, handler)
     if _early_signals:  # one that came while torch or fastft's model imported
         return _stopped_before_training(_early_signals[0], cfg)
     stop = StopRequest()  # from here to the first step a signal stops at once (the imports below take seconds)

@@ -30,6 +30,12 @@ def triton_runs(t: torch.Tensor, dtypes=None) -> bool:
     return HAS_TRITON and (t.is_cuda or interpreting()) and (dtypes is None or t.dtype in dtypes)
 
 
+def tma_aligned(t: torch.Tensor) -> bool:
+    """Whether a 2-D tensor's rows can be TMA-copied: unit column stride, base and row stride multiples of 16
+    bytes."""
+    return t.stride(1) == 1 and t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0
+
+
 @functools.lru_cache(maxsize=None)
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device, for kernels that size their grids to fill it; 1 elsewhere (the

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from fastft.kernels._env import interpreting, sm_count
+from fastft.kernels._env import interpreting, sm_count, tma_aligned
 from fastft.kernels.moe_hopper import HAS_GLUON, _is_sm90
 
 if HAS_GLUON:
@@ -53,7 +53,7 @@ def can_run(h: torch.Tensor, w: torch.Tensor) -> bool:
     """sm_90, 2-byte hidden and weight of one dtype, rows TMA-addressable (16-byte aligned base and row stride)."""
     ok = (HAS_GLUON and h.is_cuda and not interpreting() and _is_sm90(h.device) and h.dtype == w.dtype
           and h.dtype in (torch.bfloat16, torch.float16))
-    return ok and all(t.stride(1) == 1 and t.data_ptr() % 16 == 0 and t.stride(0) * 2 % 16 == 0 for t in (h, w))
+    return ok and tma_aligned(h) and tma_aligned(w)
 
 
 if HAS_GLUON:

@@ -50,7 +50,7 @@ except ImportError:  # CPU-only installs without triton use the reference
     triton = None
 
 from fastft.kernels import lora_linear_hopper, moe_hopper
-from fastft.kernels._env import FLOAT_DTYPES, interpreting, sm_count, triton_runs
+from fastft.kernels._env import FLOAT_DTYPES, interpreting, sm_count, tma_aligned, triton_runs
 from fastft.mxfp4 import MXFP4Tensor
 
 
@@ -614,8 +614,8 @@ def _ws_gemm(a, weight, fields, trans, out, bias=None, lora=None, add_c=False):
     if T == 0:
         return out
     blocks = w.reshape(n_w, k_w // 2)
-    if a.data_ptr() % 16 or a.stride(0) % 8:  # rows off TMA's 16 bytes (a rare view): one aligned copy (moe_hopper's
-        a = a.clone(memory_format=torch.contiguous_format)  # cp.async variant for them does not compile, triton 3.6)
+    if not tma_aligned(a):  # a rare view: one aligned copy (moe_hopper's cp.async variant for it does not compile,
+        a = a.clone(memory_format=torch.contiguous_format)  # triton 3.6)
     if lora_linear_hopper.can_run(a, out, blocks, n_w if trans else k_w, lora[0].shape[1] if lora else 0):
         return lora_linear_hopper.gemm(a, blocks, aux.reshape(n_w, -1), trans, out,
                                        nf4_code=_nf4_code(weight) if fmt == FMT_NF4 else None, bias=bias,

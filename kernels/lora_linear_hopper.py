@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import torch
 
-from fastft.kernels._env import interpreting, sm_count
+from fastft.kernels._env import interpreting, sm_count, tma_aligned
 from fastft.kernels.moe_hopper import HAS_GLUON, _is_sm90
 
 if HAS_GLUON:
@@ -54,15 +54,11 @@ BNW, BMT, BK, STAGES, NUM_WARPS, LOAD_REGS = 128, 256, 64, 3, 8, 40
 MAX_RANK = 64  # the LoRA tile [BMT, R_PAD] bf16 (32 KB at 64) beside the ring
 
 
-def _tma_ok(t: torch.Tensor) -> bool:
-    return t.stride(1) == 1 and t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0
-
-
 def can_run(a: torch.Tensor, out: torch.Tensor, blocks: torch.Tensor, reduction: int, rank: int) -> bool:
     """sm_90 with Gluon (not under the interpreter), bf16 activations and output, TMA-addressable rows of a, out and
     the raw [N, K/2] bytes, the reduction in whole BK steps, a LoRA rank whose tile fits."""
     return (HAS_GLUON and a.is_cuda and not interpreting() and _is_sm90(a.device) and a.dtype == torch.bfloat16
-            and out.dtype == torch.bfloat16 and _tma_ok(a) and _tma_ok(out) and _tma_ok(blocks)
+            and out.dtype == torch.bfloat16 and tma_aligned(a) and tma_aligned(out) and tma_aligned(blocks)
             and reduction % BK == 0 and rank <= MAX_RANK)
 
 
@@ -254,9 +250,8 @@ if HAS_GLUON:
                 # LoRA as one more wgmma (K = R_PAD): A = the factor's [BNW, R_PAD] rows times s (B of the forward,
                 # A^T of dX; rows relabelled like the weight's), B = the LoRA input tile, transposed
                 fence_async_shared()  # the plain stores of l_smem -> wgmma's async-proxy reads
-                LDOT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA_L, k_width=2)
-                fr = _feature_rows(n0, BNW, TRANS, gl.SliceLayout(1, LDOT))
-                fj = gl.arange(0, R_PAD, layout=gl.SliceLayout(0, LDOT))
+                fr = _feature_rows(n0, BNW, TRANS, gl.SliceLayout(1, DOT_L))
+                fj = gl.arange(0, R_PAD, layout=gl.SliceLayout(0, DOT_L))
                 lf = gl.load(LF + fr.to(gl.int64)[:, None] * s_lfn + fj[None, :] * s_lfr,
                              mask=(fr < N_OUT)[:, None] & (fj < R)[None, :], other=0.0)
                 lf = (lf.to(gl.float32) * lora_scale).to(gl.bfloat16)

@@ -44,7 +44,7 @@ import os
 
 import torch
 
-from fastft.kernels._env import interpreting
+from fastft.kernels._env import interpreting, tma_aligned
 
 try:
     import triton
@@ -484,7 +484,7 @@ def ws_gemm(a, a_idx, blocks, scales, trans, K, N, tables, bm, out, *, c_idx=Non
     group = 64 if nf4_code is not None else 32  # values per scale
     # dense activation rows (not gathered) go through TMA: one thread issues a step's copy instead of 16 cp.async
     # per loader thread (the loader's instruction stream was part of the step time)
-    tma_a = linear and a_idx is None and a.data_ptr() % 16 == 0 and a.stride(0) * a.element_size() % 16 == 0
+    tma_a = linear and a_idx is None and tma_aligned(a)
     args = (a_idx if a_idx is not None else offsets, a.stride(0),
             blocks, scales, nf4_code if nf4_code is not None else scales,
             blocks.stride(0), s_wr, scales.stride(0), 2 * s_wr // group,
