@@ -606,6 +606,21 @@ def _nf4_code(weight):
     return code
 
 
+def _ws_scales(weight, scales, trans, nf4):
+    """lora_linear_hopper.scale_copy of the holder's scales for one orientation, kept on the holder (frozen; ~1/64
+    byte per weight, 1/16 for NF4's fp32 absmax). Inside a CUDA-graph capture a fresh one (a cached copy would be
+    filled only by the graph's replays)."""
+    cache = getattr(weight, "_ws_scale_copies", None)
+    if cache is None:
+        cache = weight._ws_scale_copies = {}
+    laid = cache.get(trans)
+    if laid is None:
+        laid = lora_linear_hopper.scale_copy(scales, trans, nf4)
+        if not torch.cuda.is_current_stream_capturing():
+            cache[trans] = laid
+    return laid
+
+
 def _ws_gemm(a, weight, fields, trans, out, bias=None, lora=None, add_c=False):
     """out = a W^T (forward; or a W with trans) + bias + the LoRA term lora = (L [T, r], factor, 0, s_n, s_r, s) of
     moe_hopper.ws_gemm (+ out itself with add_c); a, out bf16 [T, *] with unit column stride (T = 0: nothing to do)."""
@@ -617,10 +632,11 @@ def _ws_gemm(a, weight, fields, trans, out, bias=None, lora=None, add_c=False):
     if not tma_aligned(a):  # a rare view: one aligned copy (moe_hopper's cp.async variant for it does not compile,
         a = a.clone(memory_format=torch.contiguous_format)  # triton 3.6)
     if lora_linear_hopper.can_run(a, out, blocks, n_w if trans else k_w, lora[0].shape[1] if lora else 0):
-        return lora_linear_hopper.gemm(a, blocks, aux.reshape(n_w, -1), trans, out,
+        scales = aux.reshape(n_w, -1)
+        return lora_linear_hopper.gemm(a, blocks, scales, trans, out,
                                        nf4_code=_nf4_code(weight) if fmt == FMT_NF4 else None, bias=bias,
                                        lora=(lora[0], lora[1], lora[3], lora[4], lora[5]) if lora else None,
-                                       add_c=add_c)
+                                       add_c=add_c, scales_laid=_ws_scales(weight, scales, trans, fmt == FMT_NF4))
     bm = 256 if T > 128 else 128
     K, N = (n_w, k_w) if trans else (k_w, n_w)
     return moe_hopper.ws_gemm(a, None, w.reshape(1, -1), aux.reshape(1, -1), trans, K, N, _ws_tables(T, bm, a.device),

@@ -342,6 +342,23 @@ def test_slab_memory_math():
 GPT_OSS_SHAPES = {"q": (2880, 4096), "k": (2880, 512), "v": (2880, 512), "o": (4096, 2880)}
 
 
+def test_ws_scale_copy_layouts():
+    # the register kernel's scale loads assume these index maps (forward: [step, row, group in step]; dX: [group,
+    # step, q, 2m + e] holding row 64 step + 2q + 8m + e); fresh random scales, both formats
+    from fastft.kernels import lora_linear_hopper as llh
+
+    for nf4, gw in ((False, 32), (True, 64)):
+        n, k = 192, 320
+        scales = torch.rand(n, k // gw) if nf4 else torch.randint(0, 255, (n, k // gw), dtype=torch.uint8)
+        fwd, dx = llh.scale_copy(scales, False, nf4), llh.scale_copy(scales, True, nf4)
+        per = 64 // gw
+        i, r, t = torch.meshgrid(torch.arange(k // 64), torch.arange(n), torch.arange(per), indexing="ij")
+        assert torch.equal(fwd, scales[r, i * per + t])
+        g, i, q, j = torch.meshgrid(torch.arange(k // gw), torch.arange(n // 64), torch.arange(4), torch.arange(16),
+                                    indexing="ij")
+        assert torch.equal(dx, scales[64 * i + 2 * q + 8 * (j // 2) + j % 2, g])
+
+
 def _needs_ws():
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0) or not mod.moe_hopper.HAS_GLUON:
         pytest.skip("the ws path runs on sm_90 with Gluon")
@@ -595,6 +612,7 @@ def test_ws_cuda_graph_gpu(fmt, monkeypatch):
         step()  # compiles outside the capture
         torch.cuda.synchronize()
         mod._ws_tables_cache.clear()
+        del w._ws_scale_copies  # the scale copies too are made inside the capture
         with torch.cuda.graph(graph):
             got = step()
     torch.cuda.current_stream().wait_stream(side)
