@@ -556,10 +556,11 @@ def _dx_slabs(dy, fields, lora_dx):
 # K step's raw bytes straight into wgmma's register operand (weights as the A side of C^T = W X^T); the LoRA term is
 # one more wgmma, the bias and the dropout LoRA dX term are in its epilogue. (moe_hopper's grouped GEMM, decoder
 # warps and tiles through shared memory, same results bit for bit, remains behind it for what can_run refuses.)
-# Not chosen automatically (None): on the H200 at T=16384 the register-operand kernel runs the forward at 1.1-1.3x
-# cuBLAS's bf16 time and dX at 1.4-1.65x (MXFP4 / NF4, per GEMM; scratch, see ANALYSIS.md). Whole projections
-# (bench lora_linear, 812ff6a): the slab path's decode plus cuBLAS is faster for q and o in both formats and for
-# NF4 k / v; ws is faster only for MXFP4 k / v (0.27 vs 0.31 ms), a format fastft does not give the projections.
+# Not chosen automatically (None): on the H200 at T=16384 the register-operand kernel runs the forward at 1.05-1.2x
+# cuBLAS's bf16 time and dX at 1.1-1.35x (MXFP4 / NF4, per GEMM; scratch, see ANALYSIS.md). Whole projections
+# (bench lora_linear, e1ddf85): ws beats bnb + PEFT on every projection in both formats (NF4 q 1.645 ms vs 1.679,
+# o 1.639 vs 1.713, k / v 0.288 vs 0.376), yet the slab path (decode, then cuBLAS) stays faster for q and o (1.41 ms
+# NF4); ws is faster only for k / v (NF4 0.288 vs 0.31 ms), where the slab decode is a larger share.
 WS_MIN_T = None
 _ws_tables_cache = {}
 
