@@ -608,9 +608,10 @@ def _nf4_code(weight):
 
 
 def _ws_scales(weight, scales, trans, nf4):
-    """lora_linear_hopper.scale_copy of the holder's scales for one orientation, kept on the holder (frozen; ~1/64
-    byte per weight, 1/16 for NF4's fp32 absmax). Inside a CUDA-graph capture a fresh one (a cached copy would be
-    filled only by the graph's replays)."""
+    """lora_linear_hopper.scale_copy of the holder's scales for one orientation, kept on the holder (frozen; per
+    orientation 1/32 byte per weight for MXFP4, 1/16 for NF4's fp32 absmax: ~80 MB for both orientations of
+    gpt-oss-20b's NF4 attention, on the opt-in ws path only). Inside a CUDA-graph capture a fresh one (a cached copy
+    would be filled only by the graph's replays)."""
     cache = getattr(weight, "_ws_scale_copies", None)
     if cache is None:
         cache = weight._ws_scale_copies = {}

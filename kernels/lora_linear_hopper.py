@@ -355,8 +355,8 @@ def scale_copy(scales: torch.Tensor, trans: bool, nf4: bool) -> torch.Tensor:
     e < 2) of one group, stored together at [group, step, q, 2m + e] (one 16-byte load of e8m0, four of fp32).
     Straight from the [N, K / GW] rows (90 / 180 bytes apart at gpt-oss shapes) each warp-wide scale load of dX
     touched 4-8 cache lines, 16 loads per thread and step, on the L1 / shared-memory pipe that also feeds wgmma its
-    shared-memory operand. The weights are frozen: callers cache the copies (~2 % of the 4-bit bytes for MXFP4,
-    ~12 % for NF4's fp32 absmax)."""
+    shared-memory operand. The weights are frozen: callers cache the copies (6 % of the 4-bit bytes for MXFP4,
+    12.5 % for NF4's fp32 absmax, per orientation)."""
     n, groups = scales.shape
     if trans:
         assert n % BK == 0
