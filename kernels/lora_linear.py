@@ -585,18 +585,24 @@ def _ws_ok(x2d, fields, rank) -> bool:
             and moe_hopper.can_run(x2d, x2d, k_w, 256, rank))
 
 
-def _ws_tables(T, bm, device):
-    """moe_hopper's routing tables for one expert over T rows: tile starts every bm rows. Cached per (T, bm) outside
-    CUDA-graph capture (inside, fresh tensors: a cached one would be filled only by the graph's replays)."""
-    key = (T, bm, device)
-    tables = _ws_tables_cache.get(key)
-    if tables is None:
-        rows = torch.arange(0, T, bm, device=device, dtype=torch.int32)
-        tables = (None, None, torch.arange(0, 2 * T, T, device=device, dtype=torch.int32),  # offsets [0, T]
-                  torch.zeros_like(rows), rows)
+def _kept(cache: dict, key, make):
+    """cache[key], made by make() the first time. Not kept when made inside a CUDA-graph capture: its kernels run only
+    in the graph's replays, so a later eager call would read a tensor nothing has filled."""
+    value = cache.get(key)
+    if value is None:
+        value = make()
         if not torch.cuda.is_current_stream_capturing():
-            _ws_tables_cache[key] = tables
-    return tables
+            cache[key] = value
+    return value
+
+
+def _ws_tables(T, bm, device):
+    """moe_hopper's routing tables for one expert over T rows: tile starts every bm rows, cached per (T, bm)."""
+    def make():
+        rows = torch.arange(0, T, bm, device=device, dtype=torch.int32)
+        return (None, None, torch.arange(0, 2 * T, T, device=device, dtype=torch.int32),  # offsets [0, T]
+                torch.zeros_like(rows), rows)
+    return _kept(_ws_tables_cache, (T, bm, device), make)
 
 
 def _nf4_code(weight):
@@ -610,17 +616,10 @@ def _nf4_code(weight):
 def _ws_scales(weight, scales, trans, nf4):
     """lora_linear_hopper.scale_copy of the holder's scales for one orientation, kept on the holder (frozen; per
     orientation 1/32 byte per weight for MXFP4, 1/16 for NF4's fp32 absmax: ~80 MB for both orientations of
-    gpt-oss-20b's NF4 attention, on the opt-in ws path only). Inside a CUDA-graph capture a fresh one (a cached copy
-    would be filled only by the graph's replays)."""
-    cache = getattr(weight, "_ws_scale_copies", None)
-    if cache is None:
-        cache = weight._ws_scale_copies = {}
-    laid = cache.get(trans)
-    if laid is None:
-        laid = lora_linear_hopper.scale_copy(scales, trans, nf4)
-        if not torch.cuda.is_current_stream_capturing():
-            cache[trans] = laid
-    return laid
+    gpt-oss-20b's NF4 attention, on the opt-in ws path only)."""
+    if getattr(weight, "_ws_scale_copies", None) is None:
+        weight._ws_scale_copies = {}
+    return _kept(weight._ws_scale_copies, trans, lambda: lora_linear_hopper.scale_copy(scales, trans, nf4))
 
 
 def _ws_gemm(a, weight, fields, trans, out, bias=None, lora=None, add_c=False):

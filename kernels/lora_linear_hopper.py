@@ -10,8 +10,8 @@ raw bytes straight into the A fragment (each thread holds pairs of adjacent K va
 per register), and the async wgmma of the previous step runs meanwhile; nothing decoded passes through shared
 memory. Same-run scratch on the H200 at T=16384 (per GEMM, bit-identical outputs; ANALYSIS.md): MXFP4 q_proj
 forward 603 us against 750 for moe_hopper's design (loader / decoder / MMA warps, decoded tiles through shared
-memory) and 547 for cuBLAS on bf16; dX 769 / 837 / 521. The dX orientation pays more per value (16 scale loads per
-thread and step, the row relabelling's byte permutes, a scalar-store epilogue).
+memory) and 547 for cuBLAS on bf16; dX 769 / 837 / 521 (651-661 since the scale copies below). The dX orientation
+pays more per value (the row relabelling's byte permutes, a scalar-store epilogue).
 
 Warps: a TMA loader warp fills a STAGES-deep ring (X tile [BMT, BK] bf16 + raw W tile, one expect-tx barrier per
 slot); two MMA warp groups (the default partition) own 64 weight rows each of a [BNW, BMT] = [128, 256] tile of C^T
