@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from fastft.backends import active_stash, is_output_unused
-from fastft.kernels import moe_hopper
+from fastft.kernels import lora_linear_hopper, moe_hopper
 from fastft.kernels._env import interpreting
 from fastft.kernels.lora_linear import dense_weight
 from fastft.mxfp4 import MXFP4Tensor
@@ -101,7 +101,8 @@ def experts_reference(x, weights, index, gate_up, gate_up_bias, down, down_bias,
 # Forward GEMMs reduce over `in` (MXFP4 groups run along K); backward dX GEMMs reduce over `out` and read the
 # same bytes transposed (groups run along N). Either way a [BK, BN] tile is dequantised in registers, then bf16
 # tl.dot with an fp32 accumulator; no dense copy of an expert exists anywhere. On sm_90 the MXFP4 GEMMs with bf16
-# activations go to moe_hopper (Gluon): the same tiles and epilogues, with loads, decode and wgmma in separate warps.
+# activations go to lora_linear_hopper's grouped register-operand kernel (Gluon; the weights decoded straight into
+# wgmma's register operand), else to moe_hopper's (loader, decoder and MMA warps): the same tiles and epilogues.
 #
 # Saved for backward (bytes, T=16384, k=4, I=2880, r=16): gate_up pre-activation h [S, 2I] in x's dtype
 # (2 B * 65536 * 5760 = 755 MB), xa = x A_gu^T and act_a = act A_d^T [S, r] fp32 (8 MB), the routing tables
@@ -562,12 +563,19 @@ def _r_pad(r):
 
 def _gemm(a, a_idx, w_args, tables, bm, out, *, c_idx=None, bias=None, lora=None, rowscale=None, epi=0,
           aux=None, limit=7.0, alpha=1.702, row_start=0):
-    """Launch _grouped_gemm_kernel (or, for MXFP4 weights on sm_90, moe_hopper's warp-specialised kernel).
+    """Launch _grouped_gemm_kernel (or, for MXFP4 weights on sm_90, a Hopper kernel: see the section's header).
     lora = (L [S, r], LB, s_lbe, s_lbn, s_lbr, scaling). Row tiles that end at or below sorted row ``row_start`` are
     skipped (their output is already in place); a tile straddling it is computed whole."""
     W, WS, quant, s_we, s_wk, s_wn, s_se, K, N = w_args
-    if quant in (1, 2) and _FORCE_META is None and moe_hopper.can_run(
-            a, out, K, bm, lora[0].shape[1] if lora is not None else 0):
+    rank = lora[0].shape[1] if lora is not None else 0
+    if quant in (1, 2) and _FORCE_META is None and moe_hopper.can_run(a, out, K, bm, rank):
+        n_w = N if quant == 1 else K  # the experts' stored rows
+        if _register_path() and lora_linear_hopper.can_run_grouped(a, out, n_w, K, bm, rank):
+            E = W.shape[0]
+            return lora_linear_hopper.grouped_gemm(
+                a, a_idx, W.view(E, n_w, -1), WS.view(E, n_w, -1), quant == 2, tables, bm, out, c_idx=c_idx,
+                bias=bias, lora=lora, rowscale=rowscale, epi=epi, aux=aux, limit=limit, alpha=alpha,
+                row_start=row_start)
         return moe_hopper.ws_gemm(a, a_idx, W, WS, quant == 2, K, N, tables, bm, out, c_idx=c_idx, bias=bias,
                                   lora=lora, rowscale=rowscale, epi=epi, aux=aux, limit=limit, alpha=alpha,
                                   row_start=row_start)
@@ -604,6 +612,12 @@ def _gemm(a, a_idx, w_args, tables, bm, out, *, c_idx=None, bias=None, lora=None
     if kernel is _grouped_gemm_kernel:
         _TUNED[key] = _grouped_gemm_kernel.best_config.all_kwargs()
     return out
+
+
+def _register_path() -> bool:
+    """FASTFT_MOE_REGISTER=0 sends the sm_90 MXFP4 GEMMs to moe_hopper's kernel instead of lora_linear_hopper's
+    grouped register-operand kernel (A/B runs); read per call (tests switch it)."""
+    return os.environ.get("FASTFT_MOE_REGISTER", "1") != "0"
 
 
 def _lowrank(p, p_idx, factor, tables, S, bm, out=None):

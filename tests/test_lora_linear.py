@@ -357,6 +357,11 @@ def test_ws_scale_copy_layouts():
         g, i, q, j = torch.meshgrid(torch.arange(k // gw), torch.arange(n // 64), torch.arange(4), torch.arange(16),
                                     indexing="ij")
         assert torch.equal(dx, scales[64 * i + 2 * q + 8 * (j // 2) + j % 2, g])
+        # an expert stack [E, n, k / gw] (the MoE's grouped GEMMs): each expert's copy, stacked
+        stack = torch.stack([scales, scales.flip(0), scales.roll(1, 0)])
+        for trans in (False, True):
+            assert torch.equal(llh.scale_copy(stack, trans, nf4),
+                               torch.stack([llh.scale_copy(e, trans, nf4) for e in stack]))
 
 
 def _needs_ws():

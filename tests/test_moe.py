@@ -327,10 +327,14 @@ GPT_OSS = dict(H=2880, I=2880, E=32, k=4, r=16)
 
 
 def count_ws_launches(monkeypatch):
-    """Counts moe_hopper launches: on sm_90 the MXFP4 GEMMs must take it unless FASTFT_MOE_WS=0."""
+    """Counts the Hopper kernels' launches by kernel: on sm_90 the MXFP4 GEMMs must take one unless FASTFT_MOE_WS=0
+    (lora_linear_hopper's grouped kernel unless FASTFT_MOE_REGISTER=0, else moe_hopper's)."""
     calls = []
-    launch = moe_mod.moe_hopper.ws_gemm
-    monkeypatch.setattr(moe_mod.moe_hopper, "ws_gemm", lambda *a, **kw: calls.append(kw.get("epi")) or launch(*a, **kw))
+    for mod, name in ((moe_mod.moe_hopper, "ws_gemm"), (moe_mod.lora_linear_hopper, "grouped_gemm")):
+        def counted(*a, _launch=getattr(mod, name), _name=name, **kw):
+            calls.append(_name)
+            return _launch(*a, **kw)
+        monkeypatch.setattr(mod, name, counted)
     return calls
 
 
@@ -340,16 +344,19 @@ def expect_ws(quant):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("bm", [None, 256])  # None: _row_tile's pick (128 at this T); 256: the large-T row tile
-@pytest.mark.parametrize("quant,ws", [(True, "1"), (True, "0"), (False, "1")])  # ws 0: the Triton kernel on sm_90
-def test_moe_gpu_gpt_oss_shape_bf16(quant, ws, bm, monkeypatch):
+# ws 0: the Triton kernel on sm_90; reg 0: moe_hopper's kernel instead of lora_linear_hopper's grouped one
+@pytest.mark.parametrize("quant,ws,reg", [(True, "1", "1"), (True, "1", "0"), (True, "0", "1"), (False, "1", "1")])
+def test_moe_gpu_gpt_oss_shape_bf16(quant, ws, reg, bm, monkeypatch):
     monkeypatch.setattr(moe_mod, "_BM_FIXED", bm)
     monkeypatch.setenv("FASTFT_MOE_WS", ws)
+    monkeypatch.setenv("FASTFT_MOE_REGISTER", reg)
     calls = count_ws_launches(monkeypatch)
     c = GPT_OSS
     torch.manual_seed(1)
     p = make_problem(2053, c["H"], c["I"], c["E"], c["k"], c["r"], quant, device="cuda", dtype=torch.bfloat16)
     out, grads, ref, ref_grads = run_both(p)
-    assert len(calls) == (4 if expect_ws(quant) else 0), calls  # gate_up and down, forward and dX
+    # gate_up and down, forward and dX
+    assert calls == (4 * ["grouped_gemm" if reg == "1" else "ws_gemm"] if expect_ws(quant) else []), calls
     assert torch.isfinite(out).all()
     assert rel(out, ref) < 1e-2, rel(out, ref)
     errs = [rel(g, rg) for g, rg in zip(grads, ref_grads)]
@@ -358,13 +365,14 @@ def test_moe_gpu_gpt_oss_shape_bf16(quant, ws, bm, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("bm", [None, 256])
-@pytest.mark.parametrize("ws", ["1", "0"])
+@pytest.mark.parametrize("ws,reg", [("1", "1"), ("1", "0"), ("0", "1")])
 @pytest.mark.parametrize("T,tails", [(1031, "1"), (1031, "0"), (1024, "1"), (1160, "1")])
-def test_moe_gpu_skewed_routing_bf16(ws, bm, T, tails, monkeypatch):
+def test_moe_gpu_skewed_routing_bf16(ws, reg, bm, T, tails, monkeypatch):
     """Four experts get every token, 28 none. At 256-row tiles each busy expert ends in a 7-row tail (1031: the
     BM=128 tail launch), in no tail (1024) or in a 136-row one (1160: a BM=256 tile); tails "0" = one launch."""
     monkeypatch.setattr(moe_mod, "_BM_FIXED", bm)
     monkeypatch.setenv("FASTFT_MOE_WS", ws)
+    monkeypatch.setenv("FASTFT_MOE_REGISTER", reg)
     monkeypatch.setenv("FASTFT_MOE_TAILS", tails)
     c = GPT_OSS
     p = make_problem(T, c["H"], c["I"], c["E"], c["k"], c["r"], True, device="cuda", dtype=torch.bfloat16)
@@ -380,10 +388,11 @@ def test_moe_gpu_skewed_routing_bf16(ws, bm, T, tails, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("bm", [128, 256])
-@pytest.mark.parametrize("ws", ["1", "0"])
-def test_gemm_gpu_row_start(ws, bm, monkeypatch):
-    """row_start in both kernels (the Hopper one with its BM=128 tail launch at bm 256), gpt-oss shape, bf16."""
+@pytest.mark.parametrize("ws,reg", [("1", "1"), ("1", "0"), ("0", "1")])
+def test_gemm_gpu_row_start(ws, reg, bm, monkeypatch):
+    """row_start in the three kernels (moe_hopper's with its BM=128 tail launch at bm 256), gpt-oss shape, bf16."""
     monkeypatch.setenv("FASTFT_MOE_WS", ws)
+    monkeypatch.setenv("FASTFT_MOE_REGISTER", reg)
     c = GPT_OSS
     check_row_start(make_problem(1031, c["H"], c["I"], c["E"], c["k"], c["r"], True, device="cuda",
                                  dtype=torch.bfloat16, lora=False), bm)

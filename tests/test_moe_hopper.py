@@ -1,5 +1,6 @@
-"""The Hopper MoE GEMM (fastft.kernels.moe_hopper) builds for sm_90 without a GPU: Triton's own ptxas compiles each
-variant the MoE block launches, so a Gluon API change or a register / shared-memory overflow fails here, on CPU.
+"""The Hopper GEMMs of the MoE and lora_linear (fastft.kernels.moe_hopper, lora_linear_hopper) build for sm_90
+without a GPU: Triton's own ptxas compiles each variant the MoE block and lora_linear launch, so a Gluon API change or
+a register / shared-memory overflow fails here, on CPU.
 Its numerics are tested on the GPU against the fp32 reference (tests/test_moe.py, -m gpu).
 
 The builds run in a child process without TRITON_INTERPRET: the CPU suite interprets Triton kernels, and after some
@@ -90,12 +91,49 @@ CASES = [(variant, bm, lora, tiles) for variant in VARIANTS
                                  (256, True, moe_hopper.LONG_TILES), (256, False, moe_hopper.LONG_TILES)]]
 
 
+# lora_linear_hopper's register-operand kernel serves the same eight (the MoE's as GROUPED, LoRA in bf16x3):
+# (TRANS, EPI, SCATTER, HAS_BIAS, ROWSCALE, GROUPED, NF4, ADD_C); it gathers rows through one copy (no GATHER_A)
+REGISTER_VARIANTS = {name: (trans, epi, scatter, bias, rowscale, "linear" not in name, nf4, add_c)
+                     for name, (trans, epi, _, scatter, bias, rowscale, nf4, add_c) in VARIANTS.items()}
+REGISTER_CASES = [(variant, bmt, rank) for variant in REGISTER_VARIANTS for bmt, rank in [(256, 16), (256, 0), (128, 32)]
+                  if bmt == 256 or REGISTER_VARIANTS[variant][5]]
+
+
+def build_register(variant, bmt, rank):
+    from fastft.kernels import lora_linear_hopper as llh
+    fn = llh._gemm_kernel
+    trans, epi, scatter, has_bias, rowscale, grouped, nf4, add_c = REGISTER_VARIANTS[variant]
+    r_pad = max(16, triton.next_power_of_2(rank)) if rank else 0
+    const = dict(TRANS=trans, NF4=nf4, HAS_BIAS=has_bias, ADD_C=add_c and not rank, R_PAD=r_pad, AHEAD2=not trans,
+                 GROUPED=grouped, EPI=epi, SCATTER=scatter, ROWSCALE=rowscale, LORA_X3=grouped and rank > 0,
+                 BNW=llh.BNW, BMT=bmt, BK=llh.BK, STAGES=llh.STAGES, LOAD_REGS=llh.LOAD_REGS,
+                 num_warps=llh.NUM_WARPS)
+
+    def desc(dt, shape, swizzle, bits):
+        return (f"tensordesc<{dt}[{shape[0]}, {shape[1]}],NVMMASharedLayout(swizzle_byte_width={swizzle}, "
+                f"element_bitwidth={bits}, rank=2, transposed=False, fp4_padded=False, cga_layout=[])>")
+    w_box = [llh.BK, llh.BNW // 2] if trans else [llh.BNW, llh.BK // 2]
+    pointers = dict(POINTERS, x_desc=desc("bf16", [bmt, llh.BK], 128, 16), c_desc=desc("bf16", [bmt, llh.BNW], 128, 16),
+                    w_desc=desc("u8", w_box, min(128, w_box[1]), 8), WS="*fp32" if nf4 else "*u8",
+                    L="*fp32" if grouped else "*bf16", LF="*fp32" if grouped else "*bf16")
+    sig = {n: "constexpr" if n in const else pointers.get(n, "fp32" if n in FLOATS else "i32") for n in fn.arg_names}
+    odd = ODD + ("S_COLS", "T", "s_lfn", "s_lfr", "s_lfe", "row_tiles")
+    attrs = {(i, ): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+             if sig[n] != "constexpr" and n not in odd}
+    return triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
+                          target=GPUTarget("cuda", 90, 32), options=dict(num_warps=llh.NUM_WARPS, num_stages=1))
+
+
+def summary(c):
+    return {"smem": c.metadata.shared, "wgmma": "wgmma.mma_async" in c.asm["ptx"],
+            "main_loop_spills": main_loop_spills(c.asm["cubin"])}
+
+
 def build_all() -> dict:
-    out = {}
-    for variant, bm, lora, tiles in CASES:
-        c = build(variant, bm, lora, tiles)
-        out[f"{variant}/{bm}/{lora}/{tiles}"] = {"smem": c.metadata.shared, "wgmma": "wgmma.mma_async" in c.asm["ptx"],
-                                         "main_loop_spills": main_loop_spills(c.asm["cubin"])}
+    out = {f"{variant}/{bm}/{lora}/{tiles}": summary(build(variant, bm, lora, tiles))
+           for variant, bm, lora, tiles in CASES}
+    out.update({f"register {variant}/{bmt}/{rank}": summary(build_register(variant, bmt, rank))
+                for variant, bmt, rank in REGISTER_CASES})
     return out
 
 
@@ -111,6 +149,15 @@ def builds():
 @pytest.mark.parametrize("variant,bm,lora,tiles", CASES)
 def test_builds_for_sm90_within_smem_without_main_loop_spills(builds, variant, bm, lora, tiles):
     c = builds[f"{variant}/{bm}/{lora}/{tiles}"]
+    assert c["smem"] <= SMEM_LIMIT
+    assert c["wgmma"]
+    assert c["main_loop_spills"] == 0
+
+
+@pytest.mark.skipif(not (BIN / "ptxas").exists(), reason="triton without its bundled ptxas")
+@pytest.mark.parametrize("variant,bmt,rank", REGISTER_CASES)
+def test_register_kernel_builds_for_sm90_within_smem_without_main_loop_spills(builds, variant, bmt, rank):
+    c = builds[f"register {variant}/{bmt}/{rank}"]
     assert c["smem"] <= SMEM_LIMIT
     assert c["wgmma"]
     assert c["main_loop_spills"] == 0
