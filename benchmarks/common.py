@@ -112,12 +112,19 @@ def extra_peak_gib(fn) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
+def command() -> str:
+    """The exact command: the FASTFT_* settings that switch kernels (A/B runs; not FASTFT_GIT_REV), then argv."""
+    env = [f"{k}={shlex.quote(v)}" for k, v in sorted(os.environ.items())
+           if k.startswith("FASTFT_") and k != "FASTFT_GIT_REV"]
+    return " ".join(env + [shlex.quote(a) for a in [Path(sys.executable).name] + sys.argv])
+
+
 def record(bench: str, metrics: dict, path: Path = RESULTS) -> dict:
     row = {
         "bench": bench,
         "date": datetime.date.today().isoformat(),
         "device": device_name(),
-        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name] + sys.argv),
+        "command": command(),
         "git": git_rev(),
         "metrics": metrics,
     }
