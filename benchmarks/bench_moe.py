@@ -153,7 +153,7 @@ def main():
             gmm_ms, gmm_gib = results["grouped_mm"]
             record("moe", {
                 "T": T, "H": H, "I": I, "E": E, "top_k": K, "r": R, "lora": lora, "experts": expert_format,
-                "bm": moe_module._row_tile(T * K, E),
+                "bm": moe_module._row_tile(T * K, E, moe_module._register_serves(x, gate_up, down)),
                 "fastft_ms": round(ms, 3), "grouped_mm_peft_ms": peft_ms and round(peft_ms, 3),
                 "grouped_mm_ms": gmm_ms and round(gmm_ms, 3),
                 "speedup_vs_rival": ratio(peft_ms if lora else gmm_ms, ms),

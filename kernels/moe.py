@@ -118,14 +118,17 @@ _INTERPRET = interpreting()
 _BM_FIXED = 16 if _INTERPRET else (int(os.environ["FASTFT_MOE_BM"]) if os.environ.get("FASTFT_MOE_BM") else None)
 
 
-def _row_tile(S: int, E: int) -> int:
+def _row_tile(S: int, E: int, register: bool = False) -> int:
     """BM for S sorted rows over E experts. 256 halves the in-loop dequantisation per MMA (each decoded W tile
     feeds twice the rows): on the H200, top-4 of 32 experts, the MoE block's fwd+bwd without LoRA went from 9.2 to
     8.8 ms at T=4096 and from 28.2 to 26.4 ms at T=16384 (with LoRA 12.4 -> 12.1, 37.2 -> 36.7). It pads each
-    expert's last tile to 256 rows, so it is taken only once experts average >= 512 rows."""
+    expert's last tile to 256 rows, so the Triton and moe_hopper kernels take it only once experts average >= 512
+    rows. The register kernel (register: it serves this call's GEMMs) takes 256 at every S: its MMA warps decode each
+    weight tile themselves, so a 128-row tile pays the same decode for half the rows (H200, fwd+bwd, same run: T=2048
+    4.1-4.6 ms vs 4.6-4.9 with LoRA, 3.3-3.6 vs 4.1 without; T=4096 5.8-6.0 vs 7.3-7.4)."""
     if _BM_FIXED is not None:
         return _BM_FIXED
-    return 256 if S >= 512 * E else 128
+    return 256 if register or S >= 512 * E else 128
 
 
 GROUP_M = 2 if _INTERPRET else 8
@@ -614,6 +617,13 @@ def _gemm(a, a_idx, w_args, tables, bm, out, *, c_idx=None, bias=None, lora=None
     return out
 
 
+def _register_serves(x, *weights) -> bool:
+    """Whether the register kernel will serve these experts' GEMMs (see _gemm; a rank past its bound falls back per
+    GEMM)."""
+    return (all(isinstance(w, MXFP4Tensor) for w in weights) and _register_path() and moe_hopper.enabled()
+            and x.is_cuda and x.dtype == torch.bfloat16 and not _INTERPRET and moe_hopper._is_sm90(x.device))
+
+
 def _register_path() -> bool:
     """FASTFT_MOE_REGISTER=0 sends the sm_90 MXFP4 GEMMs to moe_hopper's kernel instead of lora_linear_hopper's
     grouped register-operand kernel (A/B runs); read per call (tests switch it)."""
@@ -718,7 +728,7 @@ class _MoEExperts(torch.autograd.Function):
         k = index.shape[1]
         E = gu_b.shape[0]
         S = T * k
-        bm = _row_tile(S, E)
+        bm = _row_tile(S, E, register=_register_serves(x, gate_up, down))
         tables, rowscale = _routing_tables(index, weights, E, bm)  # rowscale: routing weight of each sorted row
         row_token, pair, offsets = tables[:3]
         gu_args = _weight_args(gate_up, x.dtype, True)

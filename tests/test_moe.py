@@ -343,7 +343,8 @@ def expect_ws(quant):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("bm", [None, 256])  # None: _row_tile's pick (128 at this T); 256: the large-T row tile
+# None: _row_tile's pick (at this T: 256 for the register kernel, else 128); 128 and 256 forced
+@pytest.mark.parametrize("bm", [None, 128, 256])
 # ws 0: the Triton kernel on sm_90; reg 0: moe_hopper's kernel instead of lora_linear_hopper's grouped one
 @pytest.mark.parametrize("quant,ws,reg", [(True, "1", "1"), (True, "1", "0"), (True, "0", "1"), (False, "1", "1")])
 def test_moe_gpu_gpt_oss_shape_bf16(quant, ws, reg, bm, monkeypatch):
