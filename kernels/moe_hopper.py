@@ -1,5 +1,9 @@
 """Hopper (sm_90) path of the MoE expert GEMMs on MXFP4 weights: a warp-specialised grouped GEMM in Gluon.
 
+Behind lora_linear_hopper's register-operand kernel since d68d455 (the MoE's GEMMs 11.2 ms there vs 15.9 here per
+T=16384 block, H200): this kernel serves FASTFT_MOE_REGISTER=0 (A/B runs) and the calls that kernel refuses
+(e.g. lora_linear's rank-64 LoRA).
+
 Same contract as ``fastft.kernels.moe._grouped_gemm_kernel`` for its two MXFP4 orientations (QUANT 1: forward,
 W stored [N, K], 32-value scale groups along K; QUANT 2: backward dX, W stored [K, N], groups along N) and both
 epilogues (EPI 0: bias, LoRA term, routing weight, scatter; EPI 1: h = acc + bias saved, clamped SwiGLU). The pure
