@@ -250,12 +250,11 @@ if HAS_GLUON:
         return n0 + m
 
     @gluon.jit
-    def _store_rows(smem, v, C, s_cm, c_idx, rowscale, row0, row_end, c0, n_cols, SCATTER: gl.constexpr,
-                    ROWSCALE: gl.constexpr, W: gl.constexpr, num_warps: gl.constexpr):
+    def _store_rows(smem, v, C, s_cm, c_idx, row0, row_end, c0, n_cols, SCATTER: gl.constexpr, W: gl.constexpr,
+                    num_warps: gl.constexpr):
         # v [W columns, BMT rows] (a C^T tile) -> C[row (or c_idx[row]), c0 + j] through shared memory, 16-byte
         # vectors along C's rows. Rows past the expert's end belong to another expert's tile: masked stores, which a
-        # TMA store's box cannot express. ROWSCALE: times rowscale[row] here, on the bf16 tile (a second rounding;
-        # in the accumulator's layout a thread's 64 columns need 64 scale registers, and the kernel spilled)
+        # TMA store's box cannot express
         BMT: gl.constexpr = v.shape[1]
         gl.thread_barrier()  # every thread has read the previous tile out of smem
         smem.store(gl.permute(v, (1, 0)))
@@ -267,9 +266,6 @@ if HAS_GLUON:
             tile = smem.slice(c * CH, CH).load(OUT_L)
             rows = row0 + c * CH + gl.arange(0, CH, layout=gl.SliceLayout(1, OUT_L))
             rmask = rows < row_end
-            if ROWSCALE:
-                rs = gl.load(rowscale + rows, mask=rmask, other=0.0)
-                tile = (tile.to(gl.float32) * rs[:, None]).to(tile.dtype)
             if SCATTER:
                 crow = gl.load(c_idx + rows, mask=rmask, other=0)
             else:
@@ -278,38 +274,36 @@ if HAS_GLUON:
                      mask=rmask[:, None] & (cols < n_cols)[None, :])
 
     @gluon.jit
-    def _grouped_epilogue(acc, c_smem, act_smem, C, s_cm, c_idx, rowscale, AUX, s_xm, row0, row_end, n0, N_OUT,
-                          limit, alpha, TRANS: gl.constexpr, EPI: gl.constexpr, SCATTER: gl.constexpr,
-                          ROWSCALE: gl.constexpr, BNW: gl.constexpr, BMT: gl.constexpr, num_warps: gl.constexpr):
+    def _grouped_epilogue(acc, c_smem, act_smem, C, s_cm, c_idx, AUX, s_xm, row0, row_end, n0, N_OUT, limit, alpha,
+                          TRANS: gl.constexpr, EPI: gl.constexpr, SCATTER: gl.constexpr, BNW: gl.constexpr,
+                          BMT: gl.constexpr, num_warps: gl.constexpr):
         # moe_hopper's two epilogues on a relabelled (see _decode) C^T tile, bias already in.
-        # EPI 0: times the routing weight of each row (ROWSCALE, see _store_rows), rows scattered through c_idx.
+        # EPI 0: rows scattered through c_idx (SCATTER; the routing weight is moe._slot_sum's, after the GEMM).
         # EPI 1: h (gate/up interleaved) saved to AUX in bf16; act = clamped SwiGLU of h as saved -> C [rows, N/2]
         if EPI == 1:
             hq = acc.to(gl.bfloat16)  # the activation reads h rounded, as saved: backward's clamp masks match it
             hf = gl.reshape(gl.permute(gl.reshape(hq, [BNW // 16, 2, 8, BMT]), (0, 2, 1, 3)), [BNW, BMT])
-            _store_rows(c_smem, hf, AUX, s_xm, c_idx, rowscale, row0, row_end, n0, N_OUT, False, False, BNW,
-                        num_warps)
+            _store_rows(c_smem, hf, AUX, s_xm, c_idx, row0, row_end, n0, N_OUT, False, BNW, num_warps)
             # a thread's fragment rows 16g + r and 16g + 8 + r are features 16g + 2r (gate) and 16g + 2r + 1 (up)
             gate, up = gl.split(gl.permute(gl.reshape(hq.to(gl.float32), [BNW // 16, 2, 8, BMT]), (0, 2, 3, 1)))
             gate = gl.minimum(gl.reshape(gate, [BNW // 2, BMT]), limit)
             up = gl.minimum(gl.maximum(gl.reshape(up, [BNW // 2, BMT]), -limit), limit)
             act = (up + 1.0) * (gate / (1.0 + gl.exp(-alpha * gate)))
-            _store_rows(act_smem, act.to(gl.bfloat16), C, s_cm, c_idx, rowscale, row0, row_end, n0 // 2, N_OUT // 2,
-                        False, False, BNW // 2, num_warps)
+            _store_rows(act_smem, act.to(gl.bfloat16), C, s_cm, c_idx, row0, row_end, n0 // 2, N_OUT // 2, False,
+                        BNW // 2, num_warps)
         else:
             if TRANS:  # undo the row relabelling: feature order
                 acc = gl.reshape(gl.permute(gl.reshape(acc, [BNW // 16, 2, 8, BMT]), (0, 2, 1, 3)), [BNW, BMT])
-            _store_rows(c_smem, acc.to(gl.bfloat16), C, s_cm, c_idx, rowscale, row0, row_end, n0, N_OUT, SCATTER,
-                        ROWSCALE, BNW, num_warps)
+            _store_rows(c_smem, acc.to(gl.bfloat16), C, s_cm, c_idx, row0, row_end, n0, N_OUT, SCATTER, BNW,
+                        num_warps)
 
     @gluon.jit
     def _mma(x_bufs, w_bufs, c_smem, act_smem, l_smem, l2_smem, ready, empty, c_ready, c_desc, WS, N_ROWS, S_COLS,
              LUT, bias, s_be, L, s_lm, LF, s_lfe, s_lfn, s_lfr, lora_scale, R, T, N_OUT, num_tiles, num_n, num_k,
-             tile_expert, tile_row, offsets, row_start, C, s_cm, c_idx, rowscale, AUX, s_xm, limit, alpha,
-             TRANS: gl.constexpr, NF4: gl.constexpr, HAS_BIAS: gl.constexpr, ADD_C: gl.constexpr,
+             tile_expert, tile_row, offsets, row_start, C, s_cm, c_idx, AUX, s_xm, limit, alpha, TRANS: gl.constexpr, NF4: gl.constexpr, HAS_BIAS: gl.constexpr, ADD_C: gl.constexpr,
              R_PAD: gl.constexpr, AHEAD2: gl.constexpr, GROUPED: gl.constexpr, EPI: gl.constexpr,
-             SCATTER: gl.constexpr, ROWSCALE: gl.constexpr, LORA_X3: gl.constexpr, BNW: gl.constexpr,
-             BMT: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+             SCATTER: gl.constexpr, LORA_X3: gl.constexpr, BNW: gl.constexpr, BMT: gl.constexpr, BK: gl.constexpr,
+             STAGES: gl.constexpr, num_warps: gl.constexpr):
         RELABEL: gl.constexpr = TRANS or EPI == 1
         MMA_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                         instr_shape=[16, BMT, 16])
@@ -419,8 +413,8 @@ if HAS_GLUON:
                     acc += gl.expand_dims(gl.load(bias + e * s_be + fb, mask=fb < N_OUT, other=0.0).to(gl.float32),
                                           1)
                 if GROUPED:
-                    _grouped_epilogue(acc, c_smem, act_smem, C, s_cm, c_idx, rowscale, AUX, s_xm, row0, row_end,
-                                      n0, N_OUT, limit, alpha, TRANS, EPI, SCATTER, ROWSCALE, BNW, BMT, num_warps)
+                    _grouped_epilogue(acc, c_smem, act_smem, C, s_cm, c_idx, AUX, s_xm, row0, row_end, n0, N_OUT,
+                                      limit, alpha, TRANS, EPI, SCATTER, BNW, BMT, num_warps)
                 else:
                     if TRANS:  # undo the row relabelling: feature order
                         acc = gl.reshape(gl.permute(gl.reshape(acc, [BNW // 16, 2, 8, BMT]), (0, 2, 1, 3)),
@@ -440,12 +434,10 @@ if HAS_GLUON:
     @gluon.jit
     def _gemm_kernel(x_desc, w_desc, c_desc, WS, N_ROWS, S_COLS, LUT, bias, s_be, L, s_lm, LF, s_lfe, s_lfn, s_lfr,
                      lora_scale, R, T, N_OUT, K_RED, row_tiles, tile_expert, tile_row, offsets, row_start,
-                     C, s_cm, c_idx, rowscale, AUX, s_xm, limit, alpha,
-                     TRANS: gl.constexpr, NF4: gl.constexpr, HAS_BIAS: gl.constexpr, ADD_C: gl.constexpr,
+                     C, s_cm, c_idx, AUX, s_xm, limit, alpha, TRANS: gl.constexpr, NF4: gl.constexpr, HAS_BIAS: gl.constexpr, ADD_C: gl.constexpr,
                      R_PAD: gl.constexpr, AHEAD2: gl.constexpr, GROUPED: gl.constexpr, EPI: gl.constexpr,
-                     SCATTER: gl.constexpr, ROWSCALE: gl.constexpr, LORA_X3: gl.constexpr, BNW: gl.constexpr,
-                     BMT: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, LOAD_REGS: gl.constexpr,
-                     num_warps: gl.constexpr):
+                     SCATTER: gl.constexpr, LORA_X3: gl.constexpr, BNW: gl.constexpr, BMT: gl.constexpr,
+                     BK: gl.constexpr, STAGES: gl.constexpr, LOAD_REGS: gl.constexpr, num_warps: gl.constexpr):
         num_n = gl.cdiv(N_OUT, BNW)
         num_tiles = row_tiles * num_n
         num_k = K_RED // BK
@@ -474,9 +466,9 @@ if HAS_GLUON:
         gl.warp_specialize([
             (_mma, (x_bufs, w_bufs, c_smem, act_smem, l_smem, l2_smem, ready, empty, c_ready, c_desc, WS, N_ROWS,
                     S_COLS, LUT, bias, s_be, L, s_lm, LF, s_lfe, s_lfn, s_lfr, lora_scale, R, T, N_OUT, num_tiles,
-                    num_n, num_k, tile_expert, tile_row, offsets, row_start, C, s_cm, c_idx, rowscale, AUX, s_xm,
-                    limit, alpha, TRANS, NF4, HAS_BIAS, ADD_C, R_PAD, AHEAD2, GROUPED, EPI, SCATTER, ROWSCALE,
-                    LORA_X3, BNW, BMT, BK, STAGES, num_warps)),
+                    num_n, num_k, tile_expert, tile_row, offsets, row_start, C, s_cm, c_idx, AUX, s_xm, limit, alpha,
+                    TRANS, NF4, HAS_BIAS, ADD_C, R_PAD, AHEAD2, GROUPED, EPI, SCATTER, LORA_X3, BNW, BMT, BK, STAGES,
+                    num_warps)),
             (_loader, (x_desc, w_desc, x_bufs, w_bufs, ready, empty, tile_expert, tile_row, offsets, row_start, T,
                        N_ROWS, num_tiles, num_n, num_k, TRANS, GROUPED, BNW, BMT, BK, STAGES)),
         ], [1], [LOAD_REGS])
@@ -503,8 +495,8 @@ def scale_copy(scales: torch.Tensor, trans: bool, nf4: bool) -> torch.Tensor:
 
 
 def _launch(a, blocks2d, scales_laid, N_w, s_cols, lut, trans, nf4, out, bmt, row_tiles, *, bias=None, s_be=0,
-            lora=None, s_lfe=0, add_c=False, grouped=None, epi=0, c_idx=None, rowscale=None, aux=None, limit=7.0,
-            alpha=1.702, x3=False):
+            lora=None, s_lfe=0, add_c=False, grouped=None, epi=0, c_idx=None, aux=None, limit=7.0, alpha=1.702,
+            x3=False):
     n_out = blocks2d.shape[1] * 2 if trans else N_w
     k_red = N_w if trans else blocks2d.shape[1] * 2
     x_desc = TensorDescriptor.from_tensor(a, [bmt, BK], gl.NVMMASharedLayout.get_default_for([bmt, BK], gl.bfloat16))
@@ -522,10 +514,9 @@ def _launch(a, blocks2d, scales_laid, N_w, s_cols, lut, trans, nf4, out, bmt, ro
         x_desc, w_desc, c_desc, scales_laid, N_w, s_cols, lut, bias if bias is not None else out, s_be,
         L, L.stride(0), F, s_lfe, s_fn, s_fr, float(s_l), R, a.shape[0], n_out, k_red, row_tiles,
         tile_expert, tile_row, offsets, row_start, out, out.stride(0), c_idx if c_idx is not None else offsets,
-        rowscale if rowscale is not None else out, aux, aux.stride(0), float(limit), float(alpha),
+        aux, aux.stride(0), float(limit), float(alpha),
         TRANS=trans, NF4=nf4, HAS_BIAS=bias is not None, ADD_C=add_c, R_PAD=r_pad, AHEAD2=not trans,
-        GROUPED=grouped is not None, EPI=epi, SCATTER=c_idx is not None, ROWSCALE=rowscale is not None,
-        LORA_X3=x3 and R > 0, BNW=BNW, BMT=bmt, BK=BK, STAGES=STAGES, LOAD_REGS=LOAD_REGS, num_warps=NUM_WARPS)
+        GROUPED=grouped is not None, EPI=epi, SCATTER=c_idx is not None, LORA_X3=x3 and R > 0, BNW=BNW, BMT=bmt, BK=BK, STAGES=STAGES, LOAD_REGS=LOAD_REGS, num_warps=NUM_WARPS)
     return out
 
 
@@ -556,11 +547,12 @@ def can_run_grouped(a: torch.Tensor, out: torch.Tensor, n_stored: int, reduction
             and reduction % BK == 0 and bm in (128, 256) and rank <= 32)
 
 
-def grouped_gemm(a, a_idx, blocks, scales, trans, tables, bm, out, *, c_idx=None, bias=None, lora=None,
-                 rowscale=None, epi=0, aux=None, limit=7.0, alpha=1.702, row_start=0):
-    """moe._gemm's contract (moe_hopper.ws_gemm's epilogues) on this kernel, for MXFP4 expert stacks (check
-    can_run_grouped first): blocks [E, N_w, K_w / 2] uint8, scales [E, N_w, K_w / 32] e8m0, W_e stored [N_w, K_w]
-    (forward: out = a W_e^T, trans: out = a W_e). lora = (L [S, r], LB, s_lbe, s_lbn, s_lbr, s) as moe's.
+def grouped_gemm(a, a_idx, blocks, scales, trans, tables, bm, out, *, c_idx=None, bias=None, lora=None, epi=0,
+                 aux=None, limit=7.0, alpha=1.702, row_start=0):
+    """moe._gemm's contract (moe_hopper.ws_gemm's epilogues, without the routing weight: moe._slot_sum applies it)
+    on this kernel, for MXFP4 expert stacks (check can_run_grouped first): blocks [E, N_w, K_w / 2] uint8, scales
+    [E, N_w, K_w / 32] e8m0, W_e stored [N_w, K_w] (forward: out = a W_e^T, trans: out = a W_e). lora = (L [S, r],
+    LB, s_lbe, s_lbn, s_lbr, s) as moe's.
 
     a_idx (gathered rows) is served by one gathered copy of a ([S, K] bf16, made here and freed after the launch):
     TMA cannot gather rows on sm_90, and cp.async from the loader would need more loader warps than the MMA warps'
@@ -578,5 +570,5 @@ def grouped_gemm(a, a_idx, blocks, scales, trans, tables, bm, out, *, c_idx=None
     return _launch(a, blocks.reshape(E * N_w, half), scale_copy(scales, trans, False), N_w, scales.shape[2], scales,
                    trans, False, out, bm, tile_expert.numel(), bias=bias,
                    s_be=bias.stride(0) if bias is not None else 0, lora=lora, s_lfe=s_lfe,
-                   grouped=(tile_expert, tile_row, offsets, row_start), epi=epi, c_idx=c_idx, rowscale=rowscale,
-                   aux=aux, limit=limit, alpha=alpha, x3=True)
+                   grouped=(tile_expert, tile_row, offsets, row_start), epi=epi, c_idx=c_idx, aux=aux, limit=limit,
+                   alpha=alpha, x3=True)

@@ -207,6 +207,16 @@ def test_bf16_reference_takes_the_bf16_routing():
     assert rel(torch.sort(w_32, 1).values, torch.sort(w_fair, 1).values) > 0.1  # what the old test compared
 
 
+@pytest.mark.parametrize("T,k,H", [(5, 3, 37), (1, 4, 300), (0, 2, 8)])
+def test_slot_sum_weighted_and_plain(T, k, H):
+    # the forward's routing-weighted k-sum and the backward's plain one, fp32 inside, against fp64
+    y = torch.randn(T * k, H)
+    w = torch.rand(T, k)
+    want = (y.double().view(T, k, H) * w.double()[:, :, None]).sum(1)
+    assert torch.allclose(moe_mod._slot_sum(y, k, w).double(), want, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(moe_mod._slot_sum(y, k).double(), y.double().view(T, k, H).sum(1), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("T, E, k, BM, skew", [(23, 6, 3, 4, "crowded"), (1, 5, 2, 16, "none"), (0, 4, 2, 4, "none"),
                                                 (700, 32, 4, 16, "one_expert"), (301, 7, 1, 8, "empty_experts")])
 def test_routing_tables_cover_every_row_once(T, E, k, BM, skew):

@@ -37,7 +37,7 @@ ODD = ("num_tiles", "row_start", "R", "s_sr", "s_be") + FLOATS
 # (TRANS, EPI, GATHER_A, SCATTER_C, HAS_BIAS, ROWSCALE, NF4, ADD_C)
 VARIANTS = {
     "gate_up forward": (False, 1, True, False, True, False, False, False),
-    "down forward": (False, 0, False, True, True, True, False, False),
+    "down forward": (False, 0, False, True, True, False, False, False),  # routing weight: moe._slot_sum
     "down dX": (True, 0, True, False, False, False, False, False),
     "gate_up dX": (True, 0, False, True, False, False, False, False),
     "linear forward": (False, 0, False, False, True, False, False, False),
@@ -92,9 +92,10 @@ CASES = [(variant, bm, lora, tiles) for variant in VARIANTS
 
 
 # lora_linear_hopper's register-operand kernel serves the same eight (the MoE's as GROUPED, LoRA in bf16x3):
-# (TRANS, EPI, SCATTER, HAS_BIAS, ROWSCALE, GROUPED, NF4, ADD_C); it gathers rows through one copy (no GATHER_A)
-REGISTER_VARIANTS = {name: (trans, epi, scatter, bias, rowscale, "linear" not in name, nf4, add_c)
-                     for name, (trans, epi, _, scatter, bias, rowscale, nf4, add_c) in VARIANTS.items()}
+# (TRANS, EPI, SCATTER, HAS_BIAS, GROUPED, NF4, ADD_C): rows gathered through one copy (no GATHER_A), the routing
+# weight applied after the GEMM (no ROWSCALE)
+REGISTER_VARIANTS = {name: (trans, epi, scatter, bias, "linear" not in name, nf4, add_c)
+                     for name, (trans, epi, _, scatter, bias, _, nf4, add_c) in VARIANTS.items()}
 REGISTER_CASES = [(variant, bmt, rank) for variant in REGISTER_VARIANTS for bmt, rank in [(256, 16), (256, 0), (256, 32), (128, 32)]
                   if bmt == 256 or REGISTER_VARIANTS[variant][5]]
 
@@ -102,10 +103,10 @@ REGISTER_CASES = [(variant, bmt, rank) for variant in REGISTER_VARIANTS for bmt,
 def build_register(variant, bmt, rank):
     from fastft.kernels import lora_linear_hopper as llh
     fn = llh._gemm_kernel
-    trans, epi, scatter, has_bias, rowscale, grouped, nf4, add_c = REGISTER_VARIANTS[variant]
+    trans, epi, scatter, has_bias, grouped, nf4, add_c = REGISTER_VARIANTS[variant]
     r_pad = max(16, triton.next_power_of_2(rank)) if rank else 0
     const = dict(TRANS=trans, NF4=nf4, HAS_BIAS=has_bias, ADD_C=add_c and not rank, R_PAD=r_pad, AHEAD2=not trans,
-                 GROUPED=grouped, EPI=epi, SCATTER=scatter, ROWSCALE=rowscale, LORA_X3=grouped and rank > 0,
+                 GROUPED=grouped, EPI=epi, SCATTER=scatter, LORA_X3=grouped and rank > 0,
                  BNW=llh.BNW, BMT=bmt, BK=llh.BK, STAGES=llh.STAGES, LOAD_REGS=llh.LOAD_REGS,
                  num_warps=llh.NUM_WARPS)
 
