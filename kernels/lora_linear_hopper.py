@@ -337,6 +337,9 @@ if HAS_GLUON:
                         l2_smem.store((lv - l_hi.to(gl.float32)).to(gl.bfloat16))
                     else:
                         l_smem.store(lv.to(gl.bfloat16))
+                    # each warp group's LoRA wgmma reads rows every warp stored: fenced, then one barrier (per tile)
+                    fence_async_shared()
+                    gl.thread_barrier()
                 acc = gl.zeros([BNW, BMT], gl.float32, layout=MMA_L)
                 # scales loaded two steps ahead (AHEAD2) or one (fewer registers)
                 sc0 = _load_scales(WS_e, 0, n0, N_ROWS, S_COLS, TRANS, RELABEL, NF4, BNW, BK, SL, num_warps)
@@ -385,7 +388,6 @@ if HAS_GLUON:
                 if R_PAD > 0:
                     # LoRA as one more wgmma (K = R_PAD): A = the factor's [BNW, R_PAD] rows times s (B of the
                     # forward, A^T of dX; rows relabelled like the weight's), B = the LoRA input tile, transposed
-                    fence_async_shared()  # the plain stores of l_smem -> wgmma's async-proxy reads
                     fr = _feature_rows(n0, BNW, RELABEL, gl.SliceLayout(1, DOT_L))
                     fj = gl.arange(0, R_PAD, layout=gl.SliceLayout(0, DOT_L))
                     lf = gl.load(LF + e * s_lfe + fr.to(gl.int64)[:, None] * s_lfn + fj[None, :] * s_lfr,
@@ -538,13 +540,16 @@ def gemm(a, blocks, scales, trans, out, *, nf4_code=None, bias=None, lora=None, 
                    triton.cdiv(T, BMT), bias=bias, lora=lora, add_c=add_c)
 
 
-def can_run_grouped(a: torch.Tensor, out: torch.Tensor, n_stored: int, reduction: int, bm: int, rank: int) -> bool:
-    """grouped_gemm serves this MoE GEMM: sm_90 with Gluon, bf16 activations and output with TMA-addressable rows,
-    n_stored (the experts' stored rows) and the reduction in whole BK steps, a 128- or 256-row tile table, a LoRA
-    rank whose two tiles fit beside the epilogue's."""
+def can_run_grouped(a: torch.Tensor, out: torch.Tensor, n_stored: int, reduction: int, bm: int, rank: int,
+                    blocks: torch.Tensor) -> bool:
+    """grouped_gemm serves this MoE GEMM: sm_90 with Gluon, bf16 activations and output with TMA-addressable rows
+    (out: the unused C descriptor is built on it), TMA-addressable raw bytes, n_stored (the experts' stored rows)
+    and the reduction in whole BK steps, a 128- or 256-row tile table, a LoRA rank whose two tiles fit beside the
+    epilogue's."""
     return (HAS_GLUON and a.is_cuda and not interpreting() and _is_sm90(a.device) and a.dtype == torch.bfloat16
-            and out.dtype == torch.bfloat16 and tma_aligned(a) and tma_aligned(out) and n_stored % BK == 0
-            and reduction % BK == 0 and bm in (128, 256) and rank <= 32)
+            and out.dtype == torch.bfloat16 and tma_aligned(a) and tma_aligned(out)
+            and blocks.data_ptr() % 16 == 0 and n_stored % BK == 0 and reduction % BK == 0 and bm in (128, 256)
+            and rank <= 32)
 
 
 def grouped_gemm(a, a_idx, blocks, scales, trans, tables, bm, out, *, c_idx=None, bias=None, lora=None, epi=0,
@@ -554,9 +559,10 @@ def grouped_gemm(a, a_idx, blocks, scales, trans, tables, bm, out, *, c_idx=None
     [E, N_w, K_w / 32] e8m0, W_e stored [N_w, K_w] (forward: out = a W_e^T, trans: out = a W_e). lora = (L [S, r],
     LB, s_lbe, s_lbn, s_lbr, s) as moe's.
 
-    a_idx (gathered rows) is served by one gathered copy of a ([S, K] bf16, made here and freed after the launch):
-    TMA cannot gather rows on sm_90, and cp.async from the loader would need more loader warps than the MMA warps'
-    registers leave room for. The scale copies (scale_copy per expert, 1/32 byte per weight) are made per call:
+    a_idx (gathered rows) is served by one gathered copy of a ([S, K] bf16, made here and freed after the launch:
+    377 MB at 16384 tokens top-4, H = 2880; all S rows even when row_start skips most tiles): TMA cannot gather rows
+    on sm_90, and cp.async from the loader would need more loader warps than the MMA warps' registers leave room
+    for. The scale copies (scale_copy per expert, 1/32 byte per weight) are made per call:
     ~25 MB per layer and orientation at gpt-oss-20b's shape, cheaper to redo than to keep for 24 layers."""
     if a_idx is not None:
         a = a.index_select(0, a_idx)

@@ -94,8 +94,8 @@ def experts_reference(x, weights, index, gate_up, gate_up_bias, down, down_bias,
 # Pairs are sorted by expert on the device (torch.sort, then one small kernel for the offsets and tiles); every
 # grouped kernel walks a tile table of static length ceil(S/BM) + E (expert, first row) built on the device, so
 # nothing in forward or backward waits on the host. Rows are gathered inside the kernels through row_token
-# (= pair // k): the sorted copy of x is never materialised; outputs are scattered to pair order, and
-# out = Y.view(T, k, H).sum(1) (deterministic, no atomics).
+# (= pair // k; the register kernel gathers them into one transient sorted copy instead); outputs are scattered to
+# pair order, and out[t] = sum_j w[t, j] Y[t k + j] (_slot_sum: deterministic, no atomics).
 #
 # Weights: dense in HF layout [E, in, out], or MXFP4 stored [E, out, in] (in contiguous, 32-value groups along in).
 # Forward GEMMs reduce over `in` (MXFP4 groups run along K); backward dX GEMMs reduce over `out` and read the
@@ -237,17 +237,16 @@ def _grouped_gemm_kernel(
     bias, s_be,                           # [E, N] (HAS_BIAS)
     L, s_lm, LB, s_lbe, s_lbn, s_lbr, lora_scale, R,   # LoRA: acc += s * L[i, :R] @ LB_e[n, :R]^T
     C, c_idx, s_cm,                       # output rows: C[c_idx[i]] (SCATTER_C) or C[i]
-    rowscale,                             # [S] fp32 routing weight of each sorted row
     AUX, s_xm,                            # EPI 1: h out [S, N]
     tile_expert, tile_row, offsets, num_tiles, row_start,   # rows below row_start are not computed
     K, N, limit, alpha,
     QUANT: tl.constexpr, EPI: tl.constexpr, GATHER_A: tl.constexpr, SCATTER_C: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, ROWSCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
     R_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     SWAP_AB: tl.constexpr,
 ):
     """One (BM rows of one expert) x (BN columns) tile of a grouped GEMM, with one of two epilogues:
-    EPI 0: (acc + bias) * rowscale -> C.
+    EPI 0: acc + bias -> C (the routing weight: _slot_sum, after the GEMM).
     EPI 1: h = acc + bias (interleaved gate/up columns) -> AUX; clamped SwiGLU(h) -> C [S, N/2].
     The SwiGLU backward is a separate kernel (_swiglu_backward_kernel): fused here as a third epilogue, its fp32
     [BM, BN] pieces held the down dX GEMM to spill-free BN <= 64 tiles at ~130 TFLOP/s on the H200 (8.4 ms of a
@@ -309,8 +308,6 @@ def _grouped_gemm_kernel(
         acc += tl.load(bias + e * s_be + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
 
     if EPI == 0:
-        if ROWSCALE:
-            acc *= tl.load(rowscale + rm, mask=mmask, other=0.0)[:, None]
         if SCATTER_C:
             crow = tl.load(c_idx + rm, mask=mmask, other=0).to(tl.int64)
         else:
@@ -564,8 +561,8 @@ def _r_pad(r):
     return max(16, triton.next_power_of_2(r))
 
 
-def _gemm(a, a_idx, w_args, tables, bm, out, *, c_idx=None, bias=None, lora=None, rowscale=None, epi=0,
-          aux=None, limit=7.0, alpha=1.702, row_start=0):
+def _gemm(a, a_idx, w_args, tables, bm, out, *, c_idx=None, bias=None, lora=None, epi=0, aux=None, limit=7.0,
+          alpha=1.702, row_start=0):
     """Launch _grouped_gemm_kernel (or, for MXFP4 weights on sm_90, a Hopper kernel: see the section's header).
     lora = (L [S, r], LB, s_lbe, s_lbn, s_lbr, scaling). Row tiles that end at or below sorted row ``row_start`` are
     skipped (their output is already in place); a tile straddling it is computed whole."""
@@ -573,13 +570,13 @@ def _gemm(a, a_idx, w_args, tables, bm, out, *, c_idx=None, bias=None, lora=None
     rank = lora[0].shape[1] if lora is not None else 0
     if quant in (1, 2) and _FORCE_META is None and moe_hopper.can_run(a, out, K, bm, rank):
         n_w = N if quant == 1 else K  # the experts' stored rows
-        if rowscale is None and _register_path() and lora_linear_hopper.can_run_grouped(a, out, n_w, K, bm, rank):
+        if _register_path() and lora_linear_hopper.can_run_grouped(a, out, n_w, K, bm, rank, W):
             E = W.shape[0]
             return lora_linear_hopper.grouped_gemm(
                 a, a_idx, W.view(E, n_w, -1), WS.view(E, n_w, -1), quant == 2, tables, bm, out, c_idx=c_idx,
                 bias=bias, lora=lora, epi=epi, aux=aux, limit=limit, alpha=alpha, row_start=row_start)
         return moe_hopper.ws_gemm(a, a_idx, W, WS, quant == 2, K, N, tables, bm, out, c_idx=c_idx, bias=bias,
-                                  lora=lora, rowscale=rowscale, epi=epi, aux=aux, limit=limit, alpha=alpha,
+                                  lora=lora, epi=epi, aux=aux, limit=limit, alpha=alpha,
                                   row_start=row_start)
     if quant == 1 and a.dtype == torch.bfloat16 and _DOT_SCALED:
         quant = 3
@@ -604,11 +601,10 @@ def _gemm(a, a_idx, w_args, tables, bm, out, *, c_idx=None, bias=None, lora=None
         bias if bias is not None else dummy, bias.stride(0) if bias is not None else 0,
         L, L.stride(0), LB, s_lbe, s_lbn, s_lbr, float(scaling), R,
         out, c_idx if c_idx is not None else offsets, out.stride(0),
-        rowscale if rowscale is not None else dummy,
         aux if aux is not None else dummy, aux.stride(0) if aux is not None else 0,
         tile_expert, tile_row, offsets, num_tiles, row_start, K, N, float(limit), float(alpha),
         QUANT=quant, EPI=epi, GATHER_A=a_idx is not None, SCATTER_C=c_idx is not None,
-        HAS_BIAS=bias is not None, HAS_LORA=lora is not None, ROWSCALE=rowscale is not None,
+        HAS_BIAS=bias is not None, HAS_LORA=lora is not None,
         R_PAD=_r_pad(R), BM=bm, GROUP_M=GROUP_M, **meta,
     )
     if kernel is _grouped_gemm_kernel:
@@ -770,7 +766,7 @@ class _MoEExperts(torch.autograd.Function):
         else:
             y = torch.empty(S, H, device=x.device, dtype=x.dtype)
             _gemm(act, None, d_args, tables, bm, y, c_idx=pair, bias=d_b, lora=lora_d)
-            out = _slot_sum(y, k, weights.contiguous())
+            out = _slot_sum(y, k, weights)
         ctx.save_for_backward(x, weights, index, gu_b, d_b, A_gu, B_gu, A_d, B_d, h, xa, act_a, rowscale, *tables)
         ctx.gate_up, ctx.down, ctx.s_gu, ctx.s_d, ctx.limit, ctx.alpha = gate_up, down, s_gu, s_d, limit, alpha
         ctx.bm = bm
@@ -856,6 +852,8 @@ def _slot_sum(y, k, weights=None):
     epilogue, so y is rounded once before it (the register kernel could only scale its rounded tile: a second
     rounding); and torch's sum over the middle dim of [T, k, H] ran at ~1.2-2.4 TB/s on the H200."""
     T, H = y.shape[0] // k, y.shape[1]
+    y = y.contiguous()  # the kernel's row stride is H (no copy for the callers' fresh buffers)
+    weights = weights.contiguous() if weights is not None else None
     out = torch.empty(T, H, device=y.device, dtype=y.dtype)
     if T:
         bh = 256 if _INTERPRET else 1024

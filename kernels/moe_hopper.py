@@ -2,11 +2,11 @@
 
 Behind lora_linear_hopper's register-operand kernel since d68d455 (the MoE's GEMMs 11.2 ms there vs 15.9 here per
 T=16384 block, H200): this kernel serves FASTFT_MOE_REGISTER=0 (A/B runs) and the calls that kernel refuses
-(e.g. lora_linear's rank-64 LoRA).
+(lora_linear's rows or raw bytes that TMA cannot address).
 
 Same contract as ``fastft.kernels.moe._grouped_gemm_kernel`` for its two MXFP4 orientations (QUANT 1: forward,
 W stored [N, K], 32-value scale groups along K; QUANT 2: backward dX, W stored [K, N], groups along N) and both
-epilogues (EPI 0: bias, LoRA term, routing weight, scatter; EPI 1: h = acc + bias saved, clamped SwiGLU). The pure
+epilogues (EPI 0: bias, LoRA term, scatter; EPI 1: h = acc + bias saved, clamped SwiGLU). The pure
 torch reference of the math is ``moe.experts_reference``; the Triton kernel is the portable path and the reference
 these kernels are tested against on the GPU (tests/test_moe.py).
 
@@ -288,10 +288,10 @@ if HAS_GLUON:
             mbarrier.arrive(b_ready.index(s), count=1)
 
     @gluon.jit
-    def _mma(bias, s_be, R, C, c_idx, s_cm, rowscale, AUX, s_xm, e, row0, row_end, n0, K, N, limit, alpha,
+    def _mma(bias, s_be, R, C, c_idx, s_cm, AUX, s_xm, e, row0, row_end, n0, K, N, limit, alpha,
              a_bufs, b_bufs, l_smem, lb_smem, a_ready, a_empty, b_ready, b_empty, lora_ready,
              TRANS: gl.constexpr, EPI: gl.constexpr, SCATTER_C: gl.constexpr, HAS_BIAS: gl.constexpr,
-             ROWSCALE: gl.constexpr, ADD_C: gl.constexpr, R_PAD: gl.constexpr, LORA_MMA: gl.constexpr,
+             ADD_C: gl.constexpr, R_PAD: gl.constexpr, LORA_MMA: gl.constexpr,
              BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
              NUM_STAGES: gl.constexpr, B_STAGES: gl.constexpr, num_warps: gl.constexpr):
         MMA_L: gl.constexpr = _mma_layout(BM, BN, num_warps)
@@ -331,8 +331,6 @@ if HAS_GLUON:
         if HAS_BIAS:
             acc += gl.expand_dims(gl.load(bias + e * s_be + rn, mask=nmask, other=0.0).to(gl.float32), 0)
         if EPI == 0:
-            if ROWSCALE:
-                acc *= gl.expand_dims(gl.load(rowscale + rm, mask=mmask, other=0.0), 1)
             if SCATTER_C:
                 crow = gl.load(c_idx + rm, mask=mmask, other=0).to(gl.int64)
             else:
@@ -358,11 +356,11 @@ if HAS_GLUON:
 
     @gluon.jit
     def _ws_gemm_kernel(A, a_desc, a_idx, s_am, W, WS, LUT, s_we, s_wr, s_se, s_sr, bias, s_be,
-                        L, s_lm, LBt, lora_scale, R, C, c_idx, s_cm, rowscale, AUX, s_xm,
+                        L, s_lm, LBt, lora_scale, R, C, c_idx, s_cm, AUX, s_xm,
                         tile_expert, tile_row, offsets, num_tiles, row_start, K, N, limit, alpha,
                         TRANS: gl.constexpr, NF4: gl.constexpr, GS: gl.constexpr, EPI: gl.constexpr,
                         GATHER_A: gl.constexpr, TMA_A: gl.constexpr, LEAD: gl.constexpr, MUL_X2: gl.constexpr,
-                        SCATTER_C: gl.constexpr, HAS_BIAS: gl.constexpr, ROWSCALE: gl.constexpr,
+                        SCATTER_C: gl.constexpr, HAS_BIAS: gl.constexpr,
                         ADD_C: gl.constexpr, R_PAD: gl.constexpr, LORA_MMA: gl.constexpr, TILES: gl.constexpr,
                         BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, GROUP: gl.constexpr,
                         NUM_STAGES: gl.constexpr, B_STAGES: gl.constexpr, RAW_STAGES: gl.constexpr,
@@ -436,9 +434,9 @@ if HAS_GLUON:
             mbarrier.init(lora_ready, count=1)
 
             gl.warp_specialize([
-                (_mma, (bias, s_be, R, C, c_idx, s_cm, rowscale, AUX, s_xm, e, row0, row_end, n0, K, N, limit,
+                (_mma, (bias, s_be, R, C, c_idx, s_cm, AUX, s_xm, e, row0, row_end, n0, K, N, limit,
                         alpha, a_bufs, b_bufs, l_smem, lb_smem, a_ready, a_empty, b_ready, b_empty, lora_ready,
-                        TRANS, EPI, SCATTER_C, HAS_BIAS, ROWSCALE, ADD_C, R_PAD, LORA_MMA, BM, BN, BK,
+                        TRANS, EPI, SCATTER_C, HAS_BIAS, ADD_C, R_PAD, LORA_MMA, BM, BN, BK,
                         NUM_STAGES, B_STAGES, num_warps)),
                 (_loader, (A, a_desc, a_idx, s_am, W, WS, s_we, s_wr, s_se, s_sr, L, s_lm, LBt, lora_scale, R, e,
                            row0, row_end, n0, K, N, a_bufs, raw_bufs, sc_bufs, l_smem, lb_smem, a_ready, a_empty,
@@ -458,7 +456,7 @@ def split_tails() -> bool:
 
 
 def ws_gemm(a, a_idx, blocks, scales, trans, K, N, tables, bm, out, *, c_idx=None, bias=None, lora=None,
-            rowscale=None, epi=0, aux=None, limit=7.0, alpha=1.702, row_start=0, nf4_code=None, add_c=False,
+            epi=0, aux=None, limit=7.0, alpha=1.702, row_start=0, nf4_code=None, add_c=False,
             linear=False, meta=None):
     """moe._gemm's launch for 4-bit weights on sm_90 (check can_run first). blocks / scales: the expert stack's
     uint8 bytes [E, out * in / 2] and scales, MXFP4's e8m0 [E, out * in / 32] or, with nf4_code (bitsandbytes'
@@ -495,12 +493,11 @@ def ws_gemm(a, a_idx, blocks, scales, trans, K, N, tables, bm, out, *, c_idx=Non
             bias if bias is not None else out, bias.stride(0) if bias is not None else 0,
             L, L.stride(0), LBt, float(scaling), R,
             out, c_idx if c_idx is not None else offsets, out.stride(0),
-            rowscale if rowscale is not None else out,
             aux if aux is not None else out, aux.stride(0) if aux is not None else 0,
             tile_expert, tile_row, offsets)
     flags = dict(TRANS=trans, NF4=nf4_code is not None, GS=group, EPI=epi, GATHER_A=a_idx is not None, TMA_A=tma_a,
                  MUL_X2=linear,
-                 SCATTER_C=c_idx is not None, HAS_BIAS=bias is not None, ROWSCALE=rowscale is not None, ADD_C=add_c,
+                 SCATTER_C=c_idx is not None, HAS_BIAS=bias is not None, ADD_C=add_c,
                  R_PAD=(max(16, triton.next_power_of_2(R)) if linear else triton.next_power_of_2(R)) if R else 0,
                  LORA_MMA=linear and R > 0, BK=BK, GROUP=GROUP_M)
     tables_meta = meta or ((NF4_META if nf4_code is not None else LINEAR_META) if linear else META)

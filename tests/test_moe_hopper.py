@@ -28,28 +28,28 @@ BIN = Path(triton.__path__[0]) / "backends" / "nvidia" / "bin"
 SMEM_LIMIT = 232448  # sm_90: 227 KB of dynamic shared memory per block
 POINTERS = {"A": "*bf16", "a_idx": "*i32", "W": "*u8", "WS": "*u8", "LUT": "*fp32", "bias": "*bf16", "L": "*fp32",
             "LBt": "*bf16",
-            "C": "*bf16", "c_idx": "*i32", "rowscale": "*fp32", "AUX": "*bf16", "tile_expert": "*i32",
+            "C": "*bf16", "c_idx": "*i32", "AUX": "*bf16", "tile_expert": "*i32",
             "tile_row": "*i32", "offsets": "*i32"}
 FLOATS = ("lora_scale", "limit", "alpha")
 # Arguments not specialised as multiples of 16 at gpt-oss shape (e.g. the scale rows, in / 32 = 90 bytes).
 ODD = ("num_tiles", "row_start", "R", "s_sr", "s_be") + FLOATS
 # The four GEMMs of one MoE block, then lora_linear's (one expert, MXFP4 or NF4; its dropout dX adds onto C):
-# (TRANS, EPI, GATHER_A, SCATTER_C, HAS_BIAS, ROWSCALE, NF4, ADD_C)
+# (TRANS, EPI, GATHER_A, SCATTER_C, HAS_BIAS, NF4, ADD_C); the routing weight is moe._slot_sum's, after the GEMMs
 VARIANTS = {
-    "gate_up forward": (False, 1, True, False, True, False, False, False),
-    "down forward": (False, 0, False, True, True, False, False, False),  # routing weight: moe._slot_sum
-    "down dX": (True, 0, True, False, False, False, False, False),
-    "gate_up dX": (True, 0, False, True, False, False, False, False),
-    "linear forward": (False, 0, False, False, True, False, False, False),
-    "linear dX": (True, 0, False, False, False, False, False, True),
-    "nf4 linear forward": (False, 0, False, False, True, False, True, False),
-    "nf4 linear dX": (True, 0, False, False, False, False, True, True),
+    "gate_up forward": (False, 1, True, False, True, False, False),
+    "down forward": (False, 0, False, True, True, False, False),
+    "down dX": (True, 0, True, False, False, False, False),
+    "gate_up dX": (True, 0, False, True, False, False, False),
+    "linear forward": (False, 0, False, False, True, False, False),
+    "linear dX": (True, 0, False, False, False, False, True),
+    "nf4 linear forward": (False, 0, False, False, True, True, False),
+    "nf4 linear dX": (True, 0, False, False, False, True, True),
 }
 
 
 def build(variant, bm, lora, tiles):
     fn = moe_hopper._ws_gemm_kernel
-    trans, epi, gather, scatter, has_bias, rowscale, nf4, add_c = VARIANTS[variant]
+    trans, epi, gather, scatter, has_bias, nf4, add_c = VARIANTS[variant]
     linear = "linear" in variant  # lora_linear's tables, loader and decoder (TMA activations, raw lead, bf16x2)
     table = (moe_hopper.NF4_META if nf4 else moe_hopper.LINEAR_META) if linear else moe_hopper.META
     meta = dict(table[bm, lora])
@@ -57,7 +57,7 @@ def build(variant, bm, lora, tiles):
     # lora_linear's dX adds onto C only with dropout, whose LoRA term is then already in C
     const = dict(TRANS=trans, NF4=nf4, GS=64 if nf4 else 32, EPI=epi, GATHER_A=gather, TMA_A=linear,
                  LEAD=meta["RAW_STAGES"] - 2 if linear else 0, MUL_X2=linear, SCATTER_C=scatter,
-                 HAS_BIAS=has_bias, ROWSCALE=rowscale, ADD_C=add_c and not lora, R_PAD=16 if lora else 0,
+                 HAS_BIAS=has_bias, ADD_C=add_c and not lora, R_PAD=16 if lora else 0,
                  LORA_MMA=lora and linear, TILES=tiles, BM=bm,
                  BK=moe_hopper.BK, GROUP=moe_hopper.GROUP_M, num_warps=num_warps, **meta)
     pointers = dict(POINTERS, WS="*fp32") if nf4 else POINTERS
@@ -92,12 +92,12 @@ CASES = [(variant, bm, lora, tiles) for variant in VARIANTS
 
 
 # lora_linear_hopper's register-operand kernel serves the same eight (the MoE's as GROUPED, LoRA in bf16x3):
-# (TRANS, EPI, SCATTER, HAS_BIAS, GROUPED, NF4, ADD_C): rows gathered through one copy (no GATHER_A), the routing
-# weight applied after the GEMM (no ROWSCALE)
+# (TRANS, EPI, SCATTER, HAS_BIAS, GROUPED, NF4, ADD_C): rows gathered through one copy (no GATHER_A)
 REGISTER_VARIANTS = {name: (trans, epi, scatter, bias, "linear" not in name, nf4, add_c)
-                     for name, (trans, epi, _, scatter, bias, _, nf4, add_c) in VARIANTS.items()}
-REGISTER_CASES = [(variant, bmt, rank) for variant in REGISTER_VARIANTS for bmt, rank in [(256, 16), (256, 0), (256, 32), (128, 32)]
-                  if bmt == 256 or REGISTER_VARIANTS[variant][5]]
+                     for name, (trans, epi, _, scatter, bias, nf4, add_c) in VARIANTS.items()}
+# 128-row tiles: the MoE's only (lora_linear launches 256)
+REGISTER_CASES = [(variant, bmt, rank) for variant in REGISTER_VARIANTS
+                  for bmt, rank in [(256, 16), (256, 0), (256, 32), (128, 32)] if bmt == 256 or "linear" not in variant]
 
 
 def build_register(variant, bmt, rank):
