@@ -250,6 +250,13 @@ if HAS_GLUON:
         return n0 + m
 
     @gluon.jit
+    def _feature_order(v):
+        # a relabelled [BNW, BMT] accumulator tile (see _decode's RELABEL) with its rows back in feature order
+        BNW: gl.constexpr = v.shape[0]
+        BMT: gl.constexpr = v.shape[1]
+        return gl.reshape(gl.permute(gl.reshape(v, [BNW // 16, 2, 8, BMT]), (0, 2, 1, 3)), [BNW, BMT])
+
+    @gluon.jit
     def _store_rows(smem, v, C, s_cm, c_idx, row0, row_end, c0, n_cols, SCATTER: gl.constexpr, W: gl.constexpr,
                     num_warps: gl.constexpr):
         # v [W columns, BMT rows] (a C^T tile) -> C[row (or c_idx[row]), c0 + j] through shared memory, 16-byte
@@ -282,7 +289,7 @@ if HAS_GLUON:
         # EPI 1: h (gate/up interleaved) saved to AUX in bf16; act = clamped SwiGLU of h as saved -> C [rows, N/2]
         if EPI == 1:
             hq = acc.to(gl.bfloat16)  # the activation reads h rounded, as saved: backward's clamp masks match it
-            hf = gl.reshape(gl.permute(gl.reshape(hq, [BNW // 16, 2, 8, BMT]), (0, 2, 1, 3)), [BNW, BMT])
+            hf = _feature_order(hq)
             _store_rows(c_smem, hf, AUX, s_xm, c_idx, row0, row_end, n0, N_OUT, False, BNW, num_warps)
             # a thread's fragment rows 16g + r and 16g + 8 + r are features 16g + 2r (gate) and 16g + 2r + 1 (up)
             gate, up = gl.split(gl.permute(gl.reshape(hq.to(gl.float32), [BNW // 16, 2, 8, BMT]), (0, 2, 3, 1)))
@@ -293,14 +300,15 @@ if HAS_GLUON:
                         BNW // 2, num_warps)
         else:
             if TRANS:  # undo the row relabelling: feature order
-                acc = gl.reshape(gl.permute(gl.reshape(acc, [BNW // 16, 2, 8, BMT]), (0, 2, 1, 3)), [BNW, BMT])
+                acc = _feature_order(acc)
             _store_rows(c_smem, acc.to(gl.bfloat16), C, s_cm, c_idx, row0, row_end, n0, N_OUT, SCATTER, BNW,
                         num_warps)
 
     @gluon.jit
     def _mma(x_bufs, w_bufs, c_smem, act_smem, l_smem, l2_smem, ready, empty, c_ready, c_desc, WS, N_ROWS, S_COLS,
              LUT, bias, s_be, L, s_lm, LF, s_lfe, s_lfn, s_lfr, lora_scale, R, T, N_OUT, num_tiles, num_n, num_k,
-             tile_expert, tile_row, offsets, row_start, C, s_cm, c_idx, AUX, s_xm, limit, alpha, TRANS: gl.constexpr, NF4: gl.constexpr, HAS_BIAS: gl.constexpr, ADD_C: gl.constexpr,
+             tile_expert, tile_row, offsets, row_start, C, s_cm, c_idx, AUX, s_xm, limit, alpha,
+             TRANS: gl.constexpr, NF4: gl.constexpr, HAS_BIAS: gl.constexpr, ADD_C: gl.constexpr,
              R_PAD: gl.constexpr, AHEAD2: gl.constexpr, GROUPED: gl.constexpr, EPI: gl.constexpr,
              SCATTER: gl.constexpr, LORA_X3: gl.constexpr, BNW: gl.constexpr, BMT: gl.constexpr, BK: gl.constexpr,
              STAGES: gl.constexpr, num_warps: gl.constexpr):
@@ -419,8 +427,7 @@ if HAS_GLUON:
                                       limit, alpha, TRANS, EPI, SCATTER, BNW, BMT, num_warps)
                 else:
                     if TRANS:  # undo the row relabelling: feature order
-                        acc = gl.reshape(gl.permute(gl.reshape(acc, [BNW // 16, 2, 8, BMT]), (0, 2, 1, 3)),
-                                         [BNW, BMT])
+                        acc = _feature_order(acc)
                     if ADD_C:
                         mbarrier.wait(c_ready, tcount & 1)
                         acc += c_smem.permute((1, 0)).load(acc.type.layout).to(gl.float32)
@@ -436,7 +443,8 @@ if HAS_GLUON:
     @gluon.jit
     def _gemm_kernel(x_desc, w_desc, c_desc, WS, N_ROWS, S_COLS, LUT, bias, s_be, L, s_lm, LF, s_lfe, s_lfn, s_lfr,
                      lora_scale, R, T, N_OUT, K_RED, row_tiles, tile_expert, tile_row, offsets, row_start,
-                     C, s_cm, c_idx, AUX, s_xm, limit, alpha, TRANS: gl.constexpr, NF4: gl.constexpr, HAS_BIAS: gl.constexpr, ADD_C: gl.constexpr,
+                     C, s_cm, c_idx, AUX, s_xm, limit, alpha,
+                     TRANS: gl.constexpr, NF4: gl.constexpr, HAS_BIAS: gl.constexpr, ADD_C: gl.constexpr,
                      R_PAD: gl.constexpr, AHEAD2: gl.constexpr, GROUPED: gl.constexpr, EPI: gl.constexpr,
                      SCATTER: gl.constexpr, LORA_X3: gl.constexpr, BNW: gl.constexpr, BMT: gl.constexpr,
                      BK: gl.constexpr, STAGES: gl.constexpr, LOAD_REGS: gl.constexpr, num_warps: gl.constexpr):
@@ -485,8 +493,8 @@ def scale_copy(scales: torch.Tensor, trans: bool, nf4: bool) -> torch.Tensor:
     e < 2) of one group, stored together at [group, step, q, 2m + e] (one 16-byte load of e8m0, four of fp32).
     Straight from the [N, K / GW] rows (90 / 180 bytes apart at gpt-oss shapes) each warp-wide scale load of dX
     touched 4-8 cache lines, 16 loads per thread and step, on the L1 / shared-memory pipe that also feeds wgmma its
-    shared-memory operand. The weights are frozen: callers cache the copies (6 % of the 4-bit bytes for MXFP4,
-    12.5 % for NF4's fp32 absmax, per orientation)."""
+    shared-memory operand. Per orientation the copy is 6 % of the 4-bit bytes for MXFP4, 12.5 % for NF4's fp32
+    absmax: lora_linear keeps its frozen projections' copies, grouped_gemm makes the experts' per call."""
     *lead, n, groups = scales.shape  # lead: an expert stack's E
     if trans:
         assert n % BK == 0
@@ -499,6 +507,8 @@ def scale_copy(scales: torch.Tensor, trans: bool, nf4: bool) -> torch.Tensor:
 def _launch(a, blocks2d, scales_laid, N_w, s_cols, lut, trans, nf4, out, bmt, row_tiles, *, bias=None, s_be=0,
             lora=None, s_lfe=0, add_c=False, grouped=None, epi=0, c_idx=None, aux=None, limit=7.0, alpha=1.702,
             x3=False):
+    """One launch of _gemm_kernel for gemm (one weight) and grouped_gemm (an expert stack: grouped = the routing
+    tables and row_start); blocks2d [rows, K / 2] raw bytes with N_w rows per weight."""
     n_out = blocks2d.shape[1] * 2 if trans else N_w
     k_red = N_w if trans else blocks2d.shape[1] * 2
     x_desc = TensorDescriptor.from_tensor(a, [bmt, BK], gl.NVMMASharedLayout.get_default_for([bmt, BK], gl.bfloat16))
@@ -518,7 +528,8 @@ def _launch(a, blocks2d, scales_laid, N_w, s_cols, lut, trans, nf4, out, bmt, ro
         tile_expert, tile_row, offsets, row_start, out, out.stride(0), c_idx if c_idx is not None else offsets,
         aux, aux.stride(0), float(limit), float(alpha),
         TRANS=trans, NF4=nf4, HAS_BIAS=bias is not None, ADD_C=add_c, R_PAD=r_pad, AHEAD2=not trans,
-        GROUPED=grouped is not None, EPI=epi, SCATTER=c_idx is not None, LORA_X3=x3 and R > 0, BNW=BNW, BMT=bmt, BK=BK, STAGES=STAGES, LOAD_REGS=LOAD_REGS, num_warps=NUM_WARPS)
+        GROUPED=grouped is not None, EPI=epi, SCATTER=c_idx is not None, LORA_X3=x3 and R > 0, BNW=BNW, BMT=bmt,
+        BK=BK, STAGES=STAGES, LOAD_REGS=LOAD_REGS, num_warps=NUM_WARPS)
     return out
 
 
@@ -536,20 +547,16 @@ def gemm(a, blocks, scales, trans, out, *, nf4_code=None, bias=None, lora=None, 
     nf4 = nf4_code is not None
     if scales_laid is None:
         scales_laid = scale_copy(scales, trans, nf4)
-    return _launch(a, blocks, scales_laid, blocks.shape[0], scales.shape[1], nf4_code if nf4 else scales, trans, nf4, out, BMT,
-                   triton.cdiv(T, BMT), bias=bias, lora=lora, add_c=add_c)
+    return _launch(a, blocks, scales_laid, blocks.shape[0], scales.shape[1], nf4_code if nf4 else scales, trans, nf4,
+                   out, BMT, triton.cdiv(T, BMT), bias=bias, lora=lora, add_c=add_c)
 
 
 def can_run_grouped(a: torch.Tensor, out: torch.Tensor, n_stored: int, reduction: int, bm: int, rank: int,
                     blocks: torch.Tensor) -> bool:
-    """grouped_gemm serves this MoE GEMM: sm_90 with Gluon, bf16 activations and output with TMA-addressable rows
-    (out: the unused C descriptor is built on it), TMA-addressable raw bytes, n_stored (the experts' stored rows)
-    and the reduction in whole BK steps, a 128- or 256-row tile table, a LoRA rank whose two tiles fit beside the
-    epilogue's."""
-    return (HAS_GLUON and a.is_cuda and not interpreting() and _is_sm90(a.device) and a.dtype == torch.bfloat16
-            and out.dtype == torch.bfloat16 and tma_aligned(a) and tma_aligned(out)
-            and blocks.data_ptr() % 16 == 0 and n_stored % BK == 0 and reduction % BK == 0 and bm in (128, 256)
-            and rank <= 32)
+    """grouped_gemm serves this MoE GEMM: can_run's conditions (out: the unused C descriptor is built on it; blocks:
+    the stack's raw bytes [E, -1]), n_stored (the experts' stored rows) in whole BK steps, a 128- or 256-row tile
+    table, a LoRA rank whose two tiles fit beside the epilogue's."""
+    return can_run(a, out, blocks, reduction, rank) and n_stored % BK == 0 and bm in (128, 256) and rank <= 32
 
 
 def grouped_gemm(a, a_idx, blocks, scales, trans, tables, bm, out, *, c_idx=None, bias=None, lora=None, epi=0,

@@ -613,10 +613,10 @@ def _gemm(a, a_idx, w_args, tables, bm, out, *, c_idx=None, bias=None, lora=None
 
 
 def _register_serves(x, *weights) -> bool:
-    """Whether the register kernel will serve these experts' GEMMs (see _gemm; a rank past its bound falls back per
-    GEMM)."""
-    return (all(isinstance(w, MXFP4Tensor) for w in weights) and _register_path() and moe_hopper.enabled()
-            and x.is_cuda and x.dtype == torch.bfloat16 and not _INTERPRET and moe_hopper._is_sm90(x.device))
+    """Whether the register kernel will serve these experts' GEMMs, as _gemm decides (a rank or shape it refuses
+    falls back per GEMM)."""
+    return (all(isinstance(w, MXFP4Tensor) for w in weights) and _register_path()
+            and moe_hopper.can_run(x, x, moe_hopper.BK, 256))
 
 
 def _register_path() -> bool:
